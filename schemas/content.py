@@ -1,0 +1,206 @@
+"""What an annotation says about an item: objects with shapes, classifications, relationships.
+
+Shared by annotations, gold answers and review corrections, so the three compare like for like.
+Coordinates are pixels, origin top-left, y down (see docs/metrics.md); adapters convert tool
+formats (Label Studio percentages, CVAT rotations) before anything reaches these models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from schemas.base import Id, Label, Model, limits_of
+
+Coord = float
+NonNeg = Annotated[float, Field(ge=0)]
+XY = tuple[Coord, Coord]
+Visibility = Literal[0, 1, 2]
+XYV = tuple[Coord, Coord, Visibility]
+
+
+def _check_vertices(points: list, info: ValidationInfo, minimum: int, what: str) -> list:
+    limit = limits_of(info).max_vertices
+    if len(points) > limit:
+        raise ValueError(f"{what} has {len(points)} vertices, over the limit of {limit}")
+    if len(points) < minimum:
+        raise ValueError(f"{what} needs at least {minimum} points, got {len(points)}")
+    return points
+
+
+class BBox(Model):
+    """Axis-aligned box `[x, y, w, h]` as in COCO: top-left corner, width, height."""
+
+    type: Literal["bbox"] = "bbox"
+    x: Coord
+    y: Coord
+    w: NonNeg
+    h: NonNeg
+
+
+class RotatedBBox(Model):
+    """Box rotated by `angle` degrees clockwise on screen about its centre."""
+
+    type: Literal["rotated_bbox"] = "rotated_bbox"
+    cx: Coord
+    cy: Coord
+    w: NonNeg
+    h: NonNeg
+    angle: Annotated[float, Field(ge=-360, le=360, description="degrees, clockwise on screen")]
+
+
+class Polygon(Model):
+    """A region: one outer ring and optional holes, each ring at least 3 (x, y) vertices."""
+
+    type: Literal["polygon"] = "polygon"
+    points: list[XY]
+    holes: list[list[XY]] = Field(default_factory=list)
+
+    @field_validator("points")
+    @classmethod
+    def _ring(cls, v: list[XY], info: ValidationInfo) -> list[XY]:
+        return _check_vertices(v, info, 3, "polygon")
+
+    @field_validator("holes")
+    @classmethod
+    def _holes(cls, v: list[list[XY]], info: ValidationInfo) -> list[list[XY]]:
+        for ring in v:
+            _check_vertices(ring, info, 3, "polygon hole")
+        return v
+
+
+class Polyline(Model):
+    """An open line of at least 2 vertices (lanes, edges, skeletons drawn as lines)."""
+
+    type: Literal["polyline"] = "polyline"
+    points: list[XY]
+
+    @field_validator("points")
+    @classmethod
+    def _line(cls, v: list[XY], info: ValidationInfo) -> list[XY]:
+        return _check_vertices(v, info, 2, "polyline")
+
+
+class Point(Model):
+    """A single point."""
+
+    type: Literal["point"] = "point"
+    x: Coord
+    y: Coord
+
+
+class Keypoints(Model):
+    """A keypoint set `(x, y, v)` in the order of a keypoint schema named in the project.
+
+    v: 0 not labeled, 1 labeled but occluded, 2 visible (COCO). `area` (segment area) or `bbox`
+    give the object scale OKS needs; the gold side's scale is the one used.
+    """
+
+    type: Literal["keypoints"] = "keypoints"
+    points: list[XYV]
+    schema_name: Annotated[str | None, Field(alias="schema", max_length=128)] = None
+    area: NonNeg | None = None
+    bbox: tuple[Coord, Coord, NonNeg, NonNeg] | None = None
+
+    model_config = Model.model_config | {"populate_by_name": True, "serialize_by_alias": True}
+
+    @field_validator("points")
+    @classmethod
+    def _count(cls, v: list[XYV], info: ValidationInfo) -> list[XYV]:
+        limit = limits_of(info).max_keypoints
+        if len(v) > limit:
+            raise ValueError(f"{len(v)} keypoints, over the limit of {limit}")
+        if not v:
+            raise ValueError("a keypoint set needs at least one keypoint")
+        return v
+
+
+class Mask(Model):
+    """A COCO run-length encoded mask: `size` is [height, width]; `counts` compressed or not."""
+
+    type: Literal["mask"] = "mask"
+    size: tuple[Annotated[int, Field(gt=0, le=100_000)], Annotated[int, Field(gt=0, le=100_000)]]
+    counts: str | list[Annotated[int, Field(ge=0)]]
+
+    @model_validator(mode="after")
+    def _counts_fit(self) -> Mask:
+        h, w = self.size
+        if isinstance(self.counts, list):
+            total = sum(self.counts)
+            if total != h * w:
+                raise ValueError(f"uncompressed RLE counts sum to {total}, expected h*w = {h * w}")
+        elif self.counts and any(not 48 <= ord(c) < 48 + 64 for c in self.counts):
+            raise ValueError("compressed RLE counts contain characters outside COCO's alphabet")
+        return self
+
+
+Shape = Annotated[
+    BBox | RotatedBBox | Polygon | Polyline | Point | Keypoints | Mask,
+    Field(discriminator="type"),
+]
+
+ShapeType = Literal["bbox", "rotated_bbox", "polygon", "polyline", "point", "keypoints", "mask"]
+SHAPE_TYPES: tuple[str, ...] = ShapeType.__args__  # type: ignore[attr-defined]
+
+AttributeValue = bool | int | float | str | list[str]
+
+
+class AnnotatedObject(Model):
+    """One object an annotator drew: a label, one shape, its attributes."""
+
+    id: Id = Field(description="Unique within the annotation; relationships refer to it.")
+    label: Label
+    shape: Shape
+    attributes: dict[Label, AttributeValue] = Field(default_factory=dict)
+    iscrowd: bool = Field(False, description="COCO crowd region (only meaningful on gold).")
+    confidence: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class Relationship(Model):
+    """A (subject, predicate, object) triple between two objects of the same annotation."""
+
+    subject: Id
+    predicate: Label
+    object: Id
+
+
+class ImageSize(Model):
+    """Pixel size of the item, used to clip regions and convert tool percentages."""
+
+    width: Annotated[int, Field(gt=0, le=1_000_000)]
+    height: Annotated[int, Field(gt=0, le=1_000_000)]
+
+
+class Content(Model):
+    """The answer for one item, from an annotator, a gold set or a reviewer."""
+
+    objects: list[AnnotatedObject] = Field(default_factory=list)
+    classifications: dict[Label, list[Label]] = Field(
+        default_factory=dict,
+        description="taxonomy name -> chosen labels (one for single-label taxonomies)",
+    )
+    relationships: list[Relationship] = Field(default_factory=list)
+    image: ImageSize | None = None
+
+    @field_validator("objects")
+    @classmethod
+    def _object_limit(cls, v: list[AnnotatedObject], info: ValidationInfo) -> list[AnnotatedObject]:
+        limit = limits_of(info).max_objects
+        if len(v) > limit:
+            raise ValueError(f"{len(v)} objects, over the limit of {limit}")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> Content:
+        ids = [o.id for o in self.objects]
+        seen: set[str] = set()
+        for i in ids:
+            if i in seen:
+                raise ValueError(f"object id {i!r} appears more than once")
+            seen.add(i)
+        for n, rel in enumerate(self.relationships):
+            for end in (rel.subject, rel.object):
+                if end not in seen:
+                    raise ValueError(f"relationships.{n} refers to unknown object id {end!r}")
+        return self

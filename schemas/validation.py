@@ -1,0 +1,83 @@
+"""Checks that need the project's criteria, not just the message: labels, shapes, keypoint counts.
+
+A message can be well-formed and still wrong for its project (a label outside the taxonomy, 15
+keypoints for a 17-point schema). These checks raise the same SchemaError as decoding, with the
+field path, so both kinds of rejection reach the dead-letter topic alike.
+"""
+
+from __future__ import annotations
+
+from schemas.base import FieldError, SchemaError
+from schemas.content import Content, Keypoints
+from schemas.criteria import ProjectCriteria
+
+
+def content_errors(content: Content, criteria: ProjectCriteria, where: str = "content") -> list[FieldError]:
+    """Every way `content` breaks the project's criteria (empty when it fits)."""
+    errors: list[FieldError] = []
+    closed = bool(criteria.labels)
+    for i, obj in enumerate(content.objects):
+        loc = f"{where}.objects.{i}"
+        spec = criteria.label(obj.label)
+        if spec is None and closed:
+            errors.append(
+                FieldError(f"{loc}.label", f"label {obj.label!r} is not in the project's taxonomy", "unknown_label")
+            )
+            continue
+        if spec is not None and spec.shape_types and obj.shape.type not in spec.shape_types:
+            errors.append(
+                FieldError(
+                    f"{loc}.shape.type",
+                    f"label {obj.label!r} takes {', '.join(spec.shape_types)}, not {obj.shape.type}",
+                    "shape_type",
+                )
+            )
+        if isinstance(obj.shape, Keypoints):
+            name = obj.shape.schema_name or (spec.keypoint_schema if spec else None)
+            if name is None and len(criteria.keypoint_schemas) == 1:
+                name = next(iter(criteria.keypoint_schemas))
+            schema = criteria.keypoint_schemas.get(name) if name else None
+            if schema is None:
+                errors.append(
+                    FieldError(
+                        f"{loc}.shape.schema", f"no keypoint schema {name!r} in the project", "unknown_keypoint_schema"
+                    )
+                )
+            elif len(obj.shape.points) != len(schema.names):
+                errors.append(
+                    FieldError(
+                        f"{loc}.shape.points",
+                        f"{len(obj.shape.points)} keypoints, schema {name!r} has {len(schema.names)}",
+                        "keypoint_count",
+                    )
+                )
+        if spec is not None and spec.attributes:
+            for attr in obj.attributes:
+                if attr not in spec.attributes:
+                    errors.append(
+                        FieldError(
+                            f"{loc}.attributes.{attr}",
+                            f"label {obj.label!r} has no attribute {attr!r}",
+                            "unknown_attribute",
+                        )
+                    )
+    for taxonomy, chosen in content.classifications.items():
+        loc = f"{where}.classifications.{taxonomy}"
+        cspec = criteria.classifications.get(taxonomy)
+        if cspec is None:
+            if criteria.classifications:
+                errors.append(FieldError(loc, f"no taxonomy {taxonomy!r} in the project", "unknown_taxonomy"))
+            continue
+        unknown = [c for c in chosen if c not in cspec.labels]
+        if unknown:
+            errors.append(FieldError(loc, f"labels {unknown} are not in taxonomy {taxonomy!r}", "unknown_label"))
+        if not cspec.multi and len(chosen) > 1:
+            errors.append(FieldError(loc, f"taxonomy {taxonomy!r} takes one label, got {len(chosen)}", "single_label"))
+    return errors
+
+
+def check_content(content: Content, criteria: ProjectCriteria, where: str = "content") -> None:
+    """Raise SchemaError when `content` does not fit the project's criteria."""
+    errors = content_errors(content, criteria, where)
+    if errors:
+        raise SchemaError(errors, "Content")

@@ -1,0 +1,1 @@
+"""Thin glue between Kafka (Faust agents), the scoring library and Redis state."""

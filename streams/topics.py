@@ -1,0 +1,86 @@
+"""goldstream's topics: their names under a configurable prefix, their keys and their configs.
+
+Gold and project criteria are compacted (the latest answer per key is the state); annotations
+and gold share one partition count so that a gold lookup stays local to the worker that owns the
+item (co-partitioning, DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from goldstream.services import Endpoints
+from schemas.messages import MESSAGES
+
+COMPACTED = {"gold", "projects"}
+LOGICAL = tuple(m.topic for m in MESSAGES)
+KEYS = {
+    "annotations": "item_id",
+    "gold": "item_id",
+    "reviews": "item_id",
+    "scores": "worker_id",
+    "escalations": "item_id",
+    "alerts": "scope:scope_id",
+    "projects": "project_id",
+    "deadletter": None,
+}
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Physical topic names: `prefix` + logical name (e.g. 'goldstream.annotations')."""
+
+    prefix: str = "goldstream."
+
+    def name(self, logical: str) -> str:
+        if logical not in LOGICAL:
+            raise KeyError(f"no goldstream topic {logical!r}; topics are {', '.join(LOGICAL)}")
+        return self.prefix + logical
+
+    def all(self) -> dict[str, str]:
+        return {logical: self.name(logical) for logical in LOGICAL}
+
+
+def topic_config(logical: str) -> dict[str, str]:
+    if logical in COMPACTED:
+        return {"cleanup.policy": "compact"}
+    return {}
+
+
+async def ensure_topics(endpoints: Endpoints, topics: Topics, partitions: int = 4, replication: int = 1) -> list[str]:
+    """Create every goldstream topic that is missing; return the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.bootstrap_servers, client_id="goldstream-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name, num_partitions=partitions, replication_factor=replication, topic_configs=topic_config(logical)
+            )
+            for logical, name in topics.all().items()
+            if name not in existing
+        ]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # another worker created them first
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
+
+
+async def delete_topics(endpoints: Endpoints, topics: Topics) -> None:
+    """Delete every goldstream topic under the prefix (tests and `demo` clean up with it)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.bootstrap_servers, client_id="goldstream-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        names = [n for n in topics.all().values() if n in existing]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()

@@ -1,0 +1,98 @@
+"""ops/dev runs the real services idempotently; docker-compose.yml agrees with it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from goldstream.probe import metadata_brokers
+from goldstream.services import Endpoints
+from tests.conftest import OPS, REPO
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for line in (REPO / "ops" / "versions.env").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+def test_ops_up_is_idempotent_and_status_reports_both(services: Endpoints, ops_managed: bool) -> None:
+    if not ops_managed:
+        pytest.skip("services were given by environment, not run by ops/dev")
+    t0 = time.monotonic()
+    up = subprocess.run([str(OPS), "up"], capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    assert "kafka already up" in up.stderr and "redis already up" in up.stderr
+    status = subprocess.run([str(OPS), "status"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0
+    assert f"Apache Kafka {_versions()['KAFKA_VERSION']}" in status.stdout
+    assert "redis  up" in status.stdout
+    assert time.monotonic() - t0 < 600  # sanity bound only: a second 'up' starts nothing
+
+
+def test_broker_is_apache_kafka_from_the_pinned_jars(services: Endpoints, ops_managed: bool) -> None:
+    if not ops_managed:
+        pytest.skip("services were given by environment, not run by ops/dev")
+    host, _, port = services.bootstrap_servers.rpartition(":")
+    ((_node_id, bhost, bport),) = metadata_brokers(host, int(port))
+    assert (bhost, bport) == (host, int(port))
+    cache = Path(os.environ.get("GOLDSTREAM_CACHE_DIR", Path.home() / ".cache" / "goldstream"))
+    version = _versions()["KAFKA_VERSION"]
+    libs = cache / f"kafka-{version}" / "libs"
+    assert (libs / f"kafka_2.13-{version}.jar").is_file() and (libs / ".complete").is_file()
+    pid = (
+        (REPO / ".ops" / "kafka" / "kafka.pid")
+        if "GOLDSTREAM_OPS_DIR" not in os.environ
+        else Path(os.environ["GOLDSTREAM_OPS_DIR"]) / "kafka" / "kafka.pid"
+    )
+    cmdline = Path(f"/proc/{pid.read_text().strip()}/cmdline").read_bytes().split(b"\0")
+    assert b"kafka.Kafka" in cmdline
+
+
+def test_ops_rejects_unknown_commands() -> None:
+    bad = subprocess.run([str(OPS), "launch"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "usage" in bad.stderr
+    bad = subprocess.run([str(OPS), "up", "postgres"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown service" in bad.stderr
+
+
+def test_probe_fails_cleanly_when_nothing_listens() -> None:
+    from goldstream.services import free_port
+
+    res = subprocess.run(
+        [sys.executable, "-m", "goldstream.probe", f"127.0.0.1:{free_port()}", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert res.returncode == 1 and "did not answer a Metadata request" in res.stderr
+
+
+def test_docker_compose_runs_the_pinned_kafka_with_redis_and_a_worker() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"kafka", "redis", "worker"}
+    assert services["kafka"]["image"] == f"apache/kafka:{_versions()['KAFKA_VERSION']}"
+    env = services["kafka"]["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, combined node
+    advertised = dict(x.split("://") for x in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    worker = services["worker"]
+    assert worker["environment"]["GOLDSTREAM_KAFKA_BOOTSTRAP"] == advertised["PLAINTEXT"]
+    assert worker["environment"]["GOLDSTREAM_REDIS_URL"].startswith("redis://redis:")
+    assert "--appendonly" in services["redis"]["command"]
+    assert set(worker["depends_on"]) == {"kafka", "redis"}
+    assert all(dep["condition"] == "service_healthy" for dep in worker["depends_on"].values())
+    dockerfile = (REPO / worker["build"]["context"] / worker["build"]["dockerfile"]).read_text()
+    assert "FROM python:3.1" in dockerfile and "pip install ." in dockerfile
+    for package in ("goldstream", "schemas", "scoring", "streams"):
+        assert f"COPY {package} ./{package}" in dockerfile
+    assert worker["command"][0] == "goldstream"

@@ -1,0 +1,169 @@
+"""Round trips through the real services and the embedded pair: Kafka with goldstream's
+serialisation and topics, Redis with goldstream's Lua scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from redis.asyncio import Redis
+
+import schemas as s
+from goldstream.services import Endpoints
+from streams.state import Increment, Keys, RedisState
+from streams.topics import Topics, delete_topics, ensure_topics
+from tests.conftest import OPS
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def _annotation(n: int) -> s.AnnotationSubmitted:
+    return s.AnnotationSubmitted(
+        event_id=f"ev-{n}",
+        project_id="p1",
+        item_id=f"item-{n % 5}",
+        worker_id=f"w{n % 3}",
+        submitted_at=NOW,
+        content=s.Content(
+            objects=[
+                s.AnnotatedObject(id="a", label="car", shape=s.BBox(x=n, y=2.5, w=10, h=20)),
+                s.AnnotatedObject(id="b", label="road", shape=s.Polygon(points=[(0, 0), (n + 1, 0), (0, 7.25)])),
+            ]
+        ),
+    )
+
+
+async def _round_trip(ep: Endpoints, topics: Topics, n: int = 30) -> None:
+    created = await ensure_topics(ep, topics, partitions=3)
+    assert set(created) == set(topics.all().values())
+    assert await ensure_topics(ep, topics, partitions=3) == []  # idempotent
+    name = topics.name("annotations")
+    sent = [_annotation(i) for i in range(n)]
+    producer = AIOKafkaProducer(bootstrap_servers=ep.bootstrap_servers, **ep.producer_options())
+    await producer.start()
+    try:
+        partition_of = {}
+        for m in sent:
+            meta = await producer.send_and_wait(name, m.to_bytes(), key=m.item_id.encode())
+            assert partition_of.setdefault(m.item_id, meta.partition) == meta.partition
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        name,
+        bootstrap_servers=ep.bootstrap_servers,
+        group_id=f"{name}-g",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    got: list[s.AnnotationSubmitted] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(got) < n:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for rec in records:
+                        assert rec.partition == partition_of[rec.key.decode()]
+                        got.append(s.AnnotationSubmitted.from_bytes(rec.value))
+    finally:
+        await consumer.stop()
+    assert sorted(got, key=lambda m: m.event_id) == sorted(sent, key=lambda m: m.event_id)
+    assert len(partition_of) == 5 and len(set(partition_of.values())) > 1
+
+
+def test_kafka_round_trip_with_goldstream_serialisation(backend: Endpoints, topics: Topics) -> None:
+    async def main() -> None:
+        try:
+            await _round_trip(backend, topics)
+        finally:
+            await delete_topics(backend, topics)
+
+    asyncio.run(main())
+
+
+def test_gold_and_projects_topics_are_compacted(services: Endpoints, topics: Topics) -> None:
+    async def main() -> dict[str, str]:
+        await ensure_topics(services, topics, partitions=2)
+        admin = AIOKafkaAdminClient(bootstrap_servers=services.bootstrap_servers)
+        await admin.start()
+        try:
+            names = [topics.name(t) for t in ("gold", "projects", "annotations")]
+            res = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+            policies = {}
+            for response in res:
+                for _err, _msg, _type, rname, configs in response.resources:
+                    policies[rname] = {c[0]: c[1] for c in configs}["cleanup.policy"]
+            return policies
+        finally:
+            await admin.close()
+            await delete_topics(services, topics)
+
+    policies = asyncio.run(main())
+    assert policies == {
+        topics.name("gold"): "compact",
+        topics.name("projects"): "compact",
+        topics.name("annotations"): "delete",
+    }
+
+
+def test_lua_apply_once_counts_each_event_once(backend: Endpoints, redis_keys: Keys) -> None:
+    keys = redis_keys
+
+    async def main() -> tuple[list[bool], list[bool], dict[str, float], dict[str, float]]:
+        client = Redis.from_url(backend.redis_url)
+        try:
+            state = RedisState(client, keys, dedup_ttl_s=60)
+            batch = [
+                Increment("p1", "w1", f"e{i}", {"totals": {"items": 1, "score": 0.25 * i}, "label|car": {"tp": i % 2}})
+                for i in range(4)
+            ]
+            first = await state.apply(batch)
+            again = await state.apply([batch[1], batch[3]])  # a re-delivery
+            ttl = await client.ttl(keys.seen("p1", "w1", "e0"))
+            assert 0 < ttl <= 60
+            return first, again, await state.counters("p1", "w1"), await state.counters("p1", "w1", "label|car")
+        finally:
+            await client.aclose()
+
+    first, again, totals, car = asyncio.run(main())
+    assert first == [True] * 4 and again == [False, False]
+    assert totals == {"items": 4.0, "score": 1.5}
+    assert car == {"tp": 2.0}
+
+
+def test_keys_of_one_worker_share_a_cluster_slot(keys: Keys) -> None:
+    from redis.crc import key_slot
+
+    names = [keys.seen("p", "w", "e1"), keys.worker("p", "w"), keys.worker("p", "w", "label|car")]
+    assert len({key_slot(n.encode()) for n in names}) == 1
+    assert keys.tag("a:b", "c") != keys.tag("a", "b:c")
+
+
+def test_redis_keeps_data_across_a_restart(services: Endpoints, ops_managed: bool, keys: Keys) -> None:
+    if not ops_managed:
+        pytest.skip("redis is not the one ops/dev manages; not restarting someone else's server")
+
+    async def write() -> None:
+        client = Redis.from_url(services.redis_url)
+        await RedisState(client, keys).apply([Increment("p", "w", "e1", {"totals": {"items": 3}})])
+        await client.aclose()
+
+    async def read() -> tuple[dict[str, float], list[bool]]:
+        client = Redis.from_url(services.redis_url)
+        state = RedisState(client, keys)
+        try:
+            again = await state.apply([Increment("p", "w", "e1", {"totals": {"items": 3}})])
+            return await state.counters("p", "w"), again
+        finally:
+            await client.delete(keys.worker("p", "w"), keys.seen("p", "w", "e1"))
+            await client.aclose()
+
+    asyncio.run(write())
+    subprocess.run([str(OPS), "restart", "redis"], check=True)
+    totals, reapplied = asyncio.run(read())
+    assert totals == {"items": 3.0}
+    assert reapplied == [False]  # the dedup key survived too
