@@ -20,10 +20,14 @@ Visibility = Literal[0, 1, 2]
 XYV = tuple[Coord, Coord, Visibility]
 
 
+def _within(count: int, limit: int, what: str) -> None:
+    """Reject a count over a configured size limit (schemas.base.Limits)."""
+    if count > limit:
+        raise ValueError(f"{count} {what}, over the limit of {limit}")
+
+
 def _check_vertices(points: list, info: ValidationInfo, minimum: int, what: str) -> list:
-    limit = limits_of(info).max_vertices
-    if len(points) > limit:
-        raise ValueError(f"{what} has {len(points)} vertices, over the limit of {limit}")
+    _within(len(points), limits_of(info).max_vertices, f"vertices in a {what}")
     if len(points) < minimum:
         raise ValueError(f"{what} needs at least {minimum} points, got {len(points)}")
     return points
@@ -108,9 +112,7 @@ class Keypoints(Model):
     @field_validator("points")
     @classmethod
     def _count(cls, v: list[XYV], info: ValidationInfo) -> list[XYV]:
-        limit = limits_of(info).max_keypoints
-        if len(v) > limit:
-            raise ValueError(f"{len(v)} keypoints, over the limit of {limit}")
+        _within(len(v), limits_of(info).max_keypoints, "keypoints")
         if not v:
             raise ValueError("a keypoint set needs at least one keypoint")
         return v
@@ -186,9 +188,7 @@ class Content(Model):
     @field_validator("objects")
     @classmethod
     def _object_limit(cls, v: list[AnnotatedObject], info: ValidationInfo) -> list[AnnotatedObject]:
-        limit = limits_of(info).max_objects
-        if len(v) > limit:
-            raise ValueError(f"{len(v)} objects, over the limit of {limit}")
+        _within(len(v), limits_of(info).max_objects, "objects")
         return v
 
     @model_validator(mode="after")

@@ -305,7 +305,7 @@ def test_size_limits_are_configurable() -> None:
         objects=[{"id": "a", "label": "x", "shape": {"type": "polygon", "points": [[i, i * i] for i in range(10)]}}]
     )
     (err,) = _errors(poly, limits=s.Limits(max_vertices=9))
-    assert "10 vertices, over the limit of 9" in err.msg
+    assert "10 vertices in a polygon, over the limit of 9" in err.msg
 
 
 # ----------------------------------------------------------------------------- criteria
