@@ -7,6 +7,7 @@ name what differs from the defaults.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -242,7 +243,9 @@ class ProjectCriteria(Message):
     classifications: dict[Label, ClassificationSpec] = Field(default_factory=dict)
     keypoint_schemas: dict[Label, KeypointSchema] = Field(default_factory=lambda: {"coco_person": coco_person()})
     default_threshold: dict[Literal["box", "region", "keypoints", "point", "polyline"], Unit] = Field(
-        default_factory=lambda: {"box": 0.5, "region": 0.5, "keypoints": 0.5, "point": 0.5, "polyline": 0.5}
+        default_factory=lambda: {"box": 0.5, "region": 0.5, "keypoints": 0.5, "point": 0.0, "polyline": 0.5},
+        description="match threshold per shape family on its similarity; points match within "
+        "point_tolerance whatever the threshold, which can only ask for more (1 - d/tolerance >= t)",
     )
     point_tolerance: Pixels = 5.0
     line_tolerance: Pixels = 5.0
@@ -277,7 +280,23 @@ class ProjectCriteria(Message):
 
     def label(self, name: str) -> LabelSpec | None:
         """The spec of a label, or None (unknown label, or an open taxonomy)."""
-        for spec in self.labels:
-            if spec.name == name:
-                return spec
-        return None
+        return self._label_index.get(name)
+
+    @functools.cached_property
+    def _label_index(self) -> dict[str, LabelSpec]:
+        return {spec.name: spec for spec in self.labels}
+
+    def threshold(self, label: str, family: str) -> float:
+        """Match threshold of a label's objects: the label's own, else the family default."""
+        spec = self.label(label)
+        if spec is not None and spec.threshold is not None:
+            return spec.threshold
+        return self.default_threshold.get(family, 0.5)  # type: ignore[call-overload]
+
+    def point_tolerance_of(self, label: str) -> float:
+        spec = self.label(label)
+        return spec.point_tolerance if spec is not None and spec.point_tolerance is not None else self.point_tolerance
+
+    def line_tolerance_of(self, label: str) -> float:
+        spec = self.label(label)
+        return spec.line_tolerance if spec is not None and spec.line_tolerance is not None else self.line_tolerance

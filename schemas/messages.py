@@ -178,13 +178,20 @@ class Components(Model):
 
 
 class KeypointFigures(Model):
-    """Keypoint-specific figures over matched keypoint sets (metrics spec §1)."""
+    """Keypoint figures over matched keypoint sets (metrics spec §1): sums that merge across
+    items, and the ratios derived from them."""
 
+    pairs: Count = 0
+    oks_sum: Annotated[float, Field(ge=0)] = 0.0
+    sq_err_sum: Annotated[float, Field(ge=0)] = 0.0
+    both: Count = Field(0, description="keypoints labeled on both sides")
+    within: Count = Field(0, description="gold-labeled keypoints annotated within the pixel tolerance")
+    gold_labeled: Count = 0
+    missing: Count = Field(0, description="gold-labeled keypoints the annotation left out")
+    extra: Count = Field(0, description="keypoints labeled by the annotation but not by gold")
     oks_mean: Unit | None = None
     rmse: Annotated[float, Field(ge=0)] | None = None
     pck: Unit | None = None
-    missing: Count = 0
-    extra: Count = 0
 
 
 class ItemScore(Model):
@@ -200,11 +207,37 @@ class ItemScore(Model):
     attributes_correct: Count = 0
     classifications_compared: Count = 0
     classifications_correct: Count = 0
+    classification_labels: dict[Label, LabelCounts] = Field(
+        default_factory=dict, description="per 'taxonomy/label' TP/FP/FN of item classifications"
+    )
     relationships_tp: Count = 0
     relationships_fp: Count = 0
     relationships_fn: Count = 0
-    score: Unit
-    passed: bool
+    ignored: Count = Field(0, description="annotation objects on crowd regions, not counted")
+    score: Unit | None = Field(description="None: nothing to compare (both empty, empty-item rule off)")
+    passed: bool | None
+
+
+class Figures(Model):
+    """Quality figures of merged counters (a batch, a worker, a label, a project): what
+    `scoring.Counters.compute` returns. None where undefined (zero denominator)."""
+
+    items: Count = 0
+    scored: Count = 0
+    passed: Count = 0
+    pass_rate: Unit | None = None
+    mean_score: Unit | None = None
+    precision: Unit | None = None
+    recall: Unit | None = None
+    f1: Unit | None = None
+    accuracy: Unit | None = None
+    mean_similarity: Unit | None = None
+    panoptic_quality: Unit | None = None
+    attribute_accuracy: Unit | None = None
+    classification_accuracy: Unit | None = None
+    relationship_f1: Unit | None = None
+    keypoints: KeypointFigures | None = None
+    labels: dict[Label, Metrics] = Field(default_factory=dict)
 
 
 class ScoreRecord(Message):

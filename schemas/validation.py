@@ -8,8 +8,21 @@ field path, so both kinds of rejection reach the dead-letter topic alike.
 from __future__ import annotations
 
 from schemas.base import FieldError, SchemaError
-from schemas.content import Content, Keypoints
+from schemas.content import AnnotatedObject, Content, Keypoints
 from schemas.criteria import ProjectCriteria
+
+
+def keypoint_schema_name(obj: AnnotatedObject, criteria: ProjectCriteria) -> str | None:
+    """Which keypoint schema an object's keypoints follow: its own, its label's, or the only one."""
+    assert isinstance(obj.shape, Keypoints)
+    if obj.shape.schema_name:
+        return obj.shape.schema_name
+    spec = criteria.label(obj.label)
+    if spec is not None and spec.keypoint_schema:
+        return spec.keypoint_schema
+    if len(criteria.keypoint_schemas) == 1:
+        return next(iter(criteria.keypoint_schemas))
+    return None
 
 
 def content_errors(content: Content, criteria: ProjectCriteria, where: str = "content") -> list[FieldError]:
@@ -33,9 +46,7 @@ def content_errors(content: Content, criteria: ProjectCriteria, where: str = "co
                 )
             )
         if isinstance(obj.shape, Keypoints):
-            name = obj.shape.schema_name or (spec.keypoint_schema if spec else None)
-            if name is None and len(criteria.keypoint_schemas) == 1:
-                name = next(iter(criteria.keypoint_schemas))
+            name = keypoint_schema_name(obj, criteria)
             schema = criteria.keypoint_schemas.get(name) if name else None
             if schema is None:
                 errors.append(

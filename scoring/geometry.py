@@ -1,0 +1,173 @@
+"""Area similarity of boxes, rotated boxes and polygons, as (N, M) matrices.
+
+Boxes are pure numpy (the same numbers as pycocotools' `bbIou`); rotated boxes and polygons are
+exact areas through shapely's vectorised operations, after a cheap bounding-box test so that
+pairs that cannot overlap never reach GEOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from scoring.errors import InvalidGeometry
+
+
+def _finite(a: np.ndarray, what: str) -> np.ndarray:
+    if not np.all(np.isfinite(a)):
+        raise InvalidGeometry(f"{what} has NaN or infinite coordinates")
+    return a
+
+
+def as_boxes(boxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """A (N, 4) float64 array of `[x, y, w, h]`, checked finite with non-negative sizes."""
+    a = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    _finite(a, "box")
+    if np.any(a[:, 2:] < 0):
+        raise InvalidGeometry("box has a negative width or height")
+    return a
+
+
+def box_iou(
+    a: np.ndarray | Sequence, b: np.ndarray | Sequence, iscrowd: np.ndarray | Sequence | None = None
+) -> np.ndarray:
+    """IoU matrix (N, M) of boxes `a` (N, 4) against `b` (M, 4), `[x, y, w, h]`.
+
+    `iscrowd` (M,) marks crowd regions in `b`: their similarity is I / area(a), as in COCO.
+    Zero-area and touching boxes give 0, never NaN. Matches pycocotools `mask.iou(a, b, iscrowd)`.
+    """
+    a, b = as_boxes(a), as_boxes(b)
+    ax0, ay0, aw, ah = (a[:, i, None] for i in range(4))
+    bx0, by0, bw, bh = (b[None, :, i] for i in range(4))
+    iw = np.minimum(ax0 + aw, bx0 + bw) - np.maximum(ax0, bx0)
+    ih = np.minimum(ay0 + ah, by0 + bh) - np.maximum(ay0, by0)
+    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
+    area_a, area_b = aw * ah, bw * bh
+    union = area_a + area_b - inter
+    if iscrowd is not None:
+        crowd = np.asarray(iscrowd, dtype=bool).reshape(1, -1)
+        union = np.where(crowd, np.broadcast_to(area_a, union.shape), union)
+    out = np.zeros_like(inter)
+    np.divide(inter, union, out=out, where=inter > 0)
+    return out
+
+
+def rotated_corners(rboxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """Corners (N, 4, 2) of `[cx, cy, w, h, angle]` boxes, angle in degrees clockwise on screen.
+
+    With y pointing down, a clockwise turn on screen is the usual rotation matrix applied to
+    screen coordinates, so no sign flip is needed.
+    """
+    r = np.asarray(rboxes, dtype=np.float64).reshape(-1, 5)
+    _finite(r, "rotated box")
+    if np.any(r[:, 2:4] < 0):
+        raise InvalidGeometry("rotated box has a negative width or height")
+    cx, cy, w, h, ang = (r[:, i] for i in range(5))
+    t = np.deg2rad(ang)
+    cos, sin = np.cos(t), np.sin(t)
+    half = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    local = half[None, :, :] * np.stack([w, h], axis=1)[:, None, :]
+    x = local[..., 0] * cos[:, None] - local[..., 1] * sin[:, None] + cx[:, None]
+    y = local[..., 0] * sin[:, None] + local[..., 1] * cos[:, None] + cy[:, None]
+    return np.stack([x, y], axis=-1)
+
+
+def _iou_of_geometries(
+    ga: np.ndarray, gb: np.ndarray, bounds_a: np.ndarray, bounds_b: np.ndarray, crowd: np.ndarray | None = None
+) -> np.ndarray:
+    """Exact IoU matrix of shapely geometries, computing intersections only where bounds overlap.
+
+    `crowd` (M,) marks crowd regions in `gb`, whose similarity is I / area(a) (COCO)."""
+    n, m = len(ga), len(gb)
+    out = np.zeros((n, m))
+    if n == 0 or m == 0:
+        return out
+    overlap = (
+        (bounds_a[:, None, 0] < bounds_b[None, :, 2])
+        & (bounds_b[None, :, 0] < bounds_a[:, None, 2])
+        & (bounds_a[:, None, 1] < bounds_b[None, :, 3])
+        & (bounds_b[None, :, 1] < bounds_a[:, None, 3])
+    )
+    ii, jj = np.nonzero(overlap)
+    if len(ii) == 0:
+        return out
+    inter = shapely.area(shapely.intersection(ga[ii], gb[jj]))
+    area_a = shapely.area(ga)[ii]
+    union = area_a + shapely.area(gb)[jj] - inter
+    if crowd is not None:
+        union = np.where(np.asarray(crowd, dtype=bool)[jj], area_a, union)
+    vals = np.zeros_like(inter)
+    np.divide(inter, union, out=vals, where=(inter > 0) & (union > 0))
+    out[ii, jj] = np.clip(vals, 0.0, 1.0)
+    return out
+
+
+def rotated_box_iou(
+    a: np.ndarray | Sequence, b: np.ndarray | Sequence, iscrowd: np.ndarray | None = None
+) -> np.ndarray:
+    """Exact IoU matrix of rotated boxes `[cx, cy, w, h, angle]` (never the equal-angle shortcut)."""
+    ca, cb = rotated_corners(a), rotated_corners(b)
+    ga, gb = shapely.polygons(ca), shapely.polygons(cb)
+    ba = np.concatenate([ca.min(axis=1), ca.max(axis=1)], axis=1)
+    bb = np.concatenate([cb.min(axis=1), cb.max(axis=1)], axis=1)
+    return _iou_of_geometries(ga, gb, ba, bb, iscrowd)
+
+
+def _polygonal(geom: BaseGeometry) -> BaseGeometry:
+    """Keep only the polygonal parts of a geometry (make_valid may add lines and points)."""
+    if geom.geom_type in ("Polygon", "MultiPolygon"):
+        return geom
+    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type in ("Polygon", "MultiPolygon")]
+    return shapely.union_all(parts) if parts else shapely.Polygon()
+
+
+def region(
+    points: np.ndarray | Sequence[Sequence[float]],
+    holes: Sequence[Sequence[Sequence[float]]] = (),
+    image: tuple[float, float] | None = None,
+) -> BaseGeometry:
+    """A valid shapely region from a ring of (x, y) vertices (+ holes), clipped to the image.
+
+    Invalid rings (a bowtie, a self-touching ring) are repaired with `make_valid`, which follows
+    the even-odd rule, keeping polygonal parts. Fewer than 3 distinct vertices is invalid input.
+    `image` is (width, height); a region outside the image becomes empty (area 0).
+    """
+    ring = _finite(np.asarray(points, dtype=np.float64).reshape(-1, 2), "polygon")
+    if len(np.unique(ring, axis=0)) < 3:
+        raise InvalidGeometry(f"polygon has {len(np.unique(ring, axis=0))} distinct vertices, needs 3")
+    hole_rings = []
+    for h in holes:
+        hr = _finite(np.asarray(h, dtype=np.float64).reshape(-1, 2), "polygon hole")
+        if len(np.unique(hr, axis=0)) < 3:
+            raise InvalidGeometry("polygon hole has fewer than 3 distinct vertices")
+        hole_rings.append(hr)
+    geom = shapely.Polygon(ring, hole_rings)
+    if not geom.is_valid:
+        geom = _polygonal(shapely.make_valid(geom))
+    if image is not None:
+        geom = _polygonal(shapely.intersection(geom, shapely.box(0, 0, image[0], image[1])))
+    return geom
+
+
+def polygon_iou(a: np.ndarray | Sequence, b: np.ndarray | Sequence) -> float:
+    """Exact area IoU of two rings of (x, y) vertices (repaired if invalid; see `region`)."""
+    return float(region_iou([region(a)], [region(b)])[0, 0])
+
+
+def region_iou(a: Sequence[BaseGeometry], b: Sequence[BaseGeometry], iscrowd: np.ndarray | None = None) -> np.ndarray:
+    """Exact IoU matrix of shapely regions; crowd `b`: I / area(a)."""
+    ga = np.empty(len(a), dtype=object)
+    ga[:] = list(a)
+    gb = np.empty(len(b), dtype=object)
+    gb[:] = list(b)
+    return _iou_of_geometries(ga, gb, _bounds(ga), _bounds(gb), iscrowd)
+
+
+def _bounds(geoms: np.ndarray) -> np.ndarray:
+    if len(geoms) == 0:
+        return np.zeros((0, 4))
+    bounds = shapely.bounds(geoms)
+    return np.nan_to_num(bounds, nan=0.0)  # empty geometries have NaN bounds and area 0

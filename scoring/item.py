@@ -1,0 +1,524 @@
+"""Compare one annotation with one reference (gold, a correction, or a peer): metrics spec §1-§4.
+
+Objects are grouped by shape family (and keypoint schema), each family's similarity matrix is
+computed in one vectorised call, the two-pass Hungarian assignment pairs them, and the counts,
+metrics, components and item score follow. Everything returned is an `schemas.ItemScore`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+
+from schemas.content import (
+    AnnotatedObject,
+    AttributeValue,
+    BBox,
+    Content,
+    Keypoints,
+    Mask,
+    Point,
+    Polygon,
+    RotatedBBox,
+)
+from schemas.criteria import AttributeSpec, ProjectCriteria
+from schemas.messages import (
+    AnnotationSubmitted,
+    Components,
+    Family,
+    GoldAnswer,
+    ItemScore,
+    KeypointFigures,
+    LabelCounts,
+    Metrics,
+    ObjectCounts,
+    ObjectMatch,
+    Outcome,
+    ReviewResult,
+)
+from schemas.validation import content_errors, keypoint_schema_name
+from scoring import geometry, keypoints, points, rle
+from scoring.errors import InvalidGeometry, KeypointMismatch, ScoringError, UnknownLabel
+from scoring.matching import Assignment, assign
+from scoring.text import normalized_edit_distance
+
+FAMILY_OF = {
+    "bbox": Family.BOX,
+    "rotated_bbox": Family.BOX,
+    "polygon": Family.REGION,
+    "mask": Family.REGION,
+    "keypoints": Family.KEYPOINTS,
+    "point": Family.POINT,
+    "polyline": Family.POLYLINE,
+}
+DEFAULT_CRITERIA = ProjectCriteria(project_id="default")
+
+Answer = Content | AnnotationSubmitted | GoldAnswer | ReviewResult
+
+
+def content_of(answer: Answer) -> Content:
+    """The Content inside any message that carries one (a review: its correction)."""
+    if isinstance(answer, Content):
+        return answer
+    if isinstance(answer, ReviewResult):
+        if answer.corrected is None:
+            raise ScoringError("a review without a correction carries no answer to compare with")
+        return answer.corrected
+    return answer.content
+
+
+def check(content: Content, criteria: ProjectCriteria, where: str) -> None:
+    """Raise the typed error for content that does not fit the project (schemas.validation)."""
+    errors = content_errors(content, criteria, where)
+    if not errors:
+        return
+    first = errors[0]
+    kind = {"unknown_label": UnknownLabel, "keypoint_count": KeypointMismatch}.get(first.type, ScoringError)
+    raise kind(first.msg, where=first.loc)
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def _family_key(obj: AnnotatedObject, criteria: ProjectCriteria) -> tuple[Family, str]:
+    family = FAMILY_OF[obj.shape.type]
+    if family is Family.KEYPOINTS:
+        return family, keypoint_schema_name(obj, criteria) or ""
+    return family, ""
+
+
+def _box_sim(ann: list[AnnotatedObject], ref: list[AnnotatedObject], crowd: np.ndarray) -> np.ndarray:
+    shapes = [o.shape for o in ann + ref]
+    if all(isinstance(s, BBox) for s in shapes):
+        a = np.array([[s.x, s.y, s.w, s.h] for s in (o.shape for o in ann)]).reshape(-1, 4)
+        b = np.array([[s.x, s.y, s.w, s.h] for s in (o.shape for o in ref)]).reshape(-1, 4)
+        return geometry.box_iou(a, b, crowd)
+
+    def rot(s: BBox | RotatedBBox) -> list[float]:
+        if isinstance(s, BBox):
+            return [s.x + s.w / 2, s.y + s.h / 2, s.w, s.h, 0.0]
+        return [s.cx, s.cy, s.w, s.h, s.angle]
+
+    a = np.array([rot(o.shape) for o in ann]).reshape(-1, 5)  # type: ignore[arg-type]
+    b = np.array([rot(o.shape) for o in ref]).reshape(-1, 5)  # type: ignore[arg-type]
+    return geometry.rotated_box_iou(a, b, crowd)
+
+
+def _region_sim(
+    ann: list[AnnotatedObject], ref: list[AnnotatedObject], crowd: np.ndarray, image: tuple[int, int] | None
+) -> np.ndarray:
+    masks = [o.shape for o in ann + ref if isinstance(o.shape, Mask)]
+    if not masks:
+        ga = [geometry.region(o.shape.points, o.shape.holes, image) for o in ann]  # type: ignore[union-attr]
+        gb = [geometry.region(o.shape.points, o.shape.holes, image) for o in ref]  # type: ignore[union-attr]
+        return geometry.region_iou(ga, gb, crowd)
+    size = masks[0].size
+    if any(m.size != size for m in masks):
+        raise InvalidGeometry(f"masks of one item have different sizes: {sorted({m.size for m in masks})}")
+
+    def as_rle(o: AnnotatedObject) -> rle.Rle:
+        s = o.shape
+        if isinstance(s, Mask):
+            return rle.rle(s.size, s.counts)
+        assert isinstance(s, Polygon)
+        return rle.rasterize(geometry.region(s.points, s.holes, (size[1], size[0])), size)
+
+    return rle.rle_iou([as_rle(o) for o in ann], [as_rle(o) for o in ref], crowd)
+
+
+def _keypoint_arrays(objs: list[AnnotatedObject], k: int) -> np.ndarray:
+    out = np.zeros((len(objs), k, 3))
+    for n, o in enumerate(objs):
+        assert isinstance(o.shape, Keypoints)
+        out[n] = keypoints.as_keypoints(o.shape.points, k, where=f"object {o.id}")
+    return out
+
+
+def _gold_area(o: AnnotatedObject, arr: np.ndarray) -> float:
+    s = o.shape
+    assert isinstance(s, Keypoints)
+    if s.area is not None:
+        return s.area
+    if s.bbox is not None:
+        return s.bbox[2] * s.bbox[3]
+    return keypoints.default_area(arr)
+
+
+@dataclass
+class _FamilyResult:
+    family: Family
+    ann: list[AnnotatedObject]
+    ref: list[AnnotatedObject]
+    assignment: Assignment
+    kp_ann: np.ndarray | None = None
+    kp_ref: np.ndarray | None = None
+
+
+def _similarity(
+    key: tuple[Family, str],
+    ann: list[AnnotatedObject],
+    ref: list[AnnotatedObject],
+    criteria: ProjectCriteria,
+    image: tuple[int, int] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    family, schema_name = key
+    crowd = np.array([o.iscrowd for o in ref], dtype=bool)
+    if family is Family.BOX:
+        return _box_sim(ann, ref, crowd), crowd, None, None
+    if family is Family.REGION:
+        return _region_sim(ann, ref, crowd, image), crowd, None, None
+    if family is Family.KEYPOINTS:
+        schema = criteria.keypoint_schemas.get(schema_name)
+        if schema is None:
+            raise KeypointMismatch(f"no keypoint schema {schema_name!r} in the project")
+        k = len(schema.sigmas)
+        da, dr = _keypoint_arrays(ann, k), _keypoint_arrays(ref, k)
+        areas = np.array([_gold_area(o, dr[n]) for n, o in enumerate(ref)])
+        visible_only = criteria.keypoint_visibility == "visible_only"
+        return keypoints.oks_matrix(da, dr, np.array(schema.sigmas), areas, visible_only), crowd, da, dr
+    if family is Family.POINT:
+
+        def xy(o: AnnotatedObject) -> tuple[float, float]:
+            assert isinstance(o.shape, Point)
+            return o.shape.x, o.shape.y
+
+        tol = np.array([criteria.point_tolerance_of(o.label) for o in ref])
+        return points.point_similarity([xy(o) for o in ann], [xy(o) for o in ref], tol), crowd, None, None
+    lines_a = [np.asarray(o.shape.points) for o in ann]  # type: ignore[union-attr]
+    lines_b = [np.asarray(o.shape.points) for o in ref]  # type: ignore[union-attr]
+    tol = [criteria.line_tolerance_of(o.label) for o in ref]
+    oriented = [bool((spec := criteria.label(o.label)) and spec.orientation_matters) for o in ref]
+    return points.polyline_similarity_matrix(lines_a, lines_b, tol, oriented), crowd, None, None
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def ratio(num: float, den: float) -> float | None:
+    """num / den, or None where the denominator is zero (undefined, not 0: spec §3)."""
+    return num / den if den > 0 else None
+
+
+def metrics_of(tp: int, fp: int, fn: int, sim_sum: float, empty_correct: bool, mismatches: int = 0) -> Metrics:
+    """precision, recall, F1, accuracy and mean similarity from counts (None where undefined).
+
+    accuracy = M / (M + X + Ug + Ud); with mismatches X counted in both fp and fn,
+    M + X + Ug + Ud = tp + fp + fn - X."""
+    total = tp + fp + fn - mismatches
+    if total == 0 and empty_correct:
+        return Metrics(precision=1.0, recall=1.0, f1=1.0, accuracy=1.0, mean_similarity=None)
+    return Metrics(
+        precision=ratio(tp, tp + fp),
+        recall=ratio(tp, tp + fn),
+        f1=ratio(2 * tp, 2 * tp + fp + fn),
+        accuracy=ratio(tp, total),
+        mean_similarity=ratio(sim_sum, tp),
+    )
+
+
+def _attribute_equal(a: AttributeValue | None, b: AttributeValue | None, spec: AttributeSpec) -> bool:
+    if a is None or b is None:
+        return False
+    if spec.compare == "numeric":
+        if (
+            isinstance(a, bool)
+            or isinstance(b, bool)
+            or not isinstance(a, int | float)
+            or not isinstance(b, int | float)
+        ):
+            return a == b
+        return abs(float(a) - float(b)) <= spec.tolerance
+    if spec.compare == "text" and isinstance(a, str) and isinstance(b, str):
+        return normalized_edit_distance(a, b) <= spec.tolerance
+    if isinstance(a, list) and isinstance(b, list):
+        return sorted(a) == sorted(b)
+    return a == b and type(a) is type(b)
+
+
+def _attributes(pairs: list[tuple[AnnotatedObject, AnnotatedObject]], criteria: ProjectCriteria) -> tuple[int, int]:
+    compared = correct = 0
+    for a, r in pairs:
+        spec = criteria.label(r.label)
+        declared = spec.attributes if spec is not None else {}
+        for name in sorted(set(r.attributes) | set(declared)):
+            va, vr = a.attributes.get(name), r.attributes.get(name)
+            if va is None and vr is None:
+                continue
+            compared += 1
+            correct += _attribute_equal(va, vr, declared.get(name) or AttributeSpec())
+    return compared, correct
+
+
+def _classifications(ann: Content, ref: Content) -> tuple[int, int, dict[str, LabelCounts]]:
+    compared = correct = 0
+    per_label: dict[str, list[int]] = {}
+    for taxonomy in sorted(set(ann.classifications) | set(ref.classifications)):
+        a, r = set(ann.classifications.get(taxonomy, [])), set(ref.classifications.get(taxonomy, []))
+        compared += 1
+        correct += a == r
+        for label in a | r:
+            c = per_label.setdefault(f"{taxonomy}/{label}", [0, 0, 0])
+            c[0] += label in a and label in r
+            c[1] += label in a and label not in r
+            c[2] += label in r and label not in a
+    return compared, correct, {k: LabelCounts(tp=v[0], fp=v[1], fn=v[2]) for k, v in per_label.items()}
+
+
+def _relationships(ann: Content, ref: Content, id_map: dict[str, str]) -> tuple[int, int, int]:
+    gold = Counter((r.subject, r.predicate, r.object) for r in ref.relationships)
+    mapped = Counter((id_map.get(r.subject), r.predicate, id_map.get(r.object)) for r in ann.relationships)
+    tp = sum((gold & mapped).values())
+    return tp, len(ann.relationships) - tp, len(ref.relationships) - tp
+
+
+@dataclass
+class _Tally:
+    matches: list[ObjectMatch] = field(default_factory=list)
+    labels: dict[str, list[float]] = field(default_factory=dict)  # label -> [tp, fp, fn, sim]
+    m: int = 0
+    x: int = 0
+    ug: int = 0
+    ud: int = 0
+    ignored: int = 0
+    sim_sum: float = 0.0
+
+    def label(self, name: str) -> list[float]:
+        return self.labels.setdefault(name, [0, 0, 0, 0.0])
+
+
+def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedObject, AnnotatedObject]]]:
+    t = _Tally()
+    matched_pairs = []
+    for fr in results:
+        asg, fam = fr.assignment, fr.family
+        for i, j, s in asg.matches:
+            a, r = fr.ann[i], fr.ref[j]
+            t.matches.append(
+                ObjectMatch(
+                    outcome=Outcome.MATCH,
+                    family=fam,
+                    annotation_object_id=a.id,
+                    reference_object_id=r.id,
+                    annotation_label=a.label,
+                    reference_label=r.label,
+                    similarity=s,
+                )
+            )
+            c = t.label(r.label)
+            c[0] += 1
+            c[3] += s
+            t.m += 1
+            t.sim_sum += s
+            matched_pairs.append((a, r))
+        for i, j, s in asg.mismatches:
+            a, r = fr.ann[i], fr.ref[j]
+            t.matches.append(
+                ObjectMatch(
+                    outcome=Outcome.MISMATCH,
+                    family=fam,
+                    annotation_object_id=a.id,
+                    reference_object_id=r.id,
+                    annotation_label=a.label,
+                    reference_label=r.label,
+                    similarity=s,
+                )
+            )
+            t.label(a.label)[1] += 1
+            t.label(r.label)[2] += 1
+            t.x += 1
+        for j in asg.missed:
+            r = fr.ref[j]
+            t.matches.append(
+                ObjectMatch(outcome=Outcome.MISSED, family=fam, reference_object_id=r.id, reference_label=r.label)
+            )
+            t.label(r.label)[2] += 1
+            t.ug += 1
+        for i in asg.extra:
+            a = fr.ann[i]
+            t.matches.append(
+                ObjectMatch(outcome=Outcome.EXTRA, family=fam, annotation_object_id=a.id, annotation_label=a.label)
+            )
+            t.label(a.label)[1] += 1
+            t.ud += 1
+        t.ignored += len(asg.ignored)
+    return t, matched_pairs
+
+
+def _keypoint_figures(results: list[_FamilyResult], criteria: ProjectCriteria) -> KeypointFigures | None:
+    kp = [fr for fr in results if fr.family is Family.KEYPOINTS]
+    if not kp:
+        return None
+    visible_only = criteria.keypoint_visibility == "visible_only"
+    pairs = oks_sum = sq = 0.0
+    both = within = gold = missing = extra = 0
+    for fr in kp:
+        assert fr.kp_ann is not None and fr.kp_ref is not None
+        for i, j, s in fr.assignment.matches:
+            f = keypoints.pair_figures(
+                fr.kp_ann[i], fr.kp_ref[j], criteria.point_tolerance_of(fr.ref[j].label), visible_only
+            )
+            pairs += 1
+            oks_sum += s
+            sq += f.sq_err_sum
+            both += f.both
+            within += f.within
+            gold += f.gold_labeled
+            missing += f.missing
+            extra += f.extra
+    return keypoint_figures(int(pairs), oks_sum, sq, both, within, gold, missing, extra)
+
+
+def keypoint_figures(
+    pairs: int, oks_sum: float, sq_err_sum: float, both: int, within: int, gold: int, missing: int, extra: int
+) -> KeypointFigures:
+    """KeypointFigures with its ratios derived from the sums (used per item and when merged)."""
+    rmse = ratio(sq_err_sum, both)
+    return KeypointFigures(
+        pairs=pairs,
+        oks_sum=oks_sum,
+        sq_err_sum=sq_err_sum,
+        both=both,
+        within=within,
+        gold_labeled=gold,
+        missing=missing,
+        extra=extra,
+        oks_mean=ratio(oks_sum, pairs),
+        rmse=math.sqrt(rmse) if rmse is not None else None,
+        pck=ratio(within, gold),
+    )
+
+
+# --------------------------------------------------------------------------- the item
+
+
+def _scorable_reference(o: AnnotatedObject, criteria: ProjectCriteria) -> bool:
+    """Gold keypoint sets with no labeled keypoint are not scored (spec §1), as COCO ignores them."""
+    if not isinstance(o.shape, Keypoints):
+        return True
+    threshold = 2 if criteria.keypoint_visibility == "visible_only" else 1
+    return any(v >= threshold for _, _, v in o.shape.points)
+
+
+def score_item(annotation: Answer, reference: Answer, criteria: ProjectCriteria | None = None) -> ItemScore:
+    """Compare an annotation with a reference under a project's criteria (metrics spec §1-§4).
+
+    Raises a ScoringError subclass (InvalidGeometry, UnknownLabel, KeypointMismatch) for input
+    that cannot be scored; the score is never NaN.
+    """
+    criteria = criteria or DEFAULT_CRITERIA
+    ann, ref = content_of(annotation), content_of(reference)
+    check(ann, criteria, "annotation")
+    check(ref, criteria, "reference")
+    img = ref.image or ann.image
+    image = (img.width, img.height) if img is not None else None
+
+    groups: dict[tuple[Family, str], tuple[list[AnnotatedObject], list[AnnotatedObject]]] = {}
+    for side, objs in ((0, ann.objects), (1, ref.objects)):
+        for o in objs:
+            if side == 1 and not _scorable_reference(o, criteria):
+                continue
+            groups.setdefault(_family_key(o, criteria), ([], []))[side].append(o)
+    results = []
+    for key in sorted(groups, key=lambda k: (k[0].value, k[1])):
+        a_objs, r_objs = groups[key]
+        sim, crowd, kp_a, kp_r = _similarity(key, a_objs, r_objs, criteria, image)
+        thresholds = np.array([criteria.threshold(o.label, key[0].value) for o in r_objs])
+        asg = assign(sim, [o.label for o in a_objs], [o.label for o in r_objs], thresholds, crowd)
+        results.append(_FamilyResult(key[0], a_objs, r_objs, asg, kp_a, kp_r))
+
+    t, matched = _tally(results)
+    has_objects = bool(ann.objects or ref.objects)
+    has_other = bool(ann.classifications or ref.classifications or ann.relationships or ref.relationships)
+    # An item with no objects on either side is an "empty item" only where objects are the task.
+    objects_task = has_objects or bool(criteria.labels) or not has_other
+    empty_correct = criteria.empty_item_correct and objects_task
+
+    metrics = metrics_of(t.m, t.x + t.ud, t.x + t.ug, t.sim_sum, empty_correct, t.x)
+    pq_den = t.m + t.x + 0.5 * (t.ud + t.ug)
+    objects_component = t.sim_sum / pq_den if pq_den > 0 else (1.0 if empty_correct else None)
+    attr_compared, attr_correct = _attributes(matched, criteria)
+    cls_compared, cls_correct, cls_labels = _classifications(ann, ref)
+    rel_tp, rel_fp, rel_fn = _relationships(ann, ref, {a.id: r.id for a, r in matched})
+    components = Components(
+        objects=min(objects_component, 1.0) if objects_component is not None else None,
+        classifications=ratio(cls_correct, cls_compared),
+        attributes=ratio(attr_correct, attr_compared),
+        relationships=ratio(2 * rel_tp, 2 * rel_tp + rel_fp + rel_fn),
+    )
+    score, passed = _item_score(components, criteria)
+    return ItemScore(
+        matches=t.matches,
+        labels={k: LabelCounts(tp=int(v[0]), fp=int(v[1]), fn=int(v[2]), sim_sum=v[3]) for k, v in t.labels.items()},
+        objects=ObjectCounts(matches=t.m, mismatches=t.x, missed=t.ug, extra=t.ud, sim_sum=t.sim_sum),
+        metrics=metrics,
+        components=components,
+        keypoints=_keypoint_figures(results, criteria),
+        attributes_compared=attr_compared,
+        attributes_correct=attr_correct,
+        classifications_compared=cls_compared,
+        classifications_correct=cls_correct,
+        classification_labels=cls_labels,
+        relationships_tp=rel_tp,
+        relationships_fp=rel_fp,
+        relationships_fn=rel_fn,
+        ignored=t.ignored,
+        score=score,
+        passed=passed,
+    )
+
+
+def _item_score(c: Components, criteria: ProjectCriteria) -> tuple[float | None, bool | None]:
+    """Weighted mean of the components present; pass against the threshold and the minimums."""
+    parts = [
+        (getattr(c, name), getattr(criteria.weights, name), getattr(criteria.component_minimums, name))
+        for name in ("objects", "classifications", "attributes", "relationships")
+    ]
+    present = [(v, w, lo) for v, w, lo in parts if v is not None and w > 0]
+    if not present:
+        return None, None
+    score = sum(v * w for v, w, _ in present) / sum(w for _, w, _ in present)
+    score = min(max(score, 0.0), 1.0)
+    passed = score >= criteria.pass_threshold and all(lo is None or v >= lo for v, _, lo in present)
+    return score, passed
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def agreement(a: Answer, b: Answer, criteria: ProjectCriteria | None = None) -> float | None:
+    """Agreement of two annotators of one item: the item score of comparing them (spec §6)."""
+    return score_item(a, b, criteria).score
+
+
+def pairwise_agreement(answers: Sequence[Answer], criteria: ProjectCriteria | None = None) -> np.ndarray:
+    """Symmetric (n, n) matrix of agreements (NaN on the diagonal and where undefined)."""
+    n = len(answers)
+    out = np.full((n, n), np.nan)
+    for i, j in combinations(range(n), 2):
+        s = agreement(answers[i], answers[j], criteria)
+        # PQ is symmetric, so one comparison per pair serves both directions
+        out[i, j] = out[j, i] = np.nan if s is None else s
+    return out
+
+
+def item_agreement(answers: Sequence[Answer], criteria: ProjectCriteria | None = None) -> float | None:
+    """An item's agreement: the mean over annotator pairs."""
+    m = pairwise_agreement(answers, criteria)
+    vals = m[np.triu_indices(len(answers), 1)]
+    vals = vals[~np.isnan(vals)]
+    return float(vals.mean()) if len(vals) else None
+
+
+def consensus_scores(answers: Sequence[Answer], criteria: ProjectCriteria | None = None) -> list[float | None]:
+    """Each annotator's consensus score: its mean agreement with the others."""
+    m = pairwise_agreement(answers, criteria)
+    out: list[float | None] = []
+    for row in m:
+        vals = row[~np.isnan(row)]
+        out.append(float(vals.mean()) if len(vals) else None)
+    return out
