@@ -8,6 +8,7 @@ falls on one is ignored instead of counted extra, as in COCOeval.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,18 +30,22 @@ class Assignment:
     ignored: list[int] = field(default_factory=list)  # annotation indices on crowd regions
 
 
-def _solve(weights: np.ndarray, eligible: np.ndarray) -> list[tuple[int, int]]:
-    if weights.size == 0:
-        return []
-    w = np.where(eligible, weights + _ELIGIBLE_BONUS, 0.0)
-    rows, cols = linear_sum_assignment(w, maximize=True)
-    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if eligible[r, c]]
+def _solve(sim: np.ndarray, eligible: np.ndarray) -> list[tuple[int, int]]:
+    """Maximum-similarity pairs among eligible ones. Most items have no conflict (each object
+    overlaps one object of the other side): those take the eligible pairs as they are."""
+    ii, jj = np.nonzero(eligible)
+    rows, cols = ii.tolist(), jj.tolist()
+    if len(set(rows)) == len(rows) and len(set(cols)) == len(cols):
+        return list(zip(rows, cols, strict=True))
+    w = np.where(eligible, sim + _ELIGIBLE_BONUS, 0.0)
+    r, c = linear_sum_assignment(w, maximize=True)
+    return [(i, j) for i, j in zip(r.tolist(), c.tolist(), strict=True) if eligible[i, j]]
 
 
 def assign(
     sim: np.ndarray,
-    ann_labels: np.ndarray | list[str],
-    ref_labels: np.ndarray | list[str],
+    ann_labels: Sequence[str],
+    ref_labels: Sequence[str],
     thresholds: np.ndarray | float,
     crowd: np.ndarray | None = None,
 ) -> Assignment:
@@ -51,31 +56,36 @@ def assign(
     """
     sim = np.asarray(sim, dtype=np.float64)
     n, m = sim.shape
-    al = np.asarray(ann_labels, dtype=object).reshape(n)
-    rl = np.asarray(ref_labels, dtype=object).reshape(m)
-    thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (m,))
-    is_crowd = np.zeros(m, dtype=bool) if crowd is None else np.asarray(crowd, dtype=bool)
-    finite = ~np.isnan(sim)
-    ok = finite & (np.where(finite, sim, -1.0) >= thr[None, :]) & ~is_crowd[None, :]
-    same = al[:, None] == rl[None, :]
     out = Assignment()
+    if n == 0 or m == 0:
+        out.missed = [j for j in range(m) if crowd is None or not crowd[j]]
+        out.extra = list(range(n))
+        return out
+    with np.errstate(invalid="ignore"):
+        ok = sim >= thresholds  # NaN compares False: "cannot match"
+    on_crowd = None
+    if crowd is not None and crowd.any():
+        on_crowd = ok & crowd
+        ok = ok & ~crowd
+    codes: dict[str, int] = {}
+    rl = np.fromiter((codes.setdefault(x, len(codes)) for x in ref_labels), dtype=np.int64, count=m)
+    al = np.fromiter((codes.get(x, -1) for x in ann_labels), dtype=np.int64, count=n)
 
-    for i, j in _solve(sim, ok & same):
+    for i, j in _solve(sim, ok & (al[:, None] == rl)):
         out.matches.append((i, j, float(sim[i, j])))
-    used_r = {i for i, _, _ in out.matches}
-    used_c = {j for _, j, _ in out.matches}
-    rows = np.array([i for i in range(n) if i not in used_r], dtype=int)
-    cols = np.array([j for j in range(m) if j not in used_c and not is_crowd[j]], dtype=int)
-    if len(rows) and len(cols):
-        for a, b in _solve(sim[np.ix_(rows, cols)], ok[np.ix_(rows, cols)]):
-            i, j = int(rows[a]), int(cols[b])
+    used_r = [i for i, _, _ in out.matches]
+    used_c = [j for _, j, _ in out.matches]
+    if len(used_r) < n and len(used_c) < m:
+        left = ok.copy()
+        left[used_r, :] = False
+        left[:, used_c] = False
+        for i, j in _solve(sim, left):
             out.mismatches.append((i, j, float(sim[i, j])))
-    used_r |= {i for i, _, _ in out.mismatches}
-    used_c |= {j for _, j, _ in out.mismatches}
-    out.missed = [j for j in range(m) if j not in used_c and not is_crowd[j]]
-    on_crowd = finite & (np.where(finite, sim, -1.0) >= thr[None, :]) & is_crowd[None, :]
+            used_r.append(i)
+            used_c.append(j)
+    taken_r, taken_c = set(used_r), set(used_c)
+    out.missed = [j for j in range(m) if j not in taken_c and (crowd is None or not crowd[j])]
     for i in range(n):
-        if i in used_r:
-            continue
-        (out.ignored if on_crowd[i].any() else out.extra).append(i)
+        if i not in taken_r:
+            (out.ignored if on_crowd is not None and on_crowd[i].any() else out.extra).append(i)
     return out

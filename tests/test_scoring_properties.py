@@ -1,0 +1,167 @@
+"""Properties that hold for every input: bounds, symmetry, identity, exact order-free merging."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import schemas as s
+import scoring
+from scoring import Counters, score_item
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+coord = st.floats(-50, 150, allow_nan=False)
+size = st.floats(0, 80, allow_nan=False)
+pos_size = st.floats(1, 80, allow_nan=False)
+box_arrays = st.lists(st.tuples(coord, coord, size, size), min_size=1, max_size=8).map(np.array)
+labels = st.sampled_from(["car", "bus", "person"])
+
+
+@SETTINGS
+@given(box_arrays, box_arrays)
+def test_box_iou_is_bounded_and_symmetric(a: np.ndarray, b: np.ndarray) -> None:
+    m = scoring.box_iou(a, b)
+    assert m.shape == (len(a), len(b))
+    assert np.all((m >= 0) & (m <= 1)) and not np.isnan(m).any()
+    np.testing.assert_allclose(m, scoring.box_iou(b, a).T, atol=1e-12)
+    crowd = scoring.box_iou(a, b, np.ones(len(b), dtype=bool))
+    assert np.all(crowd >= m - 1e-12)  # I / area(a) >= I / union
+
+
+@SETTINGS
+@given(st.lists(st.tuples(coord, coord, pos_size, pos_size), min_size=1, max_size=8).map(np.array))
+def test_a_box_matches_itself_exactly(a: np.ndarray) -> None:
+    np.testing.assert_allclose(np.diag(scoring.box_iou(a, a)), 1.0)
+
+
+rboxes = st.tuples(coord, coord, pos_size, pos_size, st.floats(-180, 180, allow_nan=False))
+
+
+@SETTINGS
+@given(st.lists(rboxes, min_size=1, max_size=5), st.lists(rboxes, min_size=1, max_size=5))
+def test_rotated_box_iou_is_bounded_symmetric_and_one_on_itself(a: list, b: list) -> None:
+    m = scoring.rotated_box_iou(a, b)
+    assert np.all((m >= 0) & (m <= 1 + 1e-12))
+    np.testing.assert_allclose(m, scoring.rotated_box_iou(b, a).T, atol=1e-9)
+    np.testing.assert_allclose(np.diag(scoring.rotated_box_iou(a, a)), 1.0, atol=1e-9)
+
+
+@st.composite
+def objects(draw: st.DrawFn, prefix: str, n_max: int = 6) -> list[s.AnnotatedObject]:
+    """Objects with distinct positions (identical duplicates would make identity ambiguous)."""
+    n = draw(st.integers(0, n_max))
+    out = []
+    for i in range(n):
+        x, y = 200.0 * i + draw(st.floats(0, 50)), draw(st.floats(0, 50))
+        kind = draw(st.sampled_from(["bbox", "rotated", "polygon", "point", "polyline", "keypoints"]))
+        if kind == "bbox":
+            shape: s.Shape = s.BBox(x=x, y=y, w=draw(pos_size), h=draw(pos_size))
+        elif kind == "rotated":
+            shape = s.RotatedBBox(cx=x, cy=y, w=draw(pos_size), h=draw(pos_size), angle=draw(st.floats(-90, 90)))
+        elif kind == "polygon":
+            r = draw(st.floats(5, 40))
+            k = draw(st.integers(3, 8))
+            shape = s.Polygon(
+                points=[
+                    (x + r * math.cos(2 * math.pi * j / k), y + r * math.sin(2 * math.pi * j / k)) for j in range(k)
+                ]
+            )
+        elif kind == "point":
+            shape = s.Point(x=x, y=y)
+        elif kind == "polyline":
+            shape = s.Polyline(points=[(x, y), (x + draw(pos_size), y + draw(size))])
+        else:
+            shape = s.Keypoints(
+                points=[(x + 3.0 * j, y + 2.0 * j, 2) for j in range(17)], area=draw(st.floats(10, 5000))
+            )
+        out.append(
+            s.AnnotatedObject(
+                id=f"{prefix}{i}",
+                label=draw(labels),
+                shape=shape,
+                attributes={"color": draw(st.sampled_from(["red", "blue"]))},
+            )
+        )
+    return out
+
+
+def _jitter(objs: list[s.AnnotatedObject], rnd: np.random.Generator, scale: float) -> list[s.AnnotatedObject]:
+    out = []
+    for o in objs:
+        sh = o.shape
+        if isinstance(sh, s.BBox):
+            sh = sh.model_copy(update={"x": sh.x + rnd.normal(0, scale), "w": abs(sh.w + rnd.normal(0, scale))})
+        elif isinstance(sh, s.Point):
+            sh = sh.model_copy(update={"x": sh.x + rnd.normal(0, scale)})
+        out.append(o.model_copy(update={"id": "j" + o.id, "shape": sh}))
+    return out
+
+
+@SETTINGS
+@given(objects("a"))
+def test_identical_answers_score_one(objs: list[s.AnnotatedObject]) -> None:
+    c = s.Content(objects=objs)
+    r = score_item(c, c)
+    assert r.score == 1.0 and r.passed
+    assert r.objects.matches == len(objs) and r.objects.missed == r.objects.extra == 0
+    assert r.metrics.accuracy == 1.0
+
+
+def _check_bounds(r: s.ItemScore) -> None:
+    for v in (r.score, *r.metrics.model_dump().values(), *r.components.model_dump().values()):
+        assert v is None or (0.0 <= v <= 1.0 and not math.isnan(v))
+    for m in r.matches:
+        assert m.similarity is None or 0.0 <= m.similarity <= 1.0
+
+
+@SETTINGS
+@given(objects("a"), objects("g"), st.integers(0, 2**32 - 1))
+def test_scores_are_bounded_and_never_nan(ann: list, gold: list, seed: int) -> None:
+    rnd = np.random.default_rng(seed)
+    _check_bounds(score_item(s.Content(objects=ann), s.Content(objects=gold)))
+    _check_bounds(score_item(s.Content(objects=_jitter(gold, rnd, 3.0)), s.Content(objects=gold)))
+
+
+@SETTINGS
+@given(objects("a"), st.integers(0, 2**32 - 1))
+def test_object_agreement_is_symmetric_for_symmetric_similarities(objs: list, seed: int) -> None:
+    # OKS depends on the gold side's area and visibility, so keypoints are left out here
+    objs = [o for o in objs if not isinstance(o.shape, s.Keypoints)]
+    a = s.Content(objects=objs)
+    b = s.Content(objects=_jitter(objs, np.random.default_rng(seed), 4.0))
+    ab, ba = score_item(a, b), score_item(b, a)
+    assert ab.objects.matches == ba.objects.matches
+    assert (ab.components.objects is None) == (ba.components.objects is None)
+    if ab.components.objects is not None:
+        assert math.isclose(ab.components.objects, ba.components.objects, abs_tol=1e-12)
+
+
+@st.composite
+def item_scores(draw: st.DrawFn) -> s.ItemScore:
+    gold = draw(objects("g", 4))
+    ann = _jitter(gold, np.random.default_rng(draw(st.integers(0, 2**32 - 1))), draw(st.floats(0, 30)))
+    ann = ann[: draw(st.integers(0, len(ann)))] + draw(objects("x", 2))
+    return score_item(s.Content(objects=ann), s.Content(objects=gold))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(item_scores(), min_size=1, max_size=9), st.randoms(use_true_random=False))
+def test_counters_merge_exactly_in_any_order_and_grouping(scores: list[s.ItemScore], rnd) -> None:
+    whole = Counters.of(scores)
+    shuffled = scores[:]
+    rnd.shuffle(shuffled)
+    cut1 = rnd.randint(0, len(scores))
+    cut2 = rnd.randint(cut1, len(scores))
+    a, b, c = (Counters.of(shuffled[:cut1]), Counters.of(shuffled[cut1:cut2]), Counters.of(shuffled[cut2:]))
+    assert a.merge(b).merge(c) == whole
+    assert a.merge(b.merge(c)) == whole
+    assert c.merge(a).merge(b) == whole
+    assert Counters().merge(whole) == whole  # the empty counters are the identity
+    assert a.merge(b).merge(c).compute() == whole.compute()
+    assume(whole.matches > 0)
+    f = whole.compute()
+    assert f.precision is not None and 0 < f.precision <= 1
