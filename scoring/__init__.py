@@ -9,7 +9,8 @@ Stable primitives other tools call:
 - `oks(dt, gt, sigmas, area)`: object keypoint similarity, as pycocotools `COCOeval.computeOks`.
 - `point_similarity`, `polyline_similarity`: tolerance-based similarity of points and lines.
 - `assign(sim, ann_labels, ref_labels, thresholds)`: the two-pass Hungarian matching.
-- `score_item(annotation, reference, criteria)`: the full comparison, an `schemas.ItemScore`.
+- `score_item(annotation, reference, criteria)`: the full comparison, an `schemas.ItemScore`;
+  `score_items(pairs, criteria)` the same for a batch, vectorised across items.
 - `agreement`, `item_agreement`, `consensus_scores`: comparisons between annotators (no gold).
 - `Counters`: mergeable batch counters (`update` / `merge` / `compute`).
 
@@ -27,6 +28,7 @@ from scoring.item import (
     metrics_of,
     pairwise_agreement,
     score_item,
+    score_items,
 )
 from scoring.keypoints import oks, oks_matrix
 from scoring.matching import Assignment, assign
@@ -59,4 +61,5 @@ __all__ = [
     "rle_iou",
     "rotated_box_iou",
     "score_item",
+    "score_items",
 ]

@@ -165,3 +165,51 @@ def test_counters_merge_exactly_in_any_order_and_grouping(scores: list[s.ItemSco
     assume(whole.matches > 0)
     f = whole.compute()
     assert f.precision is not None and 0 < f.precision <= 1
+
+
+dense_boxes = st.lists(
+    st.tuples(st.floats(0, 30), st.floats(0, 30), st.floats(1, 25), st.floats(1, 25), st.sampled_from(["a", "b"])),
+    max_size=7,
+)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(dense_boxes, dense_boxes), min_size=1, max_size=8), st.sampled_from([0.1, 0.3, 0.5]))
+def test_batch_assignment_equals_item_by_item_hungarian(items: list, threshold: float) -> None:
+    """Crowded boxes make conflicting pairs common, so both paths of assign_batch are exercised."""
+    from scoring.geometry import box_iou_pairs
+    from scoring.matching import assign, assign_batch
+
+    codes = {"a": 0, "b": 1}
+    n = np.array([len(a) for a, _ in items])
+    m = np.array([len(g) for _, g in items])
+    sims, a_codes, r_codes = [], [], []
+    expected = []
+    for a, g in items:
+        aa = np.array([x[:4] for x in a]).reshape(-1, 4)
+        gg = np.array([x[:4] for x in g]).reshape(-1, 4)
+        block = scoring.box_iou(aa, gg)
+        sims.append(block.ravel())
+        la, lg = [x[4] for x in a], [x[4] for x in g]
+        a_codes += [codes[x] for x in la]
+        r_codes += [codes[x] for x in lg]
+        expected.append(assign(block, la, lg, threshold))
+        if len(a) and len(g):  # the flat pairwise kernel agrees with the matrix kernel
+            ii, jj = np.divmod(np.arange(len(a) * len(g)), len(g))
+            np.testing.assert_allclose(box_iou_pairs(aa[ii], gg[jj]), block.ravel(), atol=1e-12)
+    got = assign_batch(
+        np.concatenate(sims) if sims else np.zeros(0),
+        n,
+        m,
+        np.array(a_codes, dtype=np.int64),
+        np.array(r_codes, dtype=np.int64),
+        np.full(int(m.sum()), threshold),
+    )
+    assert got == expected
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(objects("a", 4), objects("g", 4)), min_size=1, max_size=6))
+def test_score_items_equals_score_item_one_by_one(pairs: list) -> None:
+    contents = [(s.Content(objects=a), s.Content(objects=g)) for a, g in pairs]
+    assert scoring.score_items(contents) == [score_item(a, g) for a, g in contents]
