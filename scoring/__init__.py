@@ -1,4 +1,4 @@
-"""goldstream's scoring library: pure functions and counters, no I/O (docs/metrics.md).
+"""goldstream's scoring library: pure functions and counters, no I/O (docs/scoring.md).
 
 Stable primitives other tools call:
 

@@ -440,6 +440,9 @@ def _prepare(annotation: Answer, reference: Answer, criteria: ProjectCriteria) -
 
 
 _BOX_KEY = (Family.BOX, "")
+# Above this many pairs an item's own broadcast (N, M) kernel beats gathering its pairs into the
+# batch's flat arrays.
+_BATCH_PAIRS_MAX = 1024
 
 
 def _batch_boxes(items: list[_Item], criteria: ProjectCriteria) -> None:
@@ -451,7 +454,11 @@ def _batch_boxes(items: list[_Item], criteria: ProjectCriteria) -> None:
         if group is None:
             continue
         a_objs, r_objs = group
-        if all(type(o.shape) is BBox for o in a_objs) and all(type(o.shape) is BBox and not o.iscrowd for o in r_objs):
+        if (
+            len(a_objs) * len(r_objs) <= _BATCH_PAIRS_MAX
+            and all(type(o.shape) is BBox for o in a_objs)
+            and all(type(o.shape) is BBox and not o.iscrowd for o in r_objs)
+        ):
             batch.append((it, a_objs, r_objs))
     if not batch:
         return
