@@ -31,6 +31,7 @@ from schemas.content import (
     Shape,
 )
 from schemas.criteria import (
+    AlertPolicy,
     AttributeSpec,
     ClassificationSpec,
     ComponentMinimums,
@@ -38,6 +39,7 @@ from schemas.criteria import (
     EscalationPolicy,
     KeypointSchema,
     LabelSpec,
+    LimitsSpec,
     ProficiencyPolicy,
     ProjectCriteria,
     QualificationPolicy,
@@ -79,6 +81,7 @@ __all__ = [
     "MESSAGES",
     "SCHEMA_VERSION",
     "SHAPE_TYPES",
+    "AlertPolicy",
     "AlertScope",
     "AnnotatedObject",
     "AnnotationSubmitted",
@@ -105,6 +108,7 @@ __all__ = [
     "LabelCounts",
     "LabelSpec",
     "Limits",
+    "LimitsSpec",
     "Mask",
     "Message",
     "Metrics",

@@ -213,6 +213,9 @@ class ConsensusPolicy(Model):
     """Items without gold: how many annotators, and how long to wait for them."""
 
     overlap: Annotated[int, Field(ge=2, le=100)] = 3
+    method: Literal["weighted", "mean"] = Field(
+        "weighted", description="annotator score: mean agreement with peers, or weighted by peer reliability"
+    )
     timeout_s: Seconds = 3_600.0
     min_annotators: Annotated[int, Field(ge=2)] = 2
 

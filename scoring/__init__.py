@@ -22,6 +22,7 @@ from scoring.errors import InvalidGeometry, KeypointMismatch, ScoringError, Unkn
 from scoring.geometry import box_iou, polygon_iou, region, region_iou, rotated_box_iou
 from scoring.item import (
     agreement,
+    check_geometry,
     consensus_scores,
     content_of,
     item_agreement,
@@ -46,6 +47,7 @@ __all__ = [
     "agreement",
     "assign",
     "box_iou",
+    "check_geometry",
     "consensus_scores",
     "content_of",
     "item_agreement",

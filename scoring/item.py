@@ -309,9 +309,17 @@ def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedOb
         asg, fam = fr.assignment, fr.family
         for i, j, sim in asg.matches:
             a, r = fr.ann[i], fr.ref[j]
-            rows.append({"outcome": Outcome.MATCH, "family": fam, "annotation_object_id": a.id,
-                         "reference_object_id": r.id, "annotation_label": a.label, "reference_label": r.label,
-                         "similarity": sim})  # fmt: skip
+            rows.append(
+                {
+                    "outcome": Outcome.MATCH,
+                    "family": fam,
+                    "annotation_object_id": a.id,
+                    "reference_object_id": r.id,
+                    "annotation_label": a.label,
+                    "reference_label": r.label,
+                    "similarity": sim,
+                }
+            )
             c = t.label(r.label)
             c[0] += 1
             c[3] += sim
@@ -320,22 +328,32 @@ def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedOb
         t.m += len(asg.matches)
         for i, j, sim in asg.mismatches:
             a, r = fr.ann[i], fr.ref[j]
-            rows.append({"outcome": Outcome.MISMATCH, "family": fam, "annotation_object_id": a.id,
-                         "reference_object_id": r.id, "annotation_label": a.label, "reference_label": r.label,
-                         "similarity": sim})  # fmt: skip
+            rows.append(
+                {
+                    "outcome": Outcome.MISMATCH,
+                    "family": fam,
+                    "annotation_object_id": a.id,
+                    "reference_object_id": r.id,
+                    "annotation_label": a.label,
+                    "reference_label": r.label,
+                    "similarity": sim,
+                }
+            )
             t.label(a.label)[1] += 1
             t.label(r.label)[2] += 1
         t.x += len(asg.mismatches)
         for j in asg.missed:
             r = fr.ref[j]
-            rows.append({"outcome": Outcome.MISSED, "family": fam, "reference_object_id": r.id,
-                         "reference_label": r.label})  # fmt: skip
+            rows.append(
+                {"outcome": Outcome.MISSED, "family": fam, "reference_object_id": r.id, "reference_label": r.label}
+            )
             t.label(r.label)[2] += 1
         t.ug += len(asg.missed)
         for i in asg.extra:
             a = fr.ann[i]
-            rows.append({"outcome": Outcome.EXTRA, "family": fam, "annotation_object_id": a.id,
-                         "annotation_label": a.label})  # fmt: skip
+            rows.append(
+                {"outcome": Outcome.EXTRA, "family": fam, "annotation_object_id": a.id, "annotation_label": a.label}
+            )
             t.label(a.label)[1] += 1
         t.ud += len(asg.extra)
         t.ignored += len(asg.ignored)
@@ -591,11 +609,42 @@ def item_agreement(answers: Sequence[Answer], criteria: ProjectCriteria | None =
     return float(vals.mean()) if len(vals) else None
 
 
-def consensus_scores(answers: Sequence[Answer], criteria: ProjectCriteria | None = None) -> list[float | None]:
-    """Each annotator's consensus score: its mean agreement with the others."""
+def consensus_scores(
+    answers: Sequence[Answer], criteria: ProjectCriteria | None = None, method: str | None = None
+) -> list[float | None]:
+    """Each annotator's consensus score: its agreement with the others (spec §6).
+
+    `mean` is the plain mean agreement with the others. `weighted` (the default) weighs each peer
+    by its reliability, its mean agreement with everyone: with three annotators of whom one is
+    careless, the two who agree then score high and the outlier low, where the plain mean marks
+    all three down alike.
+    """
+    method = method or (criteria.consensus.method if criteria is not None else "weighted")
     m = pairwise_agreement(answers, criteria)
+    filled = np.where(np.isnan(m), 0.0, m)
+    counts = (~np.isnan(m)).sum(axis=1)
+    reliability = np.divide(filled.sum(axis=1), counts, out=np.zeros(len(answers)), where=counts > 0)
     out: list[float | None] = []
-    for row in m:
-        vals = row[~np.isnan(row)]
-        out.append(float(vals.mean()) if len(vals) else None)
+    for i, row in enumerate(m):
+        peers = [j for j in range(len(answers)) if j != i and not np.isnan(row[j])]
+        if not peers:
+            out.append(None)
+            continue
+        values = np.array([row[j] for j in peers])
+        weights = np.array([reliability[j] for j in peers]) if method == "weighted" else np.ones(len(peers))
+        out.append(float(values @ weights / weights.sum()) if weights.sum() > 0 else float(values.mean()))
     return out
+
+
+def check_geometry(content: Content) -> None:
+    """Raise InvalidGeometry for shapes that cannot be scored (checked once, on arrival, so a bad
+    annotation is reported at once and never waits in a consensus round)."""
+    for n, o in enumerate(content.objects):
+        s = o.shape
+        try:
+            if isinstance(s, Polygon):
+                geometry.region(s.points, s.holes)
+            elif isinstance(s, Mask):
+                rle.rle(s.size, s.counts)
+        except InvalidGeometry as exc:
+            raise InvalidGeometry(str(exc), where=f"content.objects.{n}") from None

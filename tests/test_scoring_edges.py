@@ -456,7 +456,18 @@ def test_agreement_of_three_annotators() -> None:
     c = content(box("c", "car", 0, 0, 10, 8))  # IoU 0.8 with the others
     assert scoring.agreement(a, b) == 1.0
     assert scoring.item_agreement([a, b, c]) == pytest.approx((1.0 + 0.8 + 0.8) / 3)
-    assert scoring.consensus_scores([a, b, c]) == pytest.approx([0.9, 0.9, 0.8])
+    assert scoring.consensus_scores([a, b, c], method="mean") == pytest.approx([0.9, 0.9, 0.8])
+    # weighted: a's peers weigh by reliability, b (1.0 + 0.8) / 2 = 0.9 and c 0.8
+    expected_ab = (1.0 * 0.9 + 0.8 * 0.8) / 1.7
+    assert scoring.consensus_scores([a, b, c]) == pytest.approx([expected_ab, expected_ab, 0.8])
+
+
+def test_weighted_consensus_singles_out_the_outlier() -> None:
+    a = content(box("a", "car", 0, 0, 10, 10))
+    b = content(box("b", "car", 0, 0, 10, 10))
+    c = content(box("c", "car", 50, 50, 10, 10))  # agrees with nobody
+    assert scoring.consensus_scores([a, b, c], method="mean") == pytest.approx([0.5, 0.5, 0.0])
+    assert scoring.consensus_scores([a, b, c]) == pytest.approx([1.0, 1.0, 0.0])
 
 
 def test_counters_merge_to_the_figures_of_the_whole_batch() -> None:

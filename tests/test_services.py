@@ -117,29 +117,37 @@ def test_lua_apply_once_counts_each_event_once(backend: Endpoints, redis_keys: K
         client = Redis.from_url(backend.redis_url)
         try:
             state = RedisState(client, keys, dedup_ttl_s=60)
+            tag = keys.tag("p1", "w1")
             batch = [
-                Increment("p1", "w1", f"e{i}", {"totals": {"items": 1, "score": 0.25 * i}, "label|car": {"tp": i % 2}})
+                Increment(tag, f"e{i}", {"totals": {"items": 1, "score": 25 * i}, "label:car": {"tp": i % 2}})
                 for i in range(4)
             ]
             first = await state.apply(batch)
             again = await state.apply([batch[1], batch[3]])  # a re-delivery
-            ttl = await client.ttl(keys.seen("p1", "w1", "e0"))
+            ttl = await client.ttl(keys.seen(tag, "e0"))
             assert 0 < ttl <= 60
-            return first, again, await state.counters("p1", "w1"), await state.counters("p1", "w1", "label|car")
+            return (
+                first,
+                again,
+                await state.counters(keys.worker("p1", "w1")),
+                await state.counters(keys.worker("p1", "w1", "label:car")),
+            )
         finally:
             await client.aclose()
 
     first, again, totals, car = asyncio.run(main())
     assert first == [True] * 4 and again == [False, False]
-    assert totals == {"items": 4.0, "score": 1.5}
-    assert car == {"tp": 2.0}
+    assert totals == {"items": 4, "score": 150}
+    assert car == {"tp": 2}
 
 
 def test_keys_of_one_worker_share_a_cluster_slot(keys: Keys) -> None:
     from redis.crc import key_slot
 
-    names = [keys.seen("p", "w", "e1"), keys.worker("p", "w"), keys.worker("p", "w", "label|car")]
+    names = [keys.seen(keys.tag("p", "w"), "e1"), keys.worker("p", "w"), keys.worker("p", "w", "buckets")]
     assert len({key_slot(n.encode()) for n in names}) == 1
+    project = [keys.seen(keys.tag("p"), "e1"), keys.project("p"), keys.project("p", "label:car")]
+    assert len({key_slot(n.encode()) for n in project}) == 1
     assert keys.tag("a:b", "c") != keys.tag("a", "b:c")
 
 
@@ -149,21 +157,21 @@ def test_redis_keeps_data_across_a_restart(services: Endpoints, ops_managed: boo
 
     async def write() -> None:
         client = Redis.from_url(services.redis_url)
-        await RedisState(client, keys).apply([Increment("p", "w", "e1", {"totals": {"items": 3}})])
+        await RedisState(client, keys).apply([Increment(keys.tag("p", "w"), "e1", {"totals": {"items": 3}})])
         await client.aclose()
 
     async def read() -> tuple[dict[str, float], list[bool]]:
         client = Redis.from_url(services.redis_url)
         state = RedisState(client, keys)
         try:
-            again = await state.apply([Increment("p", "w", "e1", {"totals": {"items": 3}})])
-            return await state.counters("p", "w"), again
+            again = await state.apply([Increment(keys.tag("p", "w"), "e1", {"totals": {"items": 3}})])
+            return await state.counters(keys.worker("p", "w")), again
         finally:
-            await client.delete(keys.worker("p", "w"), keys.seen("p", "w", "e1"))
+            await client.delete(keys.worker("p", "w"), keys.seen(keys.tag("p", "w"), "e1"))
             await client.aclose()
 
     asyncio.run(write())
     subprocess.run([str(OPS), "restart", "redis"], check=True)
     totals, reapplied = asyncio.run(read())
-    assert totals == {"items": 3.0}
+    assert totals == {"items": 3}
     assert reapplied == [False]  # the dedup key survived too

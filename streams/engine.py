@@ -1,0 +1,668 @@
+"""The engine: one input event plus state in, the events to emit out (DESIGN §3b).
+
+No Kafka and no Faust here. The Faust agents (`streams.app`) and `goldstream replay`
+(`streams.replay`) both drive this class with `Record`s and send what it returns, so a replay of
+the same events yields the same scores, escalations and proficiency. Item state (gold, recent
+annotations, consensus rounds) lives in an `ItemStore` (a Faust table, or a dict); criteria and
+proficiency live in Redis through `streams.state`.
+
+Every output is derived from its inputs, ids included, so re-delivering an input re-emits the
+same messages and changes no counter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pydantic import Field
+
+from schemas.base import Id, Model, SchemaError, decode
+from schemas.content import Content
+from schemas.criteria import ProjectCriteria
+from schemas.messages import (
+    AlertScope,
+    AnnotationSubmitted,
+    DeadLetter,
+    Escalation,
+    EscalationReason,
+    GoldAnswer,
+    ItemScore,
+    Message,
+    QualityAlert,
+    ReviewResult,
+    ScoreKind,
+    ScoreRecord,
+    Verdict,
+    WorkerSnapshot,
+    derive_id,
+)
+from scoring import ScoringError, check_geometry, consensus_scores, pairwise_agreement, score_items
+from scoring.policy import (
+    SCALE,
+    Proficiency,
+    alert_transition,
+    audit_draw,
+    audit_rate,
+    gold_escalates,
+    gold_threshold,
+    priority,
+    window_mean,
+)
+from streams.state import AlertFlags, CriteriaStore, ProficiencyStore, buckets_of
+
+MAX_ANNOTATIONS_PER_ITEM = 200
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input: a Kafka message, or one line of a replay file."""
+
+    topic: str  # logical topic: annotations, gold, reviews, projects, scores
+    value: bytes | None
+    key: bytes | None = None
+    partition: int = -1
+    offset: int = -1
+
+
+@dataclass(frozen=True)
+class Emit:
+    """One output: a message for a logical topic (value None: a tombstone)."""
+
+    topic: str
+    key: str | None
+    value: Message | None
+
+
+class ItemState(Model):
+    """What the engine remembers of one item (a Faust table row, keyed by item_id).
+
+    Enough to re-derive every output of a re-delivered input: the annotations (for reviews and
+    consensus), which were scored against the current gold, and which form consensus rounds."""
+
+    gold: GoldAnswer | None = None
+    annotations: list[AnnotationSubmitted] = Field(default_factory=list)
+    waiting: list[Id] = Field(default_factory=list, description="annotations without gold, not yet in a round")
+    gold_scored: list[Id] = Field(default_factory=list, description="annotations scored against the current gold")
+    rounds: dict[Id, list[Id]] = Field(default_factory=dict, description="consensus round -> annotation ids")
+
+    def annotation(self, event_id: str) -> AnnotationSubmitted | None:
+        for a in self.annotations:
+            if a.event_id == event_id:
+                return a
+        return None
+
+    def with_annotation(self, a: AnnotationSubmitted) -> ItemState:
+        if self.annotation(a.event_id) is not None:
+            return self
+        kept = [*self.annotations, a][-MAX_ANNOTATIONS_PER_ITEM:]
+        return self.model_copy(update={"annotations": kept})
+
+
+class ItemStore(MutableMapping[str, bytes]):  # pragma: no cover - a protocol, documented by use
+    """item_id -> ItemState bytes: a Faust table in the worker, a dict in replay."""
+
+
+@dataclass
+class Settings:
+    """Engine behaviour that is not a project's criteria."""
+
+    unknown_projects: str = "default"  # or "deadletter"
+    stage: str = "score"
+
+
+@dataclass
+class Engine:
+    items: MutableMapping[str, bytes]
+    criteria: CriteriaStore
+    proficiency: ProficiencyStore
+    alerts: AlertFlags
+    settings: Settings = field(default_factory=Settings)
+    clock: object = time.time  # wall clock, only for caches and received_at stamps
+
+    # ------------------------------------------------------------------ helpers
+
+    def _now(self) -> float:
+        return self.clock()  # type: ignore[operator]
+
+    def _stamp(self) -> datetime:
+        return datetime.fromtimestamp(self._now(), UTC)
+
+    def dead(self, rec: Record, reason: str, error: str, errors: Iterable | None = None) -> Emit:
+        letter = DeadLetter.of(
+            rec.value or b"",
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            reason=reason,
+            error=error,
+            key=rec.key,
+            stage=self.settings.stage,
+            received_at=self._stamp(),
+            errors=[{"loc": e.loc, "msg": e.msg, "type": e.type} for e in (errors or [])],
+        )
+        return Emit("deadletter", None, letter)
+
+    def _decode(self, rec: Record, model: type[Message]) -> Message | Emit:
+        if rec.value is None:
+            return self.dead(rec, "empty", "message has no value")
+        try:
+            return decode(model, rec.value)
+        except SchemaError as exc:
+            reason = "undecodable" if exc.reason == "json_invalid" else "schema"
+            if exc.reason == "too_large":
+                reason = "too_large"
+            return self.dead(rec, reason, str(exc), exc.errors)
+
+    async def _criteria(self, project_id: str) -> ProjectCriteria | None:
+        found = await self.criteria.get(project_id, self._now())
+        if found is None and self.settings.unknown_projects == "default":
+            return ProjectCriteria(project_id=project_id)
+        return found
+
+    def _item(self, item_id: str) -> ItemState:
+        raw = self.items.get(item_id)
+        return ItemState.model_validate_json(raw) if raw else ItemState()
+
+    def _save(self, item_id: str, state: ItemState) -> None:
+        self.items[item_id] = state.model_dump_json().encode()
+
+    # ------------------------------------------------------------------ inputs
+
+    async def handle_batch(self, records: Sequence[Record]) -> list[Emit]:
+        """Process records in order; worker snapshots for the batch are read in one round trip."""
+        out: list[Emit] = []
+        for rec in records:
+            out.extend(await self.handle(rec))
+        return out
+
+    async def handle(self, rec: Record) -> list[Emit]:
+        try:
+            if rec.topic == "annotations":
+                return await self._on_annotation(rec)
+            if rec.topic == "gold":
+                return await self._on_gold(rec)
+            if rec.topic == "reviews":
+                return await self._on_review(rec)
+            if rec.topic == "projects":
+                return await self._on_criteria(rec)
+            if rec.topic == "scores":
+                return await self.apply_scores([rec])
+            return [self.dead(rec, "unknown_topic", f"no handler for topic {rec.topic!r}")]
+        except ScoringError as exc:  # a shape the schema let through but scoring cannot use
+            return [self.dead(rec, exc.reason, str(exc))]
+
+    async def _on_criteria(self, rec: Record) -> list[Emit]:
+        if rec.value is None:  # tombstone: the project falls back to defaults (or is unknown)
+            if rec.key:
+                await self.criteria.delete(rec.key.decode(), self._now())
+            return []
+        c = self._decode(rec, ProjectCriteria)
+        if isinstance(c, Emit):
+            return [c]
+        await self.criteria.set(c, self._now())  # type: ignore[arg-type]
+        return []
+
+    async def _on_gold(self, rec: Record) -> list[Emit]:
+        if rec.value is None:  # tombstone retracts gold
+            if rec.key:
+                item_id = rec.key.decode()
+                st = self._item(item_id)
+                if st.gold is not None:
+                    self._save(item_id, st.model_copy(update={"gold": None}))
+            return []
+        g = self._decode(rec, GoldAnswer)
+        if isinstance(g, Emit):
+            return [g]
+        assert isinstance(g, GoldAnswer)
+        criteria = await self._criteria(g.project_id)
+        if criteria is None:
+            return [self.dead(rec, "unknown_project", f"project {g.project_id!r} has no criteria")]
+        problems = _content_problems(g.content, criteria)
+        if problems:
+            return [self.dead(rec, problems[0], problems[1])]
+        st = self._item(g.item_id)
+        same_gold = st.gold is not None and st.gold.event_id == g.event_id
+        # annotations waiting for a consensus round are scored against the new gold; on a
+        # re-delivery of the same gold, what it scored before is scored (and emitted) again
+        targets = [*st.waiting, *(st.gold_scored if same_gold else [])]
+        st = st.model_copy(update={"gold": g, "waiting": [], "gold_scored": targets})
+        self._save(g.item_id, st)
+        out: list[Emit] = []
+        for event_id in targets:
+            a = st.annotation(event_id)
+            if a is not None and a.project_id == g.project_id:
+                out += await self._gold_score(a, g, criteria)
+        return out
+
+    async def _on_annotation(self, rec: Record) -> list[Emit]:
+        a = self._decode(rec, AnnotationSubmitted)
+        if isinstance(a, Emit):
+            return [a]
+        assert isinstance(a, AnnotationSubmitted)
+        criteria = await self._criteria(a.project_id)
+        if criteria is None:
+            return [self.dead(rec, "unknown_project", f"project {a.project_id!r} has no criteria")]
+        problems = _content_problems(a.content, criteria)
+        if problems:
+            out = [self.dead(rec, problems[0], problems[1])]
+            if problems[0] == "invalid_geometry":
+                out.append(await self._escalate(a, [EscalationReason.INVALID_GEOMETRY], criteria, detail=problems[1]))
+            return out
+        st = self._item(a.item_id).with_annotation(a)
+        if st.gold is not None and st.gold.project_id == a.project_id:
+            if a.event_id not in st.gold_scored:
+                st = st.model_copy(update={"gold_scored": [*st.gold_scored, a.event_id][-MAX_ANNOTATIONS_PER_ITEM:]})
+            self._save(a.item_id, st)
+            return await self._gold_score(a, st.gold, criteria)
+        if a.event_id not in st.waiting and not _in_round(st, a.event_id):
+            st = st.model_copy(update={"waiting": [*st.waiting, a.event_id]})
+        self._save(a.item_id, st)
+        out = await self._submission_checks(a, criteria)
+        out += await self._consensus(a, st, criteria)
+        return out
+
+    async def _on_review(self, rec: Record) -> list[Emit]:
+        r = self._decode(rec, ReviewResult)
+        if isinstance(r, Emit):
+            return [r]
+        assert isinstance(r, ReviewResult)
+        criteria = await self._criteria(r.project_id)
+        if criteria is None:
+            return [self.dead(rec, "unknown_project", f"project {r.project_id!r} has no criteria")]
+        st = self._item(r.item_id)
+        a = st.annotation(r.annotation_event_id)
+        if a is None:
+            return [
+                self.dead(
+                    rec,
+                    "unknown_annotation",
+                    f"annotation {r.annotation_event_id!r} of item {r.item_id!r} is not (or no longer) known",
+                )
+            ]
+        if r.corrected is not None:
+            problems = _content_problems(r.corrected, criteria)
+            if problems:
+                return [self.dead(rec, problems[0], problems[1])]
+        if r.annotation_event_id in st.waiting:  # judged by an expert: no consensus round needed
+            self._save(r.item_id, st.model_copy(update={"waiting": [w for w in st.waiting if w != a.event_id]}))
+        if r.verdict is Verdict.CORRECT:
+            assert r.corrected is not None
+            result = score_items([(a, r.corrected)], criteria)[0]
+        else:
+            # approve: the annotation is its own reference; reject: nothing in it is right
+            result = score_items([(a, a)], criteria)[0] if r.verdict is Verdict.APPROVE else _rejected()
+        out = [self._score_record(a, ScoreKind.REVIEW, r.event_id, result, confidence=1.0)]
+        if r.promote_to_gold:
+            content = r.corrected if r.corrected is not None else a.content
+            gold = GoldAnswer(
+                event_id=derive_id("gold", r.event_id),
+                project_id=r.project_id,
+                item_id=r.item_id,
+                content=content,
+                created_at=r.reviewed_at,
+                source="review",
+                review_event_id=r.event_id,
+            )
+            out.append(Emit("gold", r.item_id, gold))
+        return out
+
+    # ------------------------------------------------------------------ scoring
+
+    def _score_record(
+        self, a: AnnotationSubmitted, kind: ScoreKind, reference_id: str, result: ItemScore, confidence: float
+    ) -> Emit:
+        tot = (a.submitted_at - a.started_at).total_seconds() if a.started_at else None
+        rec = ScoreRecord(
+            event_id=ScoreRecord.make_id(a.event_id, kind, reference_id),
+            project_id=a.project_id,
+            item_id=a.item_id,
+            worker_id=a.worker_id,
+            annotation_event_id=a.event_id,
+            kind=kind,
+            reference_id=reference_id,
+            result=result,
+            confidence=confidence,
+            event_time=a.submitted_at,
+            time_on_task_s=tot,
+            batch_id=a.batch_id,
+        )
+        return Emit("scores", a.worker_id, rec)
+
+    async def _gold_score(self, a: AnnotationSubmitted, g: GoldAnswer, criteria: ProjectCriteria) -> list[Emit]:
+        result = score_items([(a, g)], criteria)[0]
+        out = [self._score_record(a, ScoreKind.GOLD, g.event_id, result, confidence=1.0)]
+        if gold_escalates(result, criteria):
+            out.append(
+                await self._escalate(
+                    a,
+                    [EscalationReason.GOLD_BELOW_THRESHOLD],
+                    criteria,
+                    score=result.score,
+                    threshold=gold_threshold(criteria),
+                )
+            )
+        return out
+
+    async def _submission_checks(self, a: AnnotationSubmitted, criteria: ProjectCriteria) -> list[Emit]:
+        """An item without gold: escalate a worker below target, and audit a sample."""
+        (snap,) = await self.proficiency.snapshots([(a.project_id, a.worker_id, criteria)])
+        reasons = []
+        if snap.lower_bound is not None and snap.lower_bound < criteria.escalation.proficiency_target:
+            reasons.append(EscalationReason.LOW_PROFICIENCY)
+        if audit_draw(a.event_id, criteria.escalation.audit_seed) < audit_rate(snap.lower_bound, criteria):
+            reasons.append(EscalationReason.AUDIT_SAMPLE)
+        if not reasons:
+            return []
+        return [
+            await self._escalate(
+                a,
+                reasons,
+                criteria,
+                snap=snap,
+                score=snap.lower_bound,
+                threshold=criteria.escalation.proficiency_target,
+            )
+        ]
+
+    async def _consensus(self, a: AnnotationSubmitted, st: ItemState, criteria: ProjectCriteria) -> list[Emit]:
+        """Score a round once the item has its overlap; re-emit it when a member is re-delivered."""
+        for round_id, members in st.rounds.items():
+            if a.event_id in members:
+                return await self._score_round(st, round_id, members, criteria)
+        latest: dict[str, AnnotationSubmitted] = {}
+        for event_id in st.waiting:
+            x = st.annotation(event_id)
+            if x is not None and x.project_id == a.project_id:
+                latest[x.worker_id] = x  # a worker's resubmission replaces its earlier answer
+        closed = [m for members in st.rounds.values() for m in members]
+        if closed:  # a late annotator: scored against the first round's members
+            members = [*next(iter(st.rounds.values())), a.event_id]
+            round_id = derive_id("late", a.event_id, *members)
+        elif len(latest) >= criteria.consensus.overlap:
+            members = sorted(x.event_id for x in latest.values())
+            round_id = derive_id("round", a.item_id, *members)
+        else:
+            return []
+        st = st.model_copy(
+            update={"rounds": {**st.rounds, round_id: members}, "waiting": [w for w in st.waiting if w not in members]}
+        )
+        self._save(a.item_id, st)
+        return await self._score_round(st, round_id, members, criteria)
+
+    async def close_round(self, item_id: str, criteria: ProjectCriteria) -> list[Emit]:
+        """Close a waiting item with at least `min_annotators` (the consensus timeout)."""
+        st = self._item(item_id)
+        waiting = {x.worker_id: x for e in st.waiting if (x := st.annotation(e)) is not None}
+        if st.gold is not None or st.rounds or len(waiting) < criteria.consensus.min_annotators:
+            return []
+        members = sorted(x.event_id for x in waiting.values())
+        round_id = derive_id("round", item_id, *members)
+        st = st.model_copy(update={"rounds": {**st.rounds, round_id: members}, "waiting": []})
+        self._save(item_id, st)
+        return await self._score_round(st, round_id, members, criteria)
+
+    async def close_waiting(self, now: datetime | None = None) -> list[Emit]:
+        """Close the rounds of items that waited past their project's consensus timeout (all of
+        them when `now` is None, as at the end of a replay)."""
+        out: list[Emit] = []
+        for item_id, first in self.waiting_items():
+            st = self._item(item_id)
+            a = st.annotation(st.waiting[0])
+            criteria = await self._criteria(a.project_id) if a is not None else None
+            if criteria is None:
+                continue
+            if now is None or (now - first).total_seconds() >= criteria.consensus.timeout_s:
+                out += await self.close_round(item_id, criteria)
+        return out
+
+    def waiting_items(self) -> list[tuple[str, datetime]]:
+        """Items with annotations waiting for a round, with the oldest one's submission time."""
+        out = []
+        for item_id, raw in list(self.items.items()):
+            st = ItemState.model_validate_json(raw)
+            times = [x.submitted_at for e in st.waiting if (x := st.annotation(e)) is not None]
+            if times and st.gold is None:
+                out.append((item_id, min(times)))
+        return out
+
+    async def _score_round(
+        self, st: ItemState, round_id: str, members: list[str], criteria: ProjectCriteria
+    ) -> list[Emit]:
+        answers = [x for m in members if (x := st.annotation(m)) is not None]
+        if len(answers) < 2:
+            return []
+        late = round_id != derive_id("round", answers[0].item_id, *members)
+        agreement = pairwise_agreement(answers, criteria)
+        scores = consensus_scores(answers, criteria)
+        out: list[Emit] = []
+        targets = [len(answers) - 1] if late else range(len(answers))
+        for i in targets:
+            a = answers[i]
+            # how far to trust the peers as a reference: their agreement among themselves
+            others = [j for j in range(len(answers)) if j != i]
+            peer = [agreement[p, q] for p in others for q in others if p < q and agreement[p, q] == agreement[p, q]]
+            confidence = sum(peer) / len(peer) if peer else 0.5
+            value = scores[i]
+            result = _consensus_result(value, criteria)
+            out.append(self._score_record(a, ScoreKind.CONSENSUS, round_id, result, confidence=round(confidence, 6)))
+            if value is not None and value < criteria.escalation.consensus_threshold:
+                out.append(
+                    await self._escalate(
+                        a,
+                        [EscalationReason.CONSENSUS_BELOW_THRESHOLD],
+                        criteria,
+                        score=value,
+                        threshold=criteria.escalation.consensus_threshold,
+                    )
+                )
+        return out
+
+    async def _escalate(
+        self,
+        a: AnnotationSubmitted,
+        reasons: list[EscalationReason],
+        criteria: ProjectCriteria,
+        *,
+        snap: Proficiency | None = None,
+        score: float | None = None,
+        threshold: float | None = None,
+        detail: str | None = None,
+    ) -> Emit:
+        if snap is None:
+            (snap,) = await self.proficiency.snapshots([(a.project_id, a.worker_id, criteria)])
+        primary = max(reasons, key=lambda r: (priority([r], None, None), r.value))
+        esc = Escalation(
+            event_id=Escalation.make_id(a.event_id, primary),
+            project_id=a.project_id,
+            item_id=a.item_id,
+            worker_id=a.worker_id,
+            reasons=reasons,
+            priority=priority(reasons, score, threshold),
+            score=None if score is None else min(max(score, 0.0), 1.0),
+            threshold=threshold,
+            worker=_snapshot(snap),
+            annotation=a,
+            created_at=a.submitted_at,
+            detail=detail,
+        )
+        return Emit("escalations", a.item_id, esc)
+
+    # ------------------------------------------------------------------ proficiency
+
+    async def apply_scores(self, records: Sequence[Record]) -> list[Emit]:
+        """Apply a batch of ScoreRecords to Redis (once each) and raise the alerts they cause."""
+        out: list[Emit] = []
+        scored: list[tuple[ScoreRecord, ProjectCriteria]] = []
+        for rec in records:
+            s = self._decode(rec, ScoreRecord)
+            if isinstance(s, Emit):
+                out.append(s)
+                continue
+            assert isinstance(s, ScoreRecord)
+            c = await self._criteria(s.project_id)
+            if c is None:
+                out.append(self.dead(rec, "unknown_project", f"project {s.project_id!r} has no criteria"))
+                continue
+            scored.append((s, c))
+        if not scored:
+            return out
+        workers = sorted({(s.project_id, s.worker_id) for s, _ in scored})
+        crit = {s.project_id: c for s, c in scored}
+        before = await self.proficiency.snapshots([(p, w, crit[p]) for p, w in workers])
+        applied = await self.proficiency.apply(scored)
+        after = await self.proficiency.snapshots([(p, w, crit[p]) for p, w in workers])
+        latest = {}
+        for (s, _), done in zip(scored, applied, strict=True):
+            if done:
+                latest[(s.project_id, s.worker_id)] = max(
+                    latest.get((s.project_id, s.worker_id), s.event_time), s.event_time
+                )
+        for (p, w), b, a in zip(workers, before, after, strict=True):
+            if (p, w) not in latest:
+                continue  # only re-deliveries: nothing changed
+            if b.state != a.state:
+                out.append(
+                    self._alert(
+                        p,
+                        AlertScope.WORKER,
+                        w,
+                        "qualification",
+                        a.lower_bound,
+                        crit[p].proficiency.qualification.qualify_at,
+                        "all",
+                        latest[(p, w)],
+                        "firing" if a.state.value in ("probation", "suspended") else "resolved",
+                        detail=f"qualification {b.state.value} -> {a.state.value}",
+                    )
+                )
+        out += await self._window_alerts(latest, crit, scored)
+        return out
+
+    async def _window_alerts(self, latest: dict, crit: dict[str, ProjectCriteria], scored: list) -> list[Emit]:
+        """Worker, label and project metrics over the alert window, with hysteresis."""
+        if not latest:
+            return []
+        out: list[Emit] = []
+        keys = self.proficiency.keys
+        projects = sorted({p for p, _ in latest})
+        checks: list[
+            tuple[str, AlertScope, str, str, float | None, str]
+        ] = []  # project, scope, id, key, target, metric
+        for p, w in sorted(latest):
+            checks.append(
+                (p, AlertScope.WORKER, w, keys.worker(p, w, "buckets"), crit[p].targets.item_score, "item_score")
+            )
+        for p in projects:
+            checks.append(
+                (p, AlertScope.PROJECT, p, keys.project(p, "buckets"), crit[p].targets.item_score, "item_score")
+            )
+        labels = sorted({(s.project_id, label) for s, _ in scored for label in s.result.labels})
+        for p, label in labels:
+            checks.append((p, AlertScope.LABEL, label, keys.project(p, f"label:{label}"), crit[p].targets.f1, "f1"))
+        hashes = await self.proficiency.hashes([c[3] for c in checks])
+        as_of = {p: max(t for (pp, _), t in latest.items() if pp == p) for p in projects}
+        flags = {p: await self.alerts.current(p) for p in projects}
+        for (p, scope, sid, _, target, metric), fields in zip(checks, hashes, strict=True):
+            pol = crit[p].alerts
+            t = int(as_of[p].timestamp())
+            if metric == "f1":
+                value, n = _window_f1(fields, t, pol.window_s)
+            else:
+                value, n = window_mean(buckets_of(fields), t, pol.window_s)
+            if n < pol.min_items:
+                continue
+            field_name = f"{scope.value}:{sid}:{metric}"
+            new = alert_transition(flags[p].get(field_name), value, target, pol.margin)
+            if new is None or not await self.alerts.change(p, field_name, new):
+                continue
+            out.append(self._alert(p, scope, sid, metric, value, target, f"{pol.window_s}s", as_of[p], new))
+        return out
+
+    def _alert(
+        self,
+        project: str,
+        scope: AlertScope,
+        scope_id: str,
+        metric: str,
+        value: float | None,
+        target: float | None,
+        window: str,
+        when: datetime,
+        state: str,
+        detail: str | None = None,
+    ) -> Emit:
+        severity = (
+            "info"
+            if state == "resolved"
+            else ("critical" if value is not None and target and value < target * 0.8 else "warning")
+        )
+        alert = QualityAlert(
+            event_id=derive_id("alert", project, scope.value, scope_id, metric, state, when.isoformat()),
+            project_id=project,
+            scope=scope,
+            scope_id=scope_id,
+            metric=metric,
+            value=None if value is None else round(value, 6),
+            target=target,
+            window=window,
+            severity=severity,
+            state=state,
+            raised_at=when,
+            detail=detail,
+        )
+        return Emit("alerts", alert.key, alert)
+
+
+def _in_round(st: ItemState, event_id: str) -> bool:
+    return any(event_id in members for members in st.rounds.values())
+
+
+def _content_problems(content: Content, criteria: ProjectCriteria) -> tuple[str, str] | None:
+    from schemas.validation import content_errors
+
+    errors = content_errors(content, criteria)
+    if errors:
+        return errors[0].type, "; ".join(str(e) for e in errors[:5])
+    try:
+        check_geometry(content)
+    except ScoringError as exc:
+        return exc.reason, str(exc)
+    return None
+
+
+def _rejected() -> ItemScore:
+    return ItemScore(score=0.0, passed=False)
+
+
+def _consensus_result(value: float | None, criteria: ProjectCriteria) -> ItemScore:
+    """A consensus score is an agreement, not a comparison with one reference: no object counts."""
+    if value is None:
+        return ItemScore(score=None, passed=None)
+    return ItemScore(score=value, passed=value >= criteria.pass_threshold)
+
+
+def _snapshot(p: Proficiency) -> WorkerSnapshot:
+    return WorkerSnapshot(
+        state=p.state, items=p.items, gold_items=p.gold_items, mean_score=p.mean_score, lower_bound=p.lower_bound
+    )
+
+
+def _window_f1(fields: dict[str, int], as_of: int, window_s: int) -> tuple[float | None, int]:
+    tp = fp = fn = 0
+    for name, value in fields.items():
+        start, _, part = name.partition(":")
+        if as_of - window_s < int(start) <= as_of:
+            if part == "tp":
+                tp += value
+            elif part == "fp":
+                fp += value
+            elif part == "fn":
+                fn += value
+    den = 2 * tp + fp + fn
+    return (2 * tp / den if den else None), tp + fn
+
+
+__all__ = ["SCALE", "Emit", "Engine", "ItemState", "Record", "Settings"]

@@ -1,0 +1,279 @@
+"""The engine's decisions, driven by `replay` against the real redis-server (no Kafka needed:
+the same engine runs inside the Faust agents, tested in test_pipeline.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+import schemas as s
+from goldstream.services import Endpoints
+from streams.engine import Record, Settings
+from streams.replay import ReplayResult, proficiency_snapshot, replay
+from streams.state import Keys
+from tests.conftest import drop_keys
+from tests.scenario import BAD, GOLD_CONTENT, GOOD, annotation, boxes, criteria, gold, records, review
+
+
+@pytest.fixture
+def run(services: Endpoints, keys: Keys) -> Iterator[Any]:
+    """run(records, **kw) -> (result, proficiency snapshot), on a fresh key prefix."""
+
+    def go(recs: list[Record], **kw: Any) -> tuple[ReplayResult, dict]:
+        async def main() -> tuple[ReplayResult, dict]:
+            client = Redis.from_url(services.redis_url)
+            try:
+                result = await replay(recs, client, keys, **kw)
+                return result, await proficiency_snapshot(client, keys)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(main())
+
+    yield go
+    asyncio.run(drop_keys(services.redis_url, keys.prefix))
+
+
+def out(result: ReplayResult, topic: str) -> list:
+    return result.outputs[topic]
+
+
+def test_gold_scoring_end_to_end(run) -> None:
+    good, bad = annotation(1, "g1", "w-good", GOOD), annotation(2, "g1", "w-bad", BAD)
+    result, prof = run(records(criteria(), gold("g1"), good, bad))
+    scores = {r.worker_id: r for r in out(result, "scores")}
+    assert set(scores) == {"w-good", "w-bad"}
+    assert scores["w-good"].kind is s.ScoreKind.GOLD and scores["w-good"].reference_id == "gold-g1-0"
+    assert scores["w-good"].result.passed and scores["w-good"].result.score > 0.9
+    assert scores["w-good"].time_on_task_s == 30.0
+    assert not scores["w-bad"].result.passed
+    assert scores["w-bad"].result.objects.missed >= 1
+    (esc,) = out(result, "escalations")
+    assert esc.worker_id == "w-bad" and esc.reasons == [s.EscalationReason.GOLD_BELOW_THRESHOLD]
+    assert esc.event_id == s.Escalation.make_id("ann-2", s.EscalationReason.GOLD_BELOW_THRESHOLD)
+    assert esc.threshold == 0.7 and esc.score == scores["w-bad"].result.score
+    assert 60 <= esc.priority <= 80 and esc.annotation == bad
+    totals = prof["{p1|w-good}:totals"]
+    assert totals["items"] == 1 and totals["gold_items"] == 1 and totals["passed"] == 1
+    assert prof["{p1}:totals"]["items"] == 2 and prof["{p1}:workers"] == {"w-bad": 1, "w-good": 1}
+
+
+def test_escalation_priority_grows_with_how_far_below_target(run) -> None:
+    slightly = boxes(("car", 14, 13, 50, 40), ("bus", 215, 58, 118, 80))
+    result, _ = run(records(criteria(), gold("g1"), annotation(1, "g1", "a", slightly),
+                            annotation(2, "g1", "b", BAD)))  # fmt: skip
+    esc = {e.worker_id: e for e in out(result, "escalations")}
+    if "a" in esc:
+        assert esc["a"].priority < esc["b"].priority
+    assert esc["b"].priority > 60
+
+
+def _history(worker: str, content: s.Content, n: int, start: int = 100) -> list[s.Message]:
+    msgs: list[s.Message] = []
+    for i in range(n):
+        msgs += [gold(f"h{start + i}"), annotation(start + i, f"h{start + i}", worker, content)]
+    return msgs
+
+
+def test_low_proficiency_worker_is_escalated_on_items_without_gold(run) -> None:
+    # six passes are not yet proof (Wilson bound ~0.5); twenty-five are (~0.8)
+    msgs = [criteria(), *_history("w-bad", BAD, 6), *_history("w-good", GOOD, 25, start=200)]
+    msgs += [annotation(900, "free-1", "w-bad", GOOD), annotation(901, "free-2", "w-good", GOOD)]
+    result, _ = run(records(*msgs))
+    low = [e for e in out(result, "escalations") if s.EscalationReason.LOW_PROFICIENCY in e.reasons]
+    assert [e.item_id for e in low] == ["free-1"]
+    assert low[0].worker.state is s.QualificationState.SUSPENDED
+    assert low[0].worker.lower_bound is not None and low[0].worker.lower_bound < 0.7
+    assert low[0].worker.gold_items == 6
+
+
+def test_audit_sample_is_deterministic_and_shrinks_as_a_worker_proves_reliable(run) -> None:
+    audit = s.EscalationPolicy(audit_rate_max=0.5, audit_rate_min=0.0, audit_seed=7)
+    fresh = [annotation(1000 + i, f"free-{i}", "newbie", GOOD) for i in range(60)]
+    result, _ = run(records(criteria(escalation=audit), *fresh))
+    audited = [e.item_id for e in out(result, "escalations") if e.reasons == [s.EscalationReason.AUDIT_SAMPLE]]
+    assert 15 <= len(audited) <= 45  # about half of 60 at r_max = 0.5
+    again, _ = run(records(criteria(escalation=audit), *fresh))
+    assert [e.item_id for e in out(again, "escalations")] == audited  # a hash of the event id, not random()
+    proven = [*_history("vet", GOOD, 30), *[annotation(2000 + i, f"v-{i}", "vet", GOOD) for i in range(60)]]
+    res, _ = run(records(criteria(escalation=audit), *proven))
+    vet_audits = [e for e in out(res, "escalations") if e.reasons == [s.EscalationReason.AUDIT_SAMPLE]
+                  and e.item_id.startswith("v-")]  # fmt: skip
+    assert len(vet_audits) < len(audited)  # a lower bound near 0.9 samples about a tenth as often
+
+
+def test_invalid_geometry_goes_to_deadletter_and_to_review(run) -> None:
+    bad_poly = s.Content(objects=[s.AnnotatedObject(id="p", label="road",
+                                                    shape=s.Polygon(points=[(0, 0), (5, 5), (5, 5)]))])  # fmt: skip
+    result, _ = run(records(criteria(), annotation(1, "i1", "w", bad_poly)))
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == "invalid_geometry" and dl.source_topic == "annotations" and dl.source_offset == 1
+    assert s.AnnotationSubmitted.from_bytes(dl.raw).event_id == "ann-1"
+    (esc,) = out(result, "escalations")
+    assert esc.reasons == [s.EscalationReason.INVALID_GEOMETRY] and esc.priority >= 80
+    assert out(result, "scores") == []
+
+
+def test_consensus_of_three_annotators(run) -> None:
+    c = criteria(consensus=s.ConsensusPolicy(overlap=3))
+    msgs = [c, annotation(1, "free", "a", GOOD), annotation(2, "free", "b", GOLD_CONTENT),
+            annotation(3, "free", "c", BAD)]  # fmt: skip
+    result, prof = run(records(*msgs[:3]))
+    assert out(result, "scores") == []  # two of three: still waiting
+    result, prof = run(records(*msgs))
+    scores = {r.worker_id: r for r in out(result, "scores")}
+    assert set(scores) == {"a", "b", "c"} and all(r.kind is s.ScoreKind.CONSENSUS for r in scores.values())
+    assert len({r.reference_id for r in scores.values()}) == 1
+    # each peer weighs by its reliability (its mean agreement), so the two who agree score high
+    assert scores["a"].result.score > 0.8 and scores["b"].result.score > 0.8
+    assert scores["c"].result.score < 0.2
+    assert scores["c"].confidence > 0.9  # a and b agree with each other: a trustworthy reference for c
+    assert scores["a"].confidence < 0.5  # b and c disagree: a weak reference for a
+    (esc,) = out(result, "escalations")
+    assert esc.worker_id == "c" and esc.reasons == [s.EscalationReason.CONSENSUS_BELOW_THRESHOLD]
+    assert prof["{p1|c}:totals"]["consensus_items"] == 1
+
+
+def test_a_late_annotator_is_scored_against_the_round(run) -> None:
+    c = criteria(consensus=s.ConsensusPolicy(overlap=2))
+    result, _ = run(records(c, annotation(1, "free", "a", GOOD), annotation(2, "free", "b", GOOD),
+                            annotation(3, "free", "late", BAD)))  # fmt: skip
+    scores = [r for r in out(result, "scores") if r.worker_id == "late"]
+    assert len(scores) == 1 and scores[0].result.score < 0.5
+    assert len(out(result, "scores")) == 3
+
+
+def test_consensus_timeout_closes_a_round_with_enough_annotators(run) -> None:
+    c = criteria(consensus=s.ConsensusPolicy(overlap=5, min_annotators=2))
+    msgs = records(c, annotation(1, "free", "a", GOOD), annotation(2, "free", "b", GOOD))
+    result, _ = run(msgs)
+    assert out(result, "scores") == []
+    result, _ = run(msgs, close_rounds=True)
+    assert {r.worker_id for r in out(result, "scores")} == {"a", "b"}
+
+
+def test_review_approve_correct_reject_and_promotion_to_gold(run) -> None:
+    a1, a2, a3 = (annotation(1, "i1", "w1", GOOD), annotation(2, "i2", "w2", BAD), annotation(3, "i3", "w3", BAD))
+    later = annotation(10, "i2", "w4", GOLD_CONTENT, minutes=300)
+    msgs = [criteria(), a1, a2, a3, review(1, a1, s.Verdict.APPROVE),
+            review(2, a2, s.Verdict.CORRECT, corrected=GOLD_CONTENT, promote=True),
+            review(3, a3, s.Verdict.REJECT), later]  # fmt: skip
+    result, _ = run(records(*msgs))
+    by_worker = {r.worker_id: r for r in out(result, "scores")}
+    assert by_worker["w1"].kind is s.ScoreKind.REVIEW and by_worker["w1"].result.score == 1.0
+    assert by_worker["w2"].kind is s.ScoreKind.REVIEW and not by_worker["w2"].result.passed
+    assert by_worker["w2"].reference_id == "rev-2"
+    assert by_worker["w3"].result.score == 0.0 and by_worker["w3"].result.passed is False
+    (promoted,) = out(result, "gold")
+    assert promoted.source == "review" and promoted.review_event_id == "rev-2" and promoted.content == GOLD_CONTENT
+    assert by_worker["w4"].kind is s.ScoreKind.GOLD and by_worker["w4"].reference_id == promoted.event_id
+    assert by_worker["w4"].result.score == 1.0
+
+
+def test_review_of_an_unknown_annotation_is_a_dead_letter(run) -> None:
+    ghost = annotation(1, "i1", "w1", GOOD)
+    result, _ = run(records(criteria(), review(1, ghost, s.Verdict.APPROVE)))
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == "unknown_annotation"
+
+
+def test_gold_arriving_later_scores_the_waiting_annotations(run) -> None:
+    result, _ = run(records(criteria(), annotation(1, "i1", "w1", GOOD), gold("i1")))
+    (score,) = out(result, "scores")
+    assert score.kind is s.ScoreKind.GOLD and score.worker_id == "w1"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\x00\xff not json", "undecodable"),
+        (b'{"event_id": "e1"}', "schema"),
+        (
+            b'{"event_id": "e1", "project_id": "p1", "item_id": "i", "worker_id": "w", "submitted_at": '
+            b'"2026-01-01T00:00:00Z", "content": {"objects": [{"id": "a", "label": "car", '
+            b'"shape": {"type": "bbox", "x": NaN, "y": 0, "w": 1, "h": 1}}]}}',
+            "schema",
+        ),
+        (
+            b'{"event_id": "e1", "project_id": "p1", "item_id": "i", "worker_id": "w", "submitted_at": '
+            b'"2026-01-01T00:00:00Z", "content": {"objects": [{"id": "a", "label": "tank", '
+            b'"shape": {"type": "bbox", "x": 0, "y": 0, "w": 1, "h": 1}}]}}',
+            "unknown_label",
+        ),
+    ],
+)
+def test_bad_input_goes_to_the_deadletter_with_bytes_reason_and_offset(run, raw: bytes, reason: str) -> None:
+    result, _ = run([*records(criteria()), Record("annotations", raw, b"i", 3, 41)])
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == reason and dl.raw == raw
+    assert (dl.source_topic, dl.source_partition, dl.source_offset) == ("annotations", 3, 41)
+    assert dl.error and out(result, "scores") == []
+
+
+def test_unknown_projects_use_defaults_or_go_to_the_deadletter(run) -> None:
+    msgs = records(gold("g1", project="nobody"), annotation(1, "g1", "w", GOOD, project="nobody"))
+    result, _ = run(msgs)
+    assert len(out(result, "scores")) == 1
+    result, _ = run(msgs, settings=Settings(unknown_projects="deadletter"))
+    assert [d.reason for d in out(result, "deadletter")] == ["unknown_project", "unknown_project"]
+
+
+def test_worker_alert_fires_once_and_resolves_with_hysteresis(run) -> None:
+    c = criteria(alerts=s.AlertPolicy(min_items=3, window_s=3600, margin=0.05),
+                 targets=s.QualityTargets(item_score=0.75))  # fmt: skip
+    msgs: list[s.Message] = [c]
+    n = 0
+    for content in [BAD] * 5 + [GOOD] * 12:  # quality drops, then recovers
+        n += 1
+        msgs += [gold(f"a{n}"), annotation(n, f"a{n}", "w1", content, minutes=10 * n)]
+    result, _ = run(records(*msgs))
+    worker_alerts = [a for a in out(result, "alerts") if a.scope is s.AlertScope.WORKER and a.metric == "item_score"]
+    assert [a.state for a in worker_alerts] == ["firing", "resolved"]
+    firing, resolved = worker_alerts
+    assert firing.value < 0.75 and resolved.value >= 0.8 and firing.target == 0.75
+    assert firing.severity in ("warning", "critical") and resolved.severity == "info"
+    project_alerts = [a for a in out(result, "alerts") if a.scope is s.AlertScope.PROJECT]
+    assert [a.state for a in project_alerts] == ["firing", "resolved"]
+
+
+def test_qualification_state_change_raises_an_alert(run) -> None:
+    result, _ = run(records(criteria(), *_history("w1", BAD, 4)))
+    quals = [a for a in out(result, "alerts") if a.metric == "qualification"]
+    assert len(quals) == 1 and quals[0].state == "firing"
+    assert quals[0].detail == "qualification qualifying -> suspended"
+
+
+def test_redelivered_events_change_no_counter_and_reemit_identical_ids(run) -> None:
+    c = criteria(consensus=s.ConsensusPolicy(overlap=2))
+    msgs = [c, gold("g1"), annotation(1, "g1", "w1", GOOD), annotation(2, "g1", "w2", BAD),
+            annotation(3, "free", "w1", GOOD), annotation(4, "free", "w2", BAD)]  # fmt: skip
+    once, prof_once = run(records(*msgs))
+    recs = records(*msgs)
+    twice, prof_twice = run([*recs, *recs[1:], *recs[2:4]])
+    assert prof_twice == prof_once
+    ids_once = sorted(m.event_id for m in out(once, "scores"))
+    assert sorted(set(m.event_id for m in out(twice, "scores"))) == ids_once
+    assert len(out(twice, "scores")) > len(ids_once)  # re-emitted, with the same ids
+
+
+def test_batch_counters_are_kept_per_batch(run) -> None:
+    msgs = [criteria(), gold("g1"), gold("g2"),
+            annotation(1, "g1", "w1", GOOD, batch_id="b-7"), annotation(2, "g2", "w1", BAD, batch_id="b-7"),
+            annotation(3, "g1", "w2", GOOD, batch_id="b-8")]  # fmt: skip
+    _, prof = run(records(*msgs))
+    assert prof["{p1}:batch:b-7"]["items"] == 2 and prof["{p1}:batch:b-8"]["items"] == 1
+    assert prof["{p1}:batch:b-7"]["passed"] == 1
+
+
+def test_time_windows_use_event_time_buckets(run) -> None:
+    msgs = [criteria(), gold("g1"), annotation(1, "g1", "w1", GOOD, minutes=0),
+            annotation(2, "g1", "w1", GOOD, minutes=24 * 60)]  # fmt: skip
+    _, prof = run(records(*msgs))
+    buckets = prof["{p1|w1}:buckets"]
+    starts = sorted({int(k.split(":")[0]) for k in buckets})
+    assert len(starts) == 2 and starts[1] - starts[0] == int(timedelta(days=1).total_seconds())
