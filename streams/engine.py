@@ -33,6 +33,7 @@ from schemas.messages import (
     Message,
     QualityAlert,
     ReviewResult,
+    RoundTimeout,
     ScoreKind,
     ScoreRecord,
     Verdict,
@@ -51,7 +52,7 @@ from scoring.policy import (
     priority,
     window_mean,
 )
-from streams.state import AlertFlags, CriteriaStore, ProficiencyStore, buckets_of
+from streams.state import AlertFlags, CriteriaStore, Increment, ProficiencyStore, buckets_of
 
 MAX_ANNOTATIONS_PER_ITEM = 200
 
@@ -65,6 +66,7 @@ class Record:
     key: bytes | None = None
     partition: int = -1
     offset: int = -1
+    source: str | None = None  # the physical topic (or file) it came from, for dead letters
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class ItemState(Model):
     waiting: list[Id] = Field(default_factory=list, description="annotations without gold, not yet in a round")
     gold_scored: list[Id] = Field(default_factory=list, description="annotations scored against the current gold")
     rounds: dict[Id, list[Id]] = Field(default_factory=dict, description="consensus round -> annotation ids")
+    parked_reviews: list[ReviewResult] = Field(
+        default_factory=list, description="reviews that arrived before their annotation (topics are not ordered)"
+    )
 
     def annotation(self, event_id: str) -> AnnotationSubmitted | None:
         for a in self.annotations:
@@ -133,7 +138,7 @@ class Engine:
     def dead(self, rec: Record, reason: str, error: str, errors: Iterable | None = None) -> Emit:
         letter = DeadLetter.of(
             rec.value or b"",
-            topic=rec.topic,
+            topic=rec.source or rec.topic,
             partition=rec.partition,
             offset=rec.offset,
             reason=reason,
@@ -179,6 +184,21 @@ class Engine:
         return out
 
     async def handle(self, rec: Record) -> list[Emit]:
+        emits = await self._handle(rec)
+        await self.count_dead(emits)
+        return emits
+
+    async def count_dead(self, emits: Sequence[Emit]) -> None:
+        """Count dead letters by reason in Redis, once each (their ids derive from the source offset)."""
+        incs = [
+            Increment("{deadletter}", e.value.event_id, {"counts": {e.value.reason: 1, "total": 1}})
+            for e in emits
+            if e.topic == "deadletter" and isinstance(e.value, DeadLetter)
+        ]
+        if incs:
+            await self.proficiency.state.apply(incs)
+
+    async def _handle(self, rec: Record) -> list[Emit]:
         try:
             if rec.topic == "annotations":
                 return await self._on_annotation(rec)
@@ -189,10 +209,20 @@ class Engine:
             if rec.topic == "projects":
                 return await self._on_criteria(rec)
             if rec.topic == "scores":
-                return await self.apply_scores([rec])
+                return await self._apply_scores([rec])
+            if rec.topic == "control":
+                return await self._on_timeout(rec)
             return [self.dead(rec, "unknown_topic", f"no handler for topic {rec.topic!r}")]
         except ScoringError as exc:  # a shape the schema let through but scoring cannot use
             return [self.dead(rec, exc.reason, str(exc))]
+
+    async def _on_timeout(self, rec: Record) -> list[Emit]:
+        t = self._decode(rec, RoundTimeout)
+        if isinstance(t, Emit):
+            return [t]
+        assert isinstance(t, RoundTimeout)
+        criteria = await self._criteria(t.project_id)
+        return [] if criteria is None else await self.close_round(t.item_id, criteria)
 
     async def _on_criteria(self, rec: Record) -> list[Emit]:
         if rec.value is None:  # tombstone: the project falls back to defaults (or is unknown)
@@ -256,12 +286,24 @@ class Engine:
             if a.event_id not in st.gold_scored:
                 st = st.model_copy(update={"gold_scored": [*st.gold_scored, a.event_id][-MAX_ANNOTATIONS_PER_ITEM:]})
             self._save(a.item_id, st)
-            return await self._gold_score(a, st.gold, criteria)
+            return await self._gold_score(a, st.gold, criteria) + await self._parked_reviews(a, criteria)
         if a.event_id not in st.waiting and not _in_round(st, a.event_id):
             st = st.model_copy(update={"waiting": [*st.waiting, a.event_id]})
         self._save(a.item_id, st)
         out = await self._submission_checks(a, criteria)
         out += await self._consensus(a, st, criteria)
+        return out + await self._parked_reviews(a, criteria)
+
+    async def _parked_reviews(self, a: AnnotationSubmitted, criteria: ProjectCriteria) -> list[Emit]:
+        st = self._item(a.item_id)
+        mine = [r for r in st.parked_reviews if r.annotation_event_id == a.event_id]
+        if not mine:
+            return []
+        st = st.model_copy(update={"parked_reviews": [r for r in st.parked_reviews if r not in mine]})
+        self._save(a.item_id, st)
+        out: list[Emit] = []
+        for r in mine:
+            out += await self._review(r, a, self._item(a.item_id), criteria, None)
         return out
 
     async def _on_review(self, rec: Record) -> list[Emit]:
@@ -275,16 +317,21 @@ class Engine:
         st = self._item(r.item_id)
         a = st.annotation(r.annotation_event_id)
         if a is None:
-            return [
-                self.dead(
-                    rec,
-                    "unknown_annotation",
-                    f"annotation {r.annotation_event_id!r} of item {r.item_id!r} is not (or no longer) known",
-                )
-            ]
+            # Kafka orders a partition, not two topics: the annotation may still be on its way.
+            if all(p.event_id != r.event_id for p in st.parked_reviews):
+                parked = [*st.parked_reviews, r][-MAX_ANNOTATIONS_PER_ITEM:]
+                self._save(r.item_id, st.model_copy(update={"parked_reviews": parked}))
+            return []
+        return await self._review(r, a, st, criteria, rec)
+
+    async def _review(
+        self, r: ReviewResult, a: AnnotationSubmitted, st: ItemState, criteria: ProjectCriteria, rec: Record | None
+    ) -> list[Emit]:
         if r.corrected is not None:
             problems = _content_problems(r.corrected, criteria)
             if problems:
+                if rec is None:
+                    rec = Record("reviews", r.to_bytes(), r.item_id.encode())
                 return [self.dead(rec, problems[0], problems[1])]
         if r.annotation_event_id in st.waiting:  # judged by an expert: no consensus round needed
             self._save(r.item_id, st.model_copy(update={"waiting": [w for w in st.waiting if w != a.event_id]}))
@@ -494,6 +541,9 @@ class Engine:
 
     async def apply_scores(self, records: Sequence[Record]) -> list[Emit]:
         """Apply a batch of ScoreRecords to Redis (once each) and raise the alerts they cause."""
+        return await self._apply_scores(records)
+
+    async def _apply_scores(self, records: Sequence[Record]) -> list[Emit]:
         out: list[Emit] = []
         scored: list[tuple[ScoreRecord, ProjectCriteria]] = []
         for rec in records:
@@ -508,7 +558,9 @@ class Engine:
                 continue
             scored.append((s, c))
         if not scored:
+            await self.count_dead(out)
             return out
+        await self.count_dead(out)
         workers = sorted({(s.project_id, s.worker_id) for s, _ in scored})
         crit = {s.project_id: c for s, c in scored}
         before = await self.proficiency.snapshots([(p, w, crit[p]) for p, w in workers])

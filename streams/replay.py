@@ -55,9 +55,14 @@ class ReplayResult:
 
 
 async def replay(
-    records: Iterable[Record], redis: Redis, keys: Keys, *, settings: Settings | None = None,
-    close_rounds: bool = False, dedup_ttl_s: int = 7 * 86_400,
-) -> ReplayResult:  # fmt: skip
+    records: Iterable[Record],
+    redis: Redis,
+    keys: Keys,
+    *,
+    settings: Settings | None = None,
+    close_rounds: bool = False,
+    dedup_ttl_s: int = 7 * 86_400,
+) -> ReplayResult:
     """Run records through a fresh engine whose proficiency lives under `keys` in `redis`."""
     engine = Engine(
         items={},
@@ -71,6 +76,11 @@ async def replay(
     queue: deque[Record] = deque()
 
     async def run(rec: Record) -> None:
+        if rec.topic == "replay-input":  # a line that is not an envelope at all
+            dead = engine.dead(rec, "undecodable", "not a replay envelope {topic, key, value}")
+            await engine.count_dead([dead])
+            _collect(result, dead, queue)
+            return
         queue.append(rec)
         while queue:
             emits = await engine.handle(queue.popleft())

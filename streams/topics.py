@@ -26,6 +26,7 @@ KEYS = {
     "alerts": "scope:scope_id",
     "projects": "project_id",
     "deadletter": None,
+    "control": "item_id",
 }
 
 

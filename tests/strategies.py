@@ -211,6 +211,8 @@ dead_letters = st.builds(
     times,
 )
 
+round_timeouts = st.builds(s.RoundTimeout, event_id=ids, project_id=ids, item_id=ids, requested_at=times)
+
 MESSAGES = {
     s.AnnotationSubmitted: annotations(),
     s.GoldAnswer: gold_answers,
@@ -220,4 +222,5 @@ MESSAGES = {
     s.QualityAlert: alerts,
     s.ProjectCriteria: criteria,
     s.DeadLetter: dead_letters,
+    s.RoundTimeout: round_timeouts,
 }

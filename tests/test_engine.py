@@ -65,8 +65,7 @@ def test_gold_scoring_end_to_end(run) -> None:
 
 def test_escalation_priority_grows_with_how_far_below_target(run) -> None:
     slightly = boxes(("car", 14, 13, 50, 40), ("bus", 215, 58, 118, 80))
-    result, _ = run(records(criteria(), gold("g1"), annotation(1, "g1", "a", slightly),
-                            annotation(2, "g1", "b", BAD)))  # fmt: skip
+    result, _ = run(records(criteria(), gold("g1"), annotation(1, "g1", "a", slightly), annotation(2, "g1", "b", BAD)))
     esc = {e.worker_id: e for e in out(result, "escalations")}
     if "a" in esc:
         assert esc["a"].priority < esc["b"].priority
@@ -102,14 +101,18 @@ def test_audit_sample_is_deterministic_and_shrinks_as_a_worker_proves_reliable(r
     assert [e.item_id for e in out(again, "escalations")] == audited  # a hash of the event id, not random()
     proven = [*_history("vet", GOOD, 30), *[annotation(2000 + i, f"v-{i}", "vet", GOOD) for i in range(60)]]
     res, _ = run(records(criteria(escalation=audit), *proven))
-    vet_audits = [e for e in out(res, "escalations") if e.reasons == [s.EscalationReason.AUDIT_SAMPLE]
-                  and e.item_id.startswith("v-")]  # fmt: skip
+    vet_audits = [
+        e
+        for e in out(res, "escalations")
+        if e.reasons == [s.EscalationReason.AUDIT_SAMPLE] and e.item_id.startswith("v-")
+    ]
     assert len(vet_audits) < len(audited)  # a lower bound near 0.9 samples about a tenth as often
 
 
 def test_invalid_geometry_goes_to_deadletter_and_to_review(run) -> None:
-    bad_poly = s.Content(objects=[s.AnnotatedObject(id="p", label="road",
-                                                    shape=s.Polygon(points=[(0, 0), (5, 5), (5, 5)]))])  # fmt: skip
+    bad_poly = s.Content(
+        objects=[s.AnnotatedObject(id="p", label="road", shape=s.Polygon(points=[(0, 0), (5, 5), (5, 5)]))]
+    )
     result, _ = run(records(criteria(), annotation(1, "i1", "w", bad_poly)))
     (dl,) = out(result, "deadletter")
     assert dl.reason == "invalid_geometry" and dl.source_topic == "annotations" and dl.source_offset == 1
@@ -120,9 +123,13 @@ def test_invalid_geometry_goes_to_deadletter_and_to_review(run) -> None:
 
 
 def test_consensus_of_three_annotators(run) -> None:
-    c = criteria(consensus=s.ConsensusPolicy(overlap=3))
-    msgs = [c, annotation(1, "free", "a", GOOD), annotation(2, "free", "b", GOLD_CONTENT),
-            annotation(3, "free", "c", BAD)]  # fmt: skip
+    c = criteria(consensus=s.ConsensusPolicy(overlap=3, timeout_s=1e9))
+    msgs = [
+        c,
+        annotation(1, "free", "a", GOOD),
+        annotation(2, "free", "b", GOLD_CONTENT),
+        annotation(3, "free", "c", BAD),
+    ]
     result, prof = run(records(*msgs[:3]))
     assert out(result, "scores") == []  # two of three: still waiting
     result, prof = run(records(*msgs))
@@ -140,9 +147,12 @@ def test_consensus_of_three_annotators(run) -> None:
 
 
 def test_a_late_annotator_is_scored_against_the_round(run) -> None:
-    c = criteria(consensus=s.ConsensusPolicy(overlap=2))
-    result, _ = run(records(c, annotation(1, "free", "a", GOOD), annotation(2, "free", "b", GOOD),
-                            annotation(3, "free", "late", BAD)))  # fmt: skip
+    c = criteria(consensus=s.ConsensusPolicy(overlap=2, timeout_s=1e9))
+    result, _ = run(
+        records(
+            c, annotation(1, "free", "a", GOOD), annotation(2, "free", "b", GOOD), annotation(3, "free", "late", BAD)
+        )
+    )
     scores = [r for r in out(result, "scores") if r.worker_id == "late"]
     assert len(scores) == 1 and scores[0].result.score < 0.5
     assert len(out(result, "scores")) == 3
@@ -160,9 +170,16 @@ def test_consensus_timeout_closes_a_round_with_enough_annotators(run) -> None:
 def test_review_approve_correct_reject_and_promotion_to_gold(run) -> None:
     a1, a2, a3 = (annotation(1, "i1", "w1", GOOD), annotation(2, "i2", "w2", BAD), annotation(3, "i3", "w3", BAD))
     later = annotation(10, "i2", "w4", GOLD_CONTENT, minutes=300)
-    msgs = [criteria(), a1, a2, a3, review(1, a1, s.Verdict.APPROVE),
-            review(2, a2, s.Verdict.CORRECT, corrected=GOLD_CONTENT, promote=True),
-            review(3, a3, s.Verdict.REJECT), later]  # fmt: skip
+    msgs = [
+        criteria(),
+        a1,
+        a2,
+        a3,
+        review(1, a1, s.Verdict.APPROVE),
+        review(2, a2, s.Verdict.CORRECT, corrected=GOLD_CONTENT, promote=True),
+        review(3, a3, s.Verdict.REJECT),
+        later,
+    ]
     result, _ = run(records(*msgs))
     by_worker = {r.worker_id: r for r in out(result, "scores")}
     assert by_worker["w1"].kind is s.ScoreKind.REVIEW and by_worker["w1"].result.score == 1.0
@@ -175,11 +192,13 @@ def test_review_approve_correct_reject_and_promotion_to_gold(run) -> None:
     assert by_worker["w4"].result.score == 1.0
 
 
-def test_review_of_an_unknown_annotation_is_a_dead_letter(run) -> None:
-    ghost = annotation(1, "i1", "w1", GOOD)
-    result, _ = run(records(criteria(), review(1, ghost, s.Verdict.APPROVE)))
-    (dl,) = out(result, "deadletter")
-    assert dl.reason == "unknown_annotation"
+def test_a_review_that_arrives_before_its_annotation_waits_for_it(run) -> None:
+    a = annotation(1, "i1", "w1", GOOD)
+    result, _ = run(records(criteria(), review(1, a, s.Verdict.APPROVE)))
+    assert out(result, "scores") == [] and out(result, "deadletter") == []
+    result, _ = run(records(criteria(), review(1, a, s.Verdict.APPROVE), a))
+    (score,) = out(result, "scores")
+    assert score.kind is s.ScoreKind.REVIEW and score.reference_id == "rev-1"
 
 
 def test_gold_arriving_later_scores_the_waiting_annotations(run) -> None:
@@ -224,8 +243,9 @@ def test_unknown_projects_use_defaults_or_go_to_the_deadletter(run) -> None:
 
 
 def test_worker_alert_fires_once_and_resolves_with_hysteresis(run) -> None:
-    c = criteria(alerts=s.AlertPolicy(min_items=3, window_s=3600, margin=0.05),
-                 targets=s.QualityTargets(item_score=0.75))  # fmt: skip
+    c = criteria(
+        alerts=s.AlertPolicy(min_items=3, window_s=3600, margin=0.05), targets=s.QualityTargets(item_score=0.75)
+    )
     msgs: list[s.Message] = [c]
     n = 0
     for content in [BAD] * 5 + [GOOD] * 12:  # quality drops, then recovers
@@ -249,9 +269,15 @@ def test_qualification_state_change_raises_an_alert(run) -> None:
 
 
 def test_redelivered_events_change_no_counter_and_reemit_identical_ids(run) -> None:
-    c = criteria(consensus=s.ConsensusPolicy(overlap=2))
-    msgs = [c, gold("g1"), annotation(1, "g1", "w1", GOOD), annotation(2, "g1", "w2", BAD),
-            annotation(3, "free", "w1", GOOD), annotation(4, "free", "w2", BAD)]  # fmt: skip
+    c = criteria(consensus=s.ConsensusPolicy(overlap=2, timeout_s=1e9))
+    msgs = [
+        c,
+        gold("g1"),
+        annotation(1, "g1", "w1", GOOD),
+        annotation(2, "g1", "w2", BAD),
+        annotation(3, "free", "w1", GOOD),
+        annotation(4, "free", "w2", BAD),
+    ]
     once, prof_once = run(records(*msgs))
     recs = records(*msgs)
     twice, prof_twice = run([*recs, *recs[1:], *recs[2:4]])
@@ -262,17 +288,26 @@ def test_redelivered_events_change_no_counter_and_reemit_identical_ids(run) -> N
 
 
 def test_batch_counters_are_kept_per_batch(run) -> None:
-    msgs = [criteria(), gold("g1"), gold("g2"),
-            annotation(1, "g1", "w1", GOOD, batch_id="b-7"), annotation(2, "g2", "w1", BAD, batch_id="b-7"),
-            annotation(3, "g1", "w2", GOOD, batch_id="b-8")]  # fmt: skip
+    msgs = [
+        criteria(),
+        gold("g1"),
+        gold("g2"),
+        annotation(1, "g1", "w1", GOOD, batch_id="b-7"),
+        annotation(2, "g2", "w1", BAD, batch_id="b-7"),
+        annotation(3, "g1", "w2", GOOD, batch_id="b-8"),
+    ]
     _, prof = run(records(*msgs))
     assert prof["{p1}:batch:b-7"]["items"] == 2 and prof["{p1}:batch:b-8"]["items"] == 1
     assert prof["{p1}:batch:b-7"]["passed"] == 1
 
 
 def test_time_windows_use_event_time_buckets(run) -> None:
-    msgs = [criteria(), gold("g1"), annotation(1, "g1", "w1", GOOD, minutes=0),
-            annotation(2, "g1", "w1", GOOD, minutes=24 * 60)]  # fmt: skip
+    msgs = [
+        criteria(),
+        gold("g1"),
+        annotation(1, "g1", "w1", GOOD, minutes=0),
+        annotation(2, "g1", "w1", GOOD, minutes=24 * 60),
+    ]
     _, prof = run(records(*msgs))
     buckets = prof["{p1|w1}:buckets"]
     starts = sorted({int(k.split(":")[0]) for k in buckets})

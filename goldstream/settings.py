@@ -1,0 +1,74 @@
+"""Worker settings: from GOLDSTREAM_* environment variables, optionally a JSON or YAML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "GOLDSTREAM_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a worker needs beyond the projects' criteria (which live on `projects`)."""
+
+    kafka_bootstrap: str = "127.0.0.1:39092"
+    redis_url: str = "redis://127.0.0.1:36379/0"
+    services_kind: str = "external"  # "embedded": Tansu, whose producer takes no idempotence
+    topic_prefix: str = "goldstream."
+    key_prefix: str = "gs"
+    app_id: str = "goldstream"
+    partitions: int = 4
+    web_enabled: bool = True
+    web_port: int = 6066
+    unknown_projects: str = "default"  # or "deadletter"
+    dedup_ttl_s: int = 7 * 86_400
+    batch_max: int = 500
+    batch_within_s: float = 0.2
+    consensus_check_s: float = 30.0
+    log_level: str = "warning"
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Defaults, then the file, then GOLDSTREAM_* variables, then explicit overrides."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            text = Path(path).read_text()
+            if str(path).endswith((".yaml", ".yml")):
+                import yaml
+
+                values.update(yaml.safe_load(text) or {})
+            else:
+                values.update(json.loads(text))
+        env = os.environ if environ is None else environ
+        aliases = {"KAFKA_BOOTSTRAP": "kafka_bootstrap", "REDIS_URL": "redis_url", "SERVICES_KIND": "services_kind"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = aliases.get(key[len(ENV_PREFIX) :], key[len(ENV_PREFIX) :].lower())
+            if name in names:
+                values[name] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return cls(**{f.name: _coerce(f.type, values[f.name]) for f in dataclasses.fields(cls) if f.name in values})
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    kind = str(kind)
+    if kind == "bool" and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return value

@@ -1,0 +1,178 @@
+"""The Faust application: thin agents that feed Kafka records to the engine and send its output.
+
+- `score`: annotations, gold, reviews and control (all keyed by item_id, co-partitioned) ->
+  scores, escalations, gold promotions, dead letters. One event at a time, because item state is
+  a Faust table whose changelog partition is taken from the event being processed.
+- `proficiency`: scores (keyed by worker_id) -> Redis, in batches from `stream.take_events`,
+  one pipelined round trip per step -> alerts.
+- `projects`: criteria -> Redis, shared by every worker.
+- a timer that asks, through `control`, for consensus rounds past their timeout to be closed.
+
+Delivery is at least once: Faust acknowledges an event after its batch is processed and flushes
+the producer before it commits offsets. The engine's derived ids and Redis' dedup keys make the
+effects exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from redis.asyncio import Redis
+
+from goldstream.settings import Settings
+from schemas.messages import RoundTimeout, derive_id
+from streams.engine import Emit, Engine, Record
+from streams.engine import Settings as EngineSettings
+from streams.state import AlertFlags, CriteriaStore, Keys, ProficiencyStore, RedisState
+from streams.topics import Topics
+
+SCORE_INPUTS = ("annotations", "gold", "reviews", "control")
+
+
+class TableItems(MutableMapping[str, bytes]):
+    """The engine's item store over a Faust table with raw (bytes) keys and values."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> bytes:
+        value = self.table[key.encode()]
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.table.get(key.encode())
+        return default if value is None else value
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.table[key.encode()] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.table[key.encode()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode() for k in list(self.table.keys()))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def items(self) -> Any:  # type: ignore[override]
+        return [(k.decode(), v) for k, v in list(self.table.items()) if v is not None]
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A goldstream Faust app for these settings (topics must exist: `streams.topics.ensure_topics`)."""
+    embedded = settings.services_kind == "embedded"
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        processing_guarantee="at_least_once",
+        consumer_auto_offset_reset="earliest",
+        web_enabled=settings.web_enabled,
+        web_port=settings.web_port,
+        producer_acks=-1,
+        producer_enable_idempotence=not embedded,
+        broker_commit_every=settings.batch_max,
+        broker_commit_interval=1.0,
+        table_standby_replicas=0,
+        stream_wait_empty=False,
+        topic_allow_declare=True,
+    )
+    topics = Topics(settings.topic_prefix)
+
+    def topic(logical: str) -> faust.TopicT:
+        return app.topic(
+            topics.name(logical),
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+
+    out = {name: topic(name) for name in ("scores", "escalations", "alerts", "deadletter", "gold", "control")}
+    logical_of = {topics.name(name): name for name in topics.all()}
+    raw = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    # key_type / value_type bytes: the changelog is written and read back raw (the schema alone is not
+    # enough, recovery would decode the changelog as JSON)
+    items = app.Table(
+        "items", default=None, schema=raw, key_type=bytes, value_type=bytes, partitions=settings.partitions
+    )
+    state: dict[str, Engine] = {}
+
+    def engine() -> Engine:
+        if "engine" not in state:
+            redis = Redis.from_url(settings.redis_url)
+            keys = Keys(settings.key_prefix)
+            state["engine"] = Engine(
+                items=TableItems(items),
+                criteria=CriteriaStore(redis, keys),
+                proficiency=ProficiencyStore(RedisState(redis, keys, settings.dedup_ttl_s)),
+                alerts=AlertFlags(redis, keys),
+                settings=EngineSettings(unknown_projects=settings.unknown_projects, stage="worker"),
+            )
+        return state["engine"]
+
+    async def send(emits: list[Emit]) -> None:
+        for e in emits:
+            value = None if e.value is None else e.value.to_bytes()
+            await out[e.topic].send(key=e.key.encode() if e.key else None, value=value)
+
+    def record(event: Any) -> Record:
+        m = event.message
+        return Record(logical_of.get(m.topic, m.topic), m.value, m.key, m.partition, m.offset, m.topic)
+
+    @app.agent(
+        app.topic(
+            *(topics.name(t) for t in SCORE_INPUTS),
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        ),
+        name="score",
+    )
+    async def score(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await send(await engine().handle(record(event)))
+
+    @app.agent(topic("scores"), name="proficiency")
+    async def proficiency(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            await send(await engine().apply_scores([record(e) for e in events]))
+
+    @app.agent(topic("projects"), name="projects")
+    async def projects(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await send(await engine().handle(record(event)))
+
+    @app.timer(interval=settings.consensus_check_s)
+    async def consensus_timeouts() -> None:
+        # reads only: the closing happens in the `score` agent, on the item's own partition
+        now = datetime.now(UTC)
+        eng = engine()
+        for item_id, first in eng.waiting_items():
+            st = eng._item(item_id)
+            a = st.annotation(st.waiting[0]) if st.waiting else None
+            if a is None:
+                continue
+            criteria = await eng._criteria(a.project_id)
+            if criteria is None or (now - first).total_seconds() < criteria.consensus.timeout_s:
+                continue
+            req = RoundTimeout(
+                event_id=derive_id("timeout", item_id, *st.waiting),
+                project_id=a.project_id,
+                item_id=item_id,
+                requested_at=now,
+            )
+            await out["control"].send(key=item_id.encode(), value=req.to_bytes())
+
+    app.goldstream_agents = (score, proficiency, projects)  # type: ignore[attr-defined]
+    return app

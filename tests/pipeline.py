@@ -1,0 +1,141 @@
+"""Helpers for the stream tests: goldstream workers as real processes, and waiting on topics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+import schemas as s
+from goldstream.commands import publish, read_topic
+from goldstream.settings import Settings
+from streams.engine import Record
+from streams.replay import envelope, proficiency_snapshot, replay
+from streams.state import Keys
+from tests.conftest import REPO
+from tests.scenario import TOPIC_OF, key_of
+
+
+@dataclass
+class Worker:
+    """`goldstream worker` in its own process, configured through GOLDSTREAM_* variables."""
+
+    settings: Settings
+    log: Path
+    proc: subprocess.Popen | None = field(default=None, init=False)
+
+    def start(self) -> Worker:
+        env = {
+            **os.environ,
+            "GOLDSTREAM_KAFKA_BOOTSTRAP": self.settings.kafka_bootstrap,
+            "GOLDSTREAM_REDIS_URL": self.settings.redis_url,
+            "GOLDSTREAM_TOPIC_PREFIX": self.settings.topic_prefix,
+            "GOLDSTREAM_KEY_PREFIX": self.settings.key_prefix,
+            "GOLDSTREAM_APP_ID": self.settings.app_id,
+            "GOLDSTREAM_PARTITIONS": str(self.settings.partitions),
+            "GOLDSTREAM_WEB_ENABLED": "false",
+            "GOLDSTREAM_LOG_LEVEL": "info",
+            "GOLDSTREAM_CONSENSUS_CHECK_S": str(self.settings.consensus_check_s),
+        }
+        fh = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "goldstream.cli", "worker"],
+            env=env,
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        fh.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def messages_of(settings: Settings, topic: str, model: type[s.Message]) -> list[s.Message]:
+    """Every message on a topic, decoded; re-deliveries included."""
+    return [s.decode(model, v) for _, v in asyncio.run(read_topic(settings, topic, until_idle_s=0.3)) if v]
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, workers: Sequence[Worker] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        for w in workers:
+            if not w.alive() and w.proc is not None and w.proc.returncode not in (None, -9):
+                raise AssertionError(f"worker exited ({w.proc.returncode}) while waiting for {what}:\n{w.tail()}")
+        time.sleep(1.0)
+    tails = "\n---\n".join(w.tail() for w in workers)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def unique_ids(settings: Settings, topic: str, model: type[s.Message]) -> set[str]:
+    return {m.event_id for m in messages_of(settings, topic, model)}
+
+
+def send(settings: Settings, messages: Sequence[s.Message], raw: Sequence[tuple[str, bytes]] = ()) -> None:
+    items = [(TOPIC_OF[type(m)], key_of(m), m.to_bytes()) for m in messages]
+    items += [(topic, "bad", value) for topic, value in raw]
+    asyncio.run(publish(settings, items))
+
+
+def replay_snapshot(settings: Settings, messages: Sequence[s.Message], prefix: str) -> dict:
+    """What `goldstream replay` makes of the same messages, under another key prefix."""
+
+    async def main() -> dict:
+        client = Redis.from_url(settings.redis_url)
+        try:
+            recs = [Record(TOPIC_OF[type(m)], m.to_bytes(), key_of(m).encode(), 0, i) for i, m in enumerate(messages)]
+            await replay(recs, client, Keys(prefix))
+            return await proficiency_snapshot(client, Keys(prefix))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def live_snapshot(settings: Settings, prefix: str | None = None) -> dict:
+    async def main() -> dict:
+        client = Redis.from_url(settings.redis_url)
+        try:
+            return await proficiency_snapshot(client, Keys(prefix or settings.key_prefix))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def write_envelopes(path: Path, messages: Sequence[s.Message]) -> Path:
+    with open(path, "wb") as fh:
+        for m in messages:
+            fh.write(envelope(TOPIC_OF[type(m)], m, key_of(m)))
+    return path
