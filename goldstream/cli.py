@@ -113,8 +113,12 @@ def _rebuild(args: argparse.Namespace) -> int:
     from streams.state import Keys
 
     settings = _settings(args)
-    target = Keys(args.into) if args.into else None
-    applied, skipped = asyncio.run(rebuild_proficiency(settings, target))  # type: ignore[arg-type]
+    target = Keys(args.into or settings.key_prefix)  # type: ignore[attr-defined]
+    try:
+        applied, skipped = asyncio.run(rebuild_proficiency(settings, target, force=args.force))  # type: ignore[arg-type]
+    except FileExistsError as exc:
+        print(f"goldstream: {exc}", file=sys.stderr)
+        return 1
     print(f"applied {applied} score(s), skipped {skipped} unreadable record(s)")
     return 0
 
@@ -198,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rb = sub.add_parser("rebuild-proficiency", help="replay the scores topic into Redis")
     _connection_options(rb)
-    rb.add_argument("--into", help="key prefix to rebuild into (default: the live prefix, emptied first)")
+    rb.add_argument("--into", help="key prefix to rebuild into (default: the configured prefix)")
+    rb.add_argument("--force", action="store_true", help="delete the proficiency already under that prefix first")
     rb.set_defaults(func=_rebuild)
 
     rep = sub.add_parser("report", help="quality figures of a project or a batch against its targets")

@@ -196,15 +196,27 @@ async def read_topic(
     return out
 
 
-async def rebuild_proficiency(settings: Settings, keys: Keys | None = None, batch: int = 500) -> tuple[int, int]:
-    """Replay the `scores` topic into Redis under `keys` (the log of record -> the view).
+async def rebuild_proficiency(
+    settings: Settings, keys: Keys | None = None, batch: int = 500, force: bool = False
+) -> tuple[int, int]:
+    """Replay the `scores` topic into an empty Redis prefix (the log of record -> the view).
 
     Returns (scores applied, records skipped as unreadable). Counters are integers, so the result
-    does not depend on the order the scores are read in: it equals the live state."""
+    does not depend on the order the scores are read in: it equals the live state. A prefix that
+    already holds proficiency is refused (FileExistsError) unless `force` deletes it first."""
     redis = Redis.from_url(settings.redis_url)
+    keys = keys or Keys(settings.key_prefix)
     try:
+        existing = [k async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)]
+        if existing and not force:
+            raise FileExistsError(
+                f"{len(existing)} proficiency key(s) already under '{keys.prefix}': rebuild into an empty "
+                "prefix (--into NEW) or pass --force to delete them"
+            )
+        for k in existing:
+            await redis.delete(k)
         criteria = CriteriaStore(redis, Keys(settings.key_prefix))  # bucket sizes come from the criteria
-        store = ProficiencyStore(RedisState(redis, keys or Keys(settings.key_prefix), settings.dedup_ttl_s))
+        store = ProficiencyStore(RedisState(redis, keys, settings.dedup_ttl_s))
         applied = skipped = 0
         pending: list[tuple[ScoreRecord, ProjectCriteria]] = []
         for _, value in await read_topic(settings, "scores"):

