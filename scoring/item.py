@@ -301,6 +301,18 @@ class _Tally:
         return c
 
 
+def _pair_row(outcome: Outcome, fam: Family, a: AnnotatedObject, r: AnnotatedObject, sim: float) -> dict:
+    return {
+        "outcome": outcome,
+        "family": fam,
+        "annotation_object_id": a.id,
+        "reference_object_id": r.id,
+        "annotation_label": a.label,
+        "reference_label": r.label,
+        "similarity": sim,
+    }
+
+
 def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedObject, AnnotatedObject]]]:
     t = _Tally()
     rows = t.matches
@@ -309,17 +321,7 @@ def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedOb
         asg, fam = fr.assignment, fr.family
         for i, j, sim in asg.matches:
             a, r = fr.ann[i], fr.ref[j]
-            rows.append(
-                {
-                    "outcome": Outcome.MATCH,
-                    "family": fam,
-                    "annotation_object_id": a.id,
-                    "reference_object_id": r.id,
-                    "annotation_label": a.label,
-                    "reference_label": r.label,
-                    "similarity": sim,
-                }
-            )
+            rows.append(_pair_row(Outcome.MATCH, fam, a, r, sim))
             c = t.label(r.label)
             c[0] += 1
             c[3] += sim
@@ -328,17 +330,7 @@ def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedOb
         t.m += len(asg.matches)
         for i, j, sim in asg.mismatches:
             a, r = fr.ann[i], fr.ref[j]
-            rows.append(
-                {
-                    "outcome": Outcome.MISMATCH,
-                    "family": fam,
-                    "annotation_object_id": a.id,
-                    "reference_object_id": r.id,
-                    "annotation_label": a.label,
-                    "reference_label": r.label,
-                    "similarity": sim,
-                }
-            )
+            rows.append(_pair_row(Outcome.MISMATCH, fam, a, r, sim))
             t.label(a.label)[1] += 1
             t.label(r.label)[2] += 1
         t.x += len(asg.mismatches)
