@@ -42,7 +42,13 @@ class Proficiency:
     fails: float
     mean_score: float | None
     lower_bound: float | None
+    upper_bound: float | None
     state: QualificationState
+
+    def below(self, target: float) -> bool:
+        """Confidently below target: on probation or suspended, or even the upper bound is below it."""
+        flagged = self.state in (QualificationState.PROBATION, QualificationState.SUSPENDED)
+        return flagged or (self.upper_bound is not None and self.upper_bound < target)
 
 
 def proficiency(totals: Mapping[str, int], criteria: ProjectCriteria) -> Proficiency:
@@ -53,6 +59,7 @@ def proficiency(totals: Mapping[str, int], criteria: ProjectCriteria) -> Profici
     scored = totals.get("scored", 0)
     evidence = totals.get("pass_w", 0) + totals.get("fail_w", 0)
     lb = wilson_lower_bound(passes, passes + fails, pol.confidence) if evidence > 0 else None
+    ub = wilson_upper_bound(passes, passes + fails, pol.confidence) if evidence > 0 else None
     mean = totals.get("score", 0) / SCALE / scored if scored else None
     gold = totals.get("gold_items", 0)
     return Proficiency(
@@ -62,22 +69,39 @@ def proficiency(totals: Mapping[str, int], criteria: ProjectCriteria) -> Profici
         fails=fails,
         mean_score=mean,
         lower_bound=lb,
-        state=qualification(gold, lb, criteria),
+        upper_bound=ub,
+        state=qualification(gold, passes, fails, criteria),
     )
 
 
-def qualification(gold_items: int, lower_bound: float | None, criteria: ProjectCriteria) -> QualificationState:
-    """A function of the counters alone, so every driver and every rebuild agrees on it."""
-    q = criteria.proficiency.qualification
-    if gold_items < q.min_gold_items or lower_bound is None:
+def wilson_upper_bound(passes: float, total: float, confidence: float = 0.95) -> float | None:
+    """Upper bound of the pass rate (the other end of the interval)."""
+    lb = wilson_lower_bound(total - passes, total, confidence)
+    return None if lb is None else 1.0 - lb
+
+
+def qualification(gold_items: int, passes: float, fails: float, criteria: ProjectCriteria) -> QualificationState:
+    """A function of the counters alone, so every driver and every rebuild agrees on it.
+
+    A worker is decided once the evidence is clear, as in a sequential test: qualified when the
+    lower bound of its pass rate reaches `qualify_at`; suspended when even the upper bound is
+    below `suspend_below`; on probation when its estimated rate is below `probation_below`;
+    qualifying (not yet proven either way) otherwise, and always before `min_gold_items`.
+    """
+    pol = criteria.proficiency
+    q = pol.qualification
+    total = passes + fails
+    if gold_items < q.min_gold_items or total <= 0:
         return QualificationState.QUALIFYING
-    if lower_bound < q.suspend_below:
-        return QualificationState.SUSPENDED
-    if lower_bound < q.probation_below:
-        return QualificationState.PROBATION
-    if lower_bound >= q.qualify_at:
+    lb = wilson_lower_bound(passes, total, pol.confidence) or 0.0
+    ub = wilson_upper_bound(passes, total, pol.confidence) or 0.0
+    if lb >= q.qualify_at:
         return QualificationState.QUALIFIED
-    return QualificationState.PROBATION  # between probation_below and qualify_at: not yet trusted
+    if ub < q.suspend_below:
+        return QualificationState.SUSPENDED
+    if passes / total < q.probation_below:
+        return QualificationState.PROBATION
+    return QualificationState.QUALIFYING
 
 
 def evidence_increments(score: ItemScore, kind: str, confidence: float) -> dict[str, int]:

@@ -84,6 +84,10 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         stream_wait_empty=False,
         topic_allow_declare=True,
+        # Tansu (embedded) holds a JoinGroup for up to the rebalance timeout: keep it short there
+        broker_rebalance_timeout=8.0 if embedded else 60.0,
+        broker_session_timeout=10.0 if embedded else 60.0,
+        broker_heartbeat_interval=1.0 if embedded else 3.0,
     )
     topics = Topics(settings.topic_prefix)
 

@@ -31,6 +31,7 @@ from schemas.messages import (
     GoldAnswer,
     ItemScore,
     Message,
+    QualificationState,
     QualityAlert,
     ReviewResult,
     RoundTimeout,
@@ -397,7 +398,8 @@ class Engine:
         """An item without gold: escalate a worker below target, and audit a sample."""
         (snap,) = await self.proficiency.snapshots([(a.project_id, a.worker_id, criteria)])
         reasons = []
-        if snap.lower_bound is not None and snap.lower_bound < criteria.escalation.proficiency_target:
+        proven = snap.gold_items >= criteria.proficiency.qualification.min_gold_items
+        if proven and snap.below(criteria.escalation.proficiency_target):
             reasons.append(EscalationReason.LOW_PROFICIENCY)
         if audit_draw(a.event_id, criteria.escalation.audit_seed) < audit_rate(snap.lower_bound, criteria):
             reasons.append(EscalationReason.AUDIT_SAMPLE)
@@ -575,7 +577,8 @@ class Engine:
         for (p, w), b, a in zip(workers, before, after, strict=True):
             if (p, w) not in latest:
                 continue  # only re-deliveries: nothing changed
-            if b.state != a.state:
+            flagged = (QualificationState.PROBATION, QualificationState.SUSPENDED)
+            if b.state != a.state and (a.state in flagged or b.state in flagged):
                 out.append(
                     self._alert(
                         p,
