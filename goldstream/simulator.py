@@ -350,3 +350,22 @@ def sample_spec() -> WorkforceSpec:
             WorkerSpec(worker_id="fay", speed_s=40, miss_rate=0.1, fp_rate=0.08, loc_noise=4.0),
         ],
     )
+
+
+def load_spec(path: str | None) -> WorkforceSpec:
+    """A workforce spec from JSON or YAML; the demo's when no path is given."""
+    if path is None:
+        return sample_spec()
+    from pathlib import Path
+
+    import orjson
+    import yaml
+
+    text = Path(path).read_bytes()
+    data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else orjson.loads(text)
+    return s.validate(WorkforceSpec, data)
+
+
+def envelopes(sim: Simulation) -> list[tuple[str, str, bytes]]:
+    """(topic, key, value bytes) of every event, in order."""
+    return [(topic, key_of(topic, m), m.to_bytes()) for topic, m in sim.events]

