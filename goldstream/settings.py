@@ -31,6 +31,7 @@ class Settings:
     batch_max: int = 500
     batch_within_s: float = 0.2
     consensus_check_s: float = 30.0
+    session_timeout_s: float = 10.0
     log_level: str = "warning"
 
     @classmethod

@@ -3,8 +3,8 @@
 - `score`: annotations, gold, reviews and control (all keyed by item_id, co-partitioned) ->
   scores, escalations, gold promotions, dead letters. One event at a time, because item state is
   a Faust table whose changelog partition is taken from the event being processed.
-- `proficiency`: scores (keyed by worker_id) -> Redis, in batches from `stream.take_events`,
-  one pipelined round trip per step -> alerts.
+- `proficiency`: scores (keyed by worker_id) -> Redis, in batches from its own aiokafka consumer
+  group, one pipelined round trip per step, offsets committed after applying -> alerts.
 - `projects`: criteria -> Redis, shared by every worker.
 - a timer that asks, through `control`, for consensus rounds past their timeout to be closed.
 
@@ -82,12 +82,13 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_every=settings.batch_max,
         broker_commit_interval=1.0,
         table_standby_replicas=0,
-        stream_wait_empty=False,
         topic_allow_declare=True,
-        # Tansu (embedded) holds a JoinGroup for up to the rebalance timeout: keep it short there
-        broker_rebalance_timeout=8.0 if embedded else 60.0,
-        broker_session_timeout=10.0 if embedded else 60.0,
-        broker_heartbeat_interval=1.0 if embedded else 3.0,
+        # A worker that dies without leaving its group (kill -9, a lost machine) holds its
+        # partitions until its session times out: keep that short. Tansu (embedded) also holds a
+        # JoinGroup for up to the rebalance timeout.
+        broker_session_timeout=settings.session_timeout_s,
+        broker_rebalance_timeout=8.0 if embedded else 2 * settings.session_timeout_s,
+        broker_heartbeat_interval=1.0 if embedded else max(settings.session_timeout_s / 5, 1.0),
     )
     topics = Topics(settings.topic_prefix)
 
@@ -147,10 +148,43 @@ def create_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             await send(await engine().handle(record(event)))
 
-    @app.agent(topic("scores"), name="proficiency")
-    async def proficiency(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            await send(await engine().apply_scores([record(e) for e in events]))
+    @app.task
+    async def proficiency() -> None:
+        """scores -> Redis, with a plain aiokafka consumer group of its own.
+
+        Batches come from `getmany` (one pipelined Redis step per batch) and offsets are committed
+        only after a batch is applied and its alerts are flushed. A Faust agent did this first, but
+        with faust-streaming 0.15.3 a worker restarted after a kill -9 lost applications of scores
+        (it committed past them) or stopped consuming; the kill -9 test caught both."""
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            topics.name("scores"),
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=f"{settings.app_id}-proficiency",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(settings.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(max(settings.session_timeout_s / 5, 1.0) * 1000),
+        )
+        await consumer.start()
+        try:
+            while True:
+                batch = await consumer.getmany(
+                    timeout_ms=int(settings.batch_within_s * 1000), max_records=settings.batch_max
+                )
+                recs = [
+                    Record("scores", r.value, r.key, tp.partition, r.offset, tp.topic)
+                    for tp, records in batch.items()
+                    for r in records
+                ]
+                if not recs:
+                    continue
+                await send(await engine().apply_scores(recs))
+                await app.producer.flush()
+                await consumer.commit()
+        finally:
+            await consumer.stop()
 
     @app.agent(topic("projects"), name="projects")
     async def projects(stream: faust.StreamT) -> None:
@@ -178,5 +212,5 @@ def create_app(settings: Settings) -> faust.App:
             )
             await out["control"].send(key=item_id.encode(), value=req.to_bytes())
 
-    app.goldstream_agents = (score, proficiency, projects)  # type: ignore[attr-defined]
+    app.goldstream_agents = (score, projects)  # type: ignore[attr-defined]
     return app

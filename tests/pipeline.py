@@ -85,14 +85,32 @@ def messages_of(settings: Settings, topic: str, model: type[s.Message]) -> list[
     return [s.decode(model, v) for _, v in asyncio.run(read_topic(settings, topic, until_idle_s=0.3)) if v]
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str, workers: Sequence[Worker] = ()) -> None:
+class Stalled(AssertionError):
+    """No progress for a while: the worker consumes nothing."""
+
+
+def wait_for(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    workers: Sequence[Worker] = (),
+    stalled_after: float | None = None,
+    progress: Callable[[], int] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
+    last, last_change = None, time.monotonic()
     while time.monotonic() < deadline:
         if check():
             return
         for w in workers:
             if not w.alive() and w.proc is not None and w.proc.returncode not in (None, -9):
                 raise AssertionError(f"worker exited ({w.proc.returncode}) while waiting for {what}:\n{w.tail()}")
+        if progress is not None and stalled_after is not None:
+            now = progress()
+            if now != last:
+                last, last_change = now, time.monotonic()
+            elif time.monotonic() - last_change > stalled_after:
+                raise Stalled(f"no progress for {stalled_after:.0f} s waiting for {what} (at {now})")
         time.sleep(1.0)
     tails = "\n---\n".join(w.tail() for w in workers)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
@@ -139,3 +157,29 @@ def write_envelopes(path: Path, messages: Sequence[s.Message]) -> Path:
         for m in messages:
             fh.write(envelope(TOPIC_OF[type(m)], m, key_of(m)))
     return path
+
+
+def wait_consumed(settings: Settings, logical: str, timeout: float = 90.0) -> None:
+    """Wait until the worker group has committed a topic to its end (e.g. gold before annotations:
+    Kafka orders partitions, not topics, so a test that needs gold first must wait for it)."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.structs import TopicPartition
+
+    name = f"{settings.topic_prefix}{logical}"
+
+    async def done() -> bool:
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await consumer.start()
+        await admin.start()
+        try:
+            parts = [TopicPartition(name, p) for p in range(settings.partitions)]
+            end = await consumer.end_offsets(parts)
+            committed = await admin.list_consumer_group_offsets(settings.app_id)
+            return all(committed.get(tp) is not None and committed[tp].offset >= end[tp] for tp in parts)
+        finally:
+            await consumer.stop()
+            await admin.close()
+
+    wait_for(lambda: asyncio.run(done()), timeout, f"the workers to consume {logical}")
