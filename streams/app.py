@@ -23,7 +23,6 @@ import faust
 from redis.asyncio import Redis
 
 from goldstream.settings import Settings
-from schemas.messages import RoundTimeout, derive_id
 from streams.engine import Emit, Engine, Record
 from streams.engine import Settings as EngineSettings
 from streams.state import AlertFlags, CriteriaStore, Keys, ProficiencyStore, RedisState
@@ -193,24 +192,8 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.timer(interval=settings.consensus_check_s)
     async def consensus_timeouts() -> None:
-        # reads only: the closing happens in the `score` agent, on the item's own partition
-        now = datetime.now(UTC)
-        eng = engine()
-        for item_id, first in eng.waiting_items():
-            st = eng._item(item_id)
-            a = st.annotation(st.waiting[0]) if st.waiting else None
-            if a is None:
-                continue
-            criteria = await eng._criteria(a.project_id)
-            if criteria is None or (now - first).total_seconds() < criteria.consensus.timeout_s:
-                continue
-            req = RoundTimeout(
-                event_id=derive_id("timeout", item_id, *st.waiting),
-                project_id=a.project_id,
-                item_id=item_id,
-                requested_at=now,
-            )
-            await out["control"].send(key=item_id.encode(), value=req.to_bytes())
+        for req in await engine().timed_out(datetime.now(UTC)):
+            await out["control"].send(key=req.item_id.encode(), value=req.to_bytes())
 
     app.goldstream_agents = (score, projects)  # type: ignore[attr-defined]
     return app

@@ -107,10 +107,6 @@ class ItemState(Model):
         return self.model_copy(update={"annotations": kept})
 
 
-class ItemStore(MutableMapping[str, bytes]):  # pragma: no cover - a protocol, documented by use
-    """item_id -> ItemState bytes: a Faust table in the worker, a dict in replay."""
-
-
 @dataclass
 class Settings:
     """Engine behaviour that is not a project's criteria."""
@@ -177,13 +173,6 @@ class Engine:
 
     # ------------------------------------------------------------------ inputs
 
-    async def handle_batch(self, records: Sequence[Record]) -> list[Emit]:
-        """Process records in order; worker snapshots for the batch are read in one round trip."""
-        out: list[Emit] = []
-        for rec in records:
-            out.extend(await self.handle(rec))
-        return out
-
     async def handle(self, rec: Record) -> list[Emit]:
         emits = await self._handle(rec)
         await self.count_dead(emits)
@@ -210,7 +199,7 @@ class Engine:
             if rec.topic == "projects":
                 return await self._on_criteria(rec)
             if rec.topic == "scores":
-                return await self._apply_scores([rec])
+                return await self.apply_scores([rec])
             if rec.topic == "control":
                 return await self._on_timeout(rec)
             return [self.dead(rec, "unknown_topic", f"no handler for topic {rec.topic!r}")]
@@ -453,18 +442,35 @@ class Engine:
         self._save(item_id, st)
         return await self._score_round(st, round_id, members, criteria)
 
-    async def close_waiting(self, now: datetime | None = None) -> list[Emit]:
-        """Close the rounds of items that waited past their project's consensus timeout (all of
-        them when `now` is None, as at the end of a replay)."""
-        out: list[Emit] = []
+    async def timed_out(self, now: datetime | None) -> list[RoundTimeout]:
+        """Requests to close the rounds of items that waited past their project's consensus
+        timeout (every waiting item when `now` is None, as at the end of a replay). Only reads
+        state: the worker's timer sends them on `control`, so the item's own agent closes them."""
+        out = []
         for item_id, first in self.waiting_items():
             st = self._item(item_id)
             a = st.annotation(st.waiting[0])
             criteria = await self._criteria(a.project_id) if a is not None else None
-            if criteria is None:
+            if a is None or criteria is None:
                 continue
             if now is None or (now - first).total_seconds() >= criteria.consensus.timeout_s:
-                out += await self.close_round(item_id, criteria)
+                out.append(
+                    RoundTimeout(
+                        event_id=derive_id("timeout", item_id, *st.waiting),
+                        project_id=a.project_id,
+                        item_id=item_id,
+                        requested_at=now or first,
+                    )
+                )
+        return out
+
+    async def close_waiting(self, now: datetime | None = None) -> list[Emit]:
+        """Close every round `timed_out` asks for, here and now (replay has no other agent)."""
+        out: list[Emit] = []
+        for req in await self.timed_out(now):
+            criteria = await self._criteria(req.project_id)
+            if criteria is not None:
+                out += await self.close_round(req.item_id, criteria)
         return out
 
     def waiting_items(self) -> list[tuple[str, datetime]]:
@@ -543,9 +549,6 @@ class Engine:
 
     async def apply_scores(self, records: Sequence[Record]) -> list[Emit]:
         """Apply a batch of ScoreRecords to Redis (once each) and raise the alerts they cause."""
-        return await self._apply_scores(records)
-
-    async def _apply_scores(self, records: Sequence[Record]) -> list[Emit]:
         out: list[Emit] = []
         scored: list[tuple[ScoreRecord, ProjectCriteria]] = []
         for rec in records:
