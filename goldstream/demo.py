@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter, deque
@@ -32,6 +30,7 @@ from scipy.stats import spearmanr
 
 import schemas as s
 from goldstream.commands import publish, set_criteria, topic_partitions
+from goldstream.proc import WorkerProcess
 from goldstream.services import EmbeddedServices, Endpoints
 from goldstream.settings import Settings
 from goldstream.simulator import Simulation, envelopes, load_spec, simulate
@@ -143,14 +142,7 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
     ep = Endpoints(settings.kafka_bootstrap, settings.redis_url, settings.services_kind)
     await ensure_topics(ep, Topics(settings.topic_prefix), settings.partitions)
     log = Path(tempfile.gettempdir()) / f"goldstream-demo-worker-{os.getpid()}.log"
-    env = {**os.environ, "GOLDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-           "GOLDSTREAM_REDIS_URL": settings.redis_url, "GOLDSTREAM_SERVICES_KIND": settings.services_kind,
-           "GOLDSTREAM_TOPIC_PREFIX": settings.topic_prefix, "GOLDSTREAM_KEY_PREFIX": settings.key_prefix,
-           "GOLDSTREAM_APP_ID": settings.app_id, "GOLDSTREAM_PARTITIONS": str(settings.partitions),
-           "GOLDSTREAM_WEB_ENABLED": "false", "GOLDSTREAM_LOG_LEVEL": "info"}  # fmt: skip
-    with open(log, "wb") as fh:
-        worker = subprocess.Popen([sys.executable, "-m", "goldstream.cli", "worker"], env=env, stdout=fh,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    worker = WorkerProcess(settings, log).start()
     redis = Redis.from_url(settings.redis_url)
     store = ProficiencyStore(RedisState(redis, Keys(settings.key_prefix)))
     watch = Watch()
@@ -179,8 +171,8 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
         last_line = 0.0
         with live_ctx as live:
             while time.monotonic() - started < duration:
-                if worker.poll() is not None:
-                    raise RuntimeError(f"the worker stopped ({worker.returncode}); see {log}")
+                if not worker.alive():
+                    raise RuntimeError(f"the worker stopped; see {log}")
                 board = await _board(store, sim, criteria)
                 view = _view(sim, settings, watch, published, started, board, duration)
                 if live is not None:
@@ -202,11 +194,7 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
         return _final(console, sim, watch, board, published, time.monotonic() - started)
     finally:
         stop.set()
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        worker.stop()
         await redis.aclose()
 
 

@@ -221,9 +221,16 @@ class ConsensusPolicy(Model):
 
 
 class AlertPolicy(Model):
+    """When quality alerts fire: a windowed metric below its target (resolved above target + margin)."""
+
     margin: Unit = 0.05
     min_items: Annotated[int, Field(ge=1)] = 20
     window_s: Annotated[int, Field(gt=0)] = 86_400
+    worker_scores: Literal["reference", "all"] = Field(
+        "reference",
+        description="which scores a worker's item_score alert averages: 'reference' (gold and expert "
+        "review: accuracy) or 'all' (consensus too; peer agreement runs below accuracy when peers err)",
+    )
 
 
 class LimitsSpec(Model):

@@ -63,10 +63,11 @@ class TableItems(MutableMapping[str, bytes]):
         return [(k.decode(), v) for k, v in list(self.table.items()) if v is not None]
 
 
-def create_app(settings: Settings) -> faust.App:
-    """A goldstream Faust app for these settings (topics must exist: `streams.topics.ensure_topics`)."""
+def base_app(settings: Settings) -> faust.App:
+    """The Faust app and its broker settings, without agents (the benchmarks' forwarding baseline
+    uses it too, so that both differ only in what their agents do)."""
     embedded = settings.services_kind == "embedded"
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
@@ -89,17 +90,22 @@ def create_app(settings: Settings) -> faust.App:
         broker_rebalance_timeout=8.0 if embedded else 2 * settings.session_timeout_s,
         broker_heartbeat_interval=1.0 if embedded else max(settings.session_timeout_s / 5, 1.0),
     )
+
+
+def raw_topic(app: faust.App, *names: str, partitions: int | None = None) -> faust.TopicT:
+    """Topics of raw bytes keys and values: goldstream decodes with `schemas`, not Faust."""
+    return app.topic(
+        *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=partitions
+    )
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A goldstream Faust app for these settings (topics must exist: `streams.topics.ensure_topics`)."""
+    app = base_app(settings)
     topics = Topics(settings.topic_prefix)
 
     def topic(logical: str) -> faust.TopicT:
-        return app.topic(
-            topics.name(logical),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=settings.partitions,
-        )
+        return raw_topic(app, topics.name(logical), partitions=settings.partitions)
 
     out = {name: topic(name) for name in ("scores", "escalations", "alerts", "deadletter", "gold", "control")}
     logical_of = {topics.name(name): name for name in topics.all()}
@@ -133,16 +139,7 @@ def create_app(settings: Settings) -> faust.App:
         m = event.message
         return Record(logical_of.get(m.topic, m.topic), m.value, m.key, m.partition, m.offset, m.topic)
 
-    @app.agent(
-        app.topic(
-            *(topics.name(t) for t in SCORE_INPUTS),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-        ),
-        name="score",
-    )
+    @app.agent(raw_topic(app, *(topics.name(t) for t in SCORE_INPUTS)), name="score")
     async def score(stream: faust.StreamT) -> None:
         async for event in stream.events():
             await send(await engine().handle(record(event)))

@@ -53,7 +53,7 @@ from scoring.policy import (
     priority,
     window_mean,
 )
-from streams.state import AlertFlags, CriteriaStore, Increment, ProficiencyStore, buckets_of
+from streams.state import AlertFlags, CriteriaStore, Increment, ProficiencyStore, buckets_of, high_water
 
 MAX_ANNOTATIONS_PER_ITEM = 200
 
@@ -577,30 +577,18 @@ class Engine:
                 latest[(s.project_id, s.worker_id)] = max(
                     latest.get((s.project_id, s.worker_id), s.event_time), s.event_time
                 )
-        for (p, w), b, a in zip(workers, before, after, strict=True):
-            if (p, w) not in latest:
-                continue  # only re-deliveries: nothing changed
-            flagged = (QualificationState.PROBATION, QualificationState.SUSPENDED)
-            if b.state != a.state and (a.state in flagged or b.state in flagged):
-                out.append(
-                    self._alert(
-                        p,
-                        AlertScope.WORKER,
-                        w,
-                        "qualification",
-                        a.lower_bound,
-                        crit[p].proficiency.qualification.qualify_at,
-                        "all",
-                        latest[(p, w)],
-                        "firing" if a.state.value in ("probation", "suspended") else "resolved",
-                        detail=f"qualification {b.state.value} -> {a.state.value}",
-                    )
-                )
-        out += await self._window_alerts(latest, crit, scored)
+        standing = {
+            (p, w): (b, a) for (p, w), b, a in zip(workers, before, after, strict=True) if (p, w) in latest
+        }  # only re-deliveries for the others: nothing changed
+        out += await self._window_alerts(latest, crit, scored, standing)
         return out
 
-    async def _window_alerts(self, latest: dict, crit: dict[str, ProjectCriteria], scored: list) -> list[Emit]:
-        """Worker, label and project metrics over the alert window, with hysteresis."""
+    async def _window_alerts(
+        self, latest: dict, crit: dict[str, ProjectCriteria], scored: list, standing: dict
+    ) -> list[Emit]:
+        """Worker, label and project metrics over the alert window, with hysteresis; and worker
+        qualification, which fires on probation or suspension and resolves only on qualifying
+        (not on falling back to 'qualifying', which would flap around the probation line)."""
         if not latest:
             return []
         out: list[Emit] = []
@@ -621,13 +609,48 @@ class Engine:
         for p, label in labels:
             checks.append((p, AlertScope.LABEL, label, keys.project(p, f"label:{label}"), crit[p].targets.f1, "f1"))
         hashes = await self.proficiency.hashes([c[3] for c in checks])
+        # Windows end at the project's high-water mark of event time, not at this batch's latest
+        # score: a consensus round scores annotations submitted long before it closed, and judging
+        # "now" as of their time made alerts flap back and forth in time.
         as_of = {p: max(t for (pp, _), t in latest.items() if pp == p) for p in projects}
+        for (p, scope, _, _, _, _), fields in zip(checks, hashes, strict=True):
+            hw = high_water(fields) if scope == AlertScope.PROJECT else None
+            if hw is not None and hw > as_of[p].timestamp():
+                as_of[p] = datetime.fromtimestamp(hw, UTC)
         flags = {p: await self.alerts.current(p) for p in projects}
+        flagged = (QualificationState.PROBATION, QualificationState.SUSPENDED)
+        for (p, w), (b, a) in sorted(standing.items()):
+            # the flag holds the flagged state, so probation -> suspended alerts again
+            field_name = f"{AlertScope.WORKER.value}:{w}:qualification"
+            flag = (
+                a.state.value if a.state in flagged else "resolved" if a.state == QualificationState.QUALIFIED else None
+            )
+            current = flags[p].get(field_name, "resolved")
+            if flag is None or current == flag or (current, flag) == ("suspended", "probation"):
+                continue  # no news; and a suspension stands until the worker qualifies again
+            if not await self.alerts.change(p, field_name, flag):
+                continue
+            out.append(
+                self._alert(
+                    p,
+                    AlertScope.WORKER,
+                    w,
+                    "qualification",
+                    a.lower_bound,
+                    crit[p].proficiency.qualification.qualify_at,
+                    "all",
+                    as_of[p],
+                    "resolved" if flag == "resolved" else "firing",
+                    detail=f"qualification {b.state.value} -> {a.state.value}",
+                )
+            )
         for (p, scope, sid, _, target, metric), fields in zip(checks, hashes, strict=True):
             pol = crit[p].alerts
             t = int(as_of[p].timestamp())
             if metric == "f1":
                 value, n = _window_f1(fields, t, pol.window_s)
+            elif scope == AlertScope.WORKER and pol.worker_scores == "reference":
+                value, n = window_mean(buckets_of(fields, "rs", "rn"), t, pol.window_s)
             else:
                 value, n = window_mean(buckets_of(fields), t, pol.window_s)
             if n < pol.min_items:

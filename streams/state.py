@@ -20,7 +20,7 @@ from redis.commands.core import AsyncScript
 
 from schemas.base import SchemaError, decode
 from schemas.criteria import ProjectCriteria
-from schemas.messages import ScoreRecord
+from schemas.messages import ScoreKind, ScoreRecord
 from scoring.counters import Counters
 from scoring.policy import SCALE, Proficiency, evidence_increments, proficiency
 
@@ -104,16 +104,22 @@ def _ints(raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
     return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
 
 
-def buckets_of(fields: Mapping[str, int], what: str = "s") -> dict[int, tuple[int, int]]:
-    """Bucket hash fields '<start>:n' and '<start>:<what>' as {start: (count, value)}."""
+def buckets_of(fields: Mapping[str, int], what: str = "s", count: str = "n") -> dict[int, tuple[int, int]]:
+    """Bucket hash fields '<start>:<count>' and '<start>:<what>' as {start: (count, value)}."""
     out: dict[int, tuple[int, int]] = {}
     for name, value in fields.items():
         start, _, part = name.partition(":")
-        if part == "n":
+        if part == count:
             out[int(start)] = (value, out.get(int(start), (0, 0))[1])
         elif part == what:
             out[int(start)] = (out.get(int(start), (0, 0))[0], value)
     return out
+
+
+def high_water(fields: Mapping[str, int]) -> int | None:
+    """The latest bucket start in a bucket hash: how far event time has got."""
+    starts = [int(name.partition(":")[0]) for name in fields if name.endswith(":n")]
+    return max(starts) if starts else None
 
 
 # ----------------------------------------------------------------------------- proficiency
@@ -134,6 +140,8 @@ def record_increments(record: ScoreRecord, criteria: ProjectCriteria, keys: Keys
             f"{start}:s": round(record.result.score * SCALE),
             f"{start}:p": int(bool(record.result.passed)),
         }
+        if record.kind in (ScoreKind.GOLD, ScoreKind.REVIEW):  # against a known answer: accuracy
+            buckets.update({f"{start}:rn": 1, f"{start}:rs": round(record.result.score * SCALE)})
     worker = {"totals": totals, "buckets": buckets}
     project: dict[str, Mapping[str, int]] = {"totals": totals, "buckets": buckets, "workers": {record.worker_id: 1}}
     for label, c in record.result.labels.items():

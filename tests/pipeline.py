@@ -3,81 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis.asyncio import Redis
 
 import schemas as s
 from goldstream.commands import publish, read_topic
+from goldstream.proc import WorkerProcess
 from goldstream.settings import Settings
 from streams.engine import Record
 from streams.replay import envelope, proficiency_snapshot, replay
 from streams.state import Keys
-from tests.conftest import REPO
 from tests.scenario import TOPIC_OF, key_of
 
 
-@dataclass
-class Worker:
+class Worker(WorkerProcess):
     """`goldstream worker` in its own process, configured through GOLDSTREAM_* variables."""
-
-    settings: Settings
-    log: Path
-    proc: subprocess.Popen | None = field(default=None, init=False)
-
-    def start(self) -> Worker:
-        env = {
-            **os.environ,
-            "GOLDSTREAM_KAFKA_BOOTSTRAP": self.settings.kafka_bootstrap,
-            "GOLDSTREAM_REDIS_URL": self.settings.redis_url,
-            "GOLDSTREAM_TOPIC_PREFIX": self.settings.topic_prefix,
-            "GOLDSTREAM_KEY_PREFIX": self.settings.key_prefix,
-            "GOLDSTREAM_APP_ID": self.settings.app_id,
-            "GOLDSTREAM_PARTITIONS": str(self.settings.partitions),
-            "GOLDSTREAM_WEB_ENABLED": "false",
-            "GOLDSTREAM_LOG_LEVEL": "info",
-            "GOLDSTREAM_CONSENSUS_CHECK_S": str(self.settings.consensus_check_s),
-        }
-        fh = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "goldstream.cli", "worker"],
-            env=env,
-            cwd=REPO,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        fh.close()
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if not self.alive():
-            return
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
 def messages_of(settings: Settings, topic: str, model: type[s.Message]) -> list[s.Message]:

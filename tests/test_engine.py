@@ -261,6 +261,42 @@ def test_worker_alert_fires_once_and_resolves_with_hysteresis(run) -> None:
     assert [a.state for a in project_alerts] == ["firing", "resolved"]
 
 
+def test_a_late_score_does_not_turn_alerts_back_in_time(run) -> None:
+    """A consensus round scores annotations submitted long before it closed: windows end at the
+    project's latest event time, so an old score cannot re-fire an alert the present resolved."""
+    c = criteria(alerts=s.AlertPolicy(min_items=3, window_s=3600, margin=0.05))
+    msgs: list[s.Message] = [c]
+    for n, (content, minute) in enumerate([(BAD, m) for m in range(5)] + [(GOOD, 200 + m) for m in range(6)]):
+        msgs += [gold(f"t{n}"), annotation(n, f"t{n}", "w1", content, minutes=minute)]
+    msgs += [gold("late"), annotation(99, "late", "w1", BAD, minutes=4.5)]  # arrives last, dated early
+    result, _ = run(records(*msgs))
+    alerts = [a for a in out(result, "alerts") if a.scope is s.AlertScope.WORKER and a.metric == "item_score"]
+    assert [a.state for a in alerts] == ["firing", "resolved"]
+    times = [a.raised_at for a in out(result, "alerts")]
+    assert times == sorted(times)
+
+
+@pytest.mark.parametrize("worker_scores, fires", [("reference", False), ("all", True)])
+def test_worker_alerts_average_gold_and_review_scores_unless_told_otherwise(run, worker_scores, fires) -> None:
+    """Agreement with peers who share a mistake is not accuracy: by default a worker's item_score
+    alert reads scores against known answers only."""
+    c = criteria(
+        alerts=s.AlertPolicy(min_items=3, window_s=86_400, worker_scores=worker_scores),
+        consensus=s.ConsensusPolicy(overlap=3, timeout_s=1e9),
+    )
+    msgs: list[s.Message] = [c]
+    for i in range(3):
+        msgs += [gold(f"g{i}"), annotation(i, f"g{i}", "w1", GOOD)]
+    for i in range(4):  # w1 right, two peers wrong the same way
+        msgs += [annotation(10 + 3 * i + k, f"c{i}", w, content) for k, (w, content) in
+                 enumerate([("w1", GOOD), ("w2", BAD), ("w3", BAD)])]  # fmt: skip
+    result, _ = run(records(*msgs))
+    consensus = [r for r in out(result, "scores") if r.worker_id == "w1" and r.kind is s.ScoreKind.CONSENSUS]
+    assert len(consensus) == 4 and all(r.result.score < 0.5 for r in consensus)
+    w1 = [a for a in out(result, "alerts") if a.scope_id == "w1" and a.metric == "item_score"]
+    assert bool(w1) is fires
+
+
 def test_qualification_state_change_raises_an_alert(run) -> None:
     result, _ = run(records(criteria(), *_history("w1", BAD, 12)))
     quals = [a for a in out(result, "alerts") if a.metric == "qualification"]

@@ -1,0 +1,521 @@
+"""End-to-end throughput and latency on a real Apache Kafka broker and redis-server.
+
+    python -m benchmarks.stream_bench [--quick] [--json benchmarks/results/stream.json]
+
+Throughput: a simulated workload (10 boxes per item, 10 % gold, overlap 3) is published as fast
+as the producer goes to workers that already run and hold the gold; the clock runs from the
+first annotation sent to the moment every ScoreRecord is on Kafka *and* the proficiency group has
+committed past the last one (Redis updated, alerts raised). The baseline, in the same run and on
+the same events, is a Faust agent that only consumes and forwards (`benchmarks.forward_app`).
+
+Latency: one worker, annotations offered at fixed rates (25 / 50 / 75 % of the measured
+one-worker maximum), each stamped with `submitted_at` as it is sent. A gold score's latency runs
+from its annotation's `submitted_at` to the ScoreRecord arriving at a consumer; a consensus
+score's from the `submitted_at` of the annotation that completed its round (the scores cannot
+exist before that), which is what a review queue waiting on them sees.
+
+Prints figures and ratios; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import TopicPartition
+from redis.asyncio import Redis
+
+import schemas as s
+from benchmarks.forward_app import FORWARDED
+from goldstream.commands import endpoints, publish, set_criteria
+from goldstream.proc import WorkerProcess
+from goldstream.settings import Settings
+from goldstream.simulator import ProjectSpec, ReviewSpec, Simulation, WorkerSpec, WorkforceSpec, simulate
+from streams.topics import Topics, ensure_topics
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+def workload(project_id: str, items: int, seed: int) -> Simulation:
+    """The issue's realistic mix: 10 boxes per item, a scene class, 10 % gold, overlap 3."""
+    rng = np.random.default_rng(seed)
+    workers = [
+        WorkerSpec(
+            worker_id=f"w{i:02d}",
+            speed_s=float(rng.uniform(15, 45)),
+            miss_rate=float(rng.uniform(0.02, 0.2)),
+            fp_rate=float(rng.uniform(0.02, 0.15)),
+            loc_noise=float(rng.uniform(1.5, 8.0)),
+            label_confusion=float(rng.uniform(0.0, 0.1)),
+        )
+        for i in range(12)
+    ]
+    spec = WorkforceSpec(
+        seed=seed,
+        projects=[
+            ProjectSpec(
+                project_id=project_id,
+                items=items,
+                labels=["car", "bus", "person", "bike", "truck"],
+                shapes={"bbox": 1.0},
+                objects_per_item=(10, 10),
+                classifications={"scene": ["street", "highway", "parking"]},
+                gold_rate=0.1,
+                overlap=3,
+                review=ReviewSpec(rate=0.0),
+                criteria={"pass_threshold": 0.7},
+            )
+        ],
+        workers=workers,
+    )
+    return simulate(spec)
+
+
+def split(sim: Simulation) -> tuple[s.ProjectCriteria, list[s.GoldAnswer], list[s.AnnotationSubmitted]]:
+    crit = next(m for t, m in sim.events if t == "projects")
+    gold = [m for t, m in sim.events if t == "gold"]
+    anns = [m for t, m in sim.events if t == "annotations"]
+    assert isinstance(crit, s.ProjectCriteria)
+    return crit, gold, anns  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- Kafka helpers
+
+
+def fresh_settings(base: Settings, name: str) -> Settings:
+    run = f"bench-{name}-{uuid.uuid4().hex[:8]}"
+    return replace(base, topic_prefix=f"{run}.", key_prefix=run, app_id=run, web_enabled=False)
+
+
+async def create_topic(settings: Settings, name: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        if name not in set(await admin.list_topics()):
+            await admin.create_topics([NewTopic(name, num_partitions=settings.partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def cleanup(settings: Settings) -> None:
+    """Drop the run's topics (its own and Faust's changelogs) and its Redis keys."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        names = [n for n in await admin.list_topics() if n.startswith((settings.topic_prefix, settings.app_id))]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async for key in redis.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+            await redis.delete(key)
+    finally:
+        await redis.aclose()
+
+
+async def committed_to_end(settings: Settings, group: str, topic: str) -> bool:
+    """Has `group` committed every partition of `topic` up to its end offset?"""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    await admin.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        end = await consumer.end_offsets(parts)
+        committed = await admin.list_consumer_group_offsets(group)
+        return all(end[tp] == 0 or (tp in committed and committed[tp].offset >= end[tp]) for tp in parts)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def group_size(settings: Settings, group: str) -> tuple[str, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        (resp,) = await admin.describe_consumer_groups([group])
+        (desc,) = resp.to_object()["groups"]
+        return desc["state"], len(desc["members"])
+    finally:
+        await admin.close()
+
+
+async def wait_until(check: Any, timeout: float, what: str, workers: Sequence[WorkerProcess] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        for w in workers:
+            if not w.alive():
+                raise RuntimeError(f"a worker stopped while waiting for {what}:\n{w.tail()}")
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+async def wait_stable(
+    settings: Settings, groups: Sequence[str], members: int, workers: Sequence[WorkerProcess]
+) -> None:
+    """Every group Stable with all its members: no rebalance left to happen inside the clock."""
+
+    async def check() -> bool:
+        for g in groups:
+            state, n = await group_size(settings, g)
+            if state != "Stable" or n != members:
+                return False
+        return True
+
+    await wait_until(check, 120, f"{members} member(s) in {', '.join(groups)}", workers)
+
+
+class Follower:
+    """Reads an output topic from its start and notes when each record arrived."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings, self.topic = settings, topic
+        self.arrivals: list[tuple[float, bytes]] = []  # (time.time() on arrival, value)
+        self._task: asyncio.Task | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        consumer = self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=10,
+        )
+        await consumer.start()
+        parts = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        self._task = asyncio.create_task(self._run(consumer))
+
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            batch = await consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for records in batch.values():
+                self.arrivals.extend((now, r.value) for r in records if r.value is not None)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+@dataclass
+class Run:
+    name: str
+    processes: int
+    events: int
+    seconds: float
+    outputs: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else math.nan
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "processes": self.processes,
+            "events": self.events,
+            "seconds": round(self.seconds, 3),
+            "events_per_s": round(self.rate, 1),
+            **self.outputs,
+        }
+
+
+def envelopes_of(messages: Sequence[s.Message]) -> list[tuple[str, str, bytes]]:
+    return [(m.topic, m.item_id, m.to_bytes()) for m in messages]  # type: ignore[attr-defined]
+
+
+async def throughput(base: Settings, sim: Simulation, kind: str, processes: int, logs: Path) -> Run:
+    """`kind`: 'goldstream' (workers) or 'forward' (the baseline), with `processes` processes."""
+    settings = fresh_settings(base, f"{kind}{processes}")
+    topics = Topics(settings.topic_prefix)
+    crit, gold, anns = split(sim)
+    await ensure_topics(endpoints(settings), topics, settings.partitions)
+    argv = None
+    if kind == "forward":
+        out_topic = settings.topic_prefix + FORWARDED
+        await create_topic(settings, out_topic)
+        argv = [sys.executable, "-m", "benchmarks.forward_app"]
+    else:
+        out_topic = topics.name("scores")
+    workers = []
+    for i in range(processes):
+        w = WorkerProcess(settings, logs / f"{settings.app_id}-{i}.log")
+        if argv:
+            w.argv = argv
+        workers.append(w.start())
+    follower = Follower(settings, out_topic)
+    try:
+        groups = [settings.app_id] + ([f"{settings.app_id}-proficiency"] if kind == "goldstream" else [])
+        if kind == "goldstream":
+            await set_criteria(settings, crit, wait_s=120)
+        await wait_stable(settings, groups, processes, workers)
+        await publish(settings, envelopes_of(gold))
+        await wait_until(
+            lambda: committed_to_end(settings, settings.app_id, topics.name("gold")), 120, "gold consumed", workers
+        )
+        expected = len(anns) + (len(gold) if kind == "forward" else 0)
+        await follower.start()
+        items = envelopes_of(anns)
+        t0 = time.time()
+        await publish(settings, items)
+        sent = time.time() - t0
+
+        async def outputs_done() -> bool:
+            if kind == "forward":
+                return len(follower.arrivals) >= expected
+            ids = {orjson.loads(v)["event_id"] for _, v in follower.arrivals}
+            return len(ids) >= expected
+
+        await wait_until(outputs_done, 600, f"{expected} outputs on {out_topic}", workers)
+        t_out = max(t for t, _ in follower.arrivals)
+        t_end = t_out
+        if kind == "goldstream":
+            scores = topics.name("scores")
+            await wait_until(
+                lambda: committed_to_end(settings, f"{settings.app_id}-proficiency", scores), 600, "Redis", workers
+            )
+            t_end = max(t_out, time.time())
+        extra: dict[str, int | float] = {"publish_seconds": round(sent, 3)}
+        if kind == "goldstream":
+            esc = await _count(settings, topics.name("escalations"))
+            extra.update({"scores": len(follower.arrivals), "escalations": esc})
+        return Run(kind, processes, len(anns), t_end - t0, extra)  # type: ignore[arg-type]
+    finally:
+        await follower.stop()
+        for w in workers:
+            w.stop()
+        await cleanup(settings)
+
+
+async def _count(settings: Settings, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        begin, end = await consumer.beginning_offsets(parts), await consumer.end_offsets(parts)
+        return sum(end[tp] - begin[tp] for tp in parts)
+    finally:
+        await consumer.stop()
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | int | None]:
+    """p50 / p95 / p99 in milliseconds (None when there is nothing to measure)."""
+    if not values:
+        return {"n": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    a = np.asarray(values) * 1000.0
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {
+        "n": len(values),
+        "p50_ms": round(float(p50), 1),
+        "p95_ms": round(float(p95), 1),
+        "p99_ms": round(float(p99), 1),
+        "max_ms": round(float(a.max()), 1),
+    }
+
+
+def latencies(
+    stamps: dict[str, tuple[str, float]], arrivals: Sequence[tuple[float, bytes]], overlap: int
+) -> dict[str, list[float]]:
+    """Seconds from the submission a score waited for to its arrival, by score kind.
+
+    `stamps`: annotation event_id -> (item_id, submitted_at as epoch seconds). A consensus score
+    waits for the annotation that completes its round (the `overlap`-th on the item); a round
+    closed by timeout is left out, since its delay is the configured timeout, not the system's.
+    """
+    per_item: dict[str, list[float]] = {}
+    for item, t in stamps.values():
+        per_item.setdefault(item, []).append(t)
+    for ts in per_item.values():
+        ts.sort()
+    out: dict[str, list[float]] = {"gold": [], "consensus": [], "timeout_closed": []}
+    seen: set[str] = set()
+    for arrived, value in arrivals:
+        rec = orjson.loads(value)
+        if rec["event_id"] in seen or rec["annotation_event_id"] not in stamps:
+            continue
+        seen.add(rec["event_id"])
+        item, submitted = stamps[rec["annotation_event_id"]]
+        if rec["kind"] == "gold":
+            out["gold"].append(arrived - submitted)
+        elif rec["kind"] == "consensus":
+            ts = per_item[item]
+            if len(ts) >= overlap:
+                out["consensus"].append(arrived - ts[overlap - 1])
+            else:
+                out["timeout_closed"].append(arrived - submitted)
+    return out
+
+
+async def offer(settings: Settings, anns: Sequence[s.AnnotationSubmitted], rate: float) -> dict[str, tuple[str, float]]:
+    """Send annotations at `rate` per second, each stamped with submitted_at = the moment it is sent."""
+    topic = Topics(settings.topic_prefix).name("annotations")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    await producer.start()
+    stamps: dict[str, tuple[str, float]] = {}
+    pending = []
+    start = time.monotonic()
+    try:
+        for n, a in enumerate(anns):
+            delay = start + n / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = datetime.now(UTC)
+            took = a.submitted_at - a.started_at if a.started_at else timedelta(0)
+            stamped = a.model_copy(update={"submitted_at": now, "started_at": now - took})
+            stamps[a.event_id] = (a.item_id, now.timestamp())
+            pending.append(await producer.send(topic, stamped.to_bytes(), key=a.item_id.encode()))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return stamps
+
+
+async def latency(base: Settings, max_rate: float, fractions: Sequence[float], seconds: float, logs: Path) -> list:
+    """One worker; for each offered rate a workload of its own (own project), gold loaded first."""
+    settings = fresh_settings(base, "latency")
+    topics = Topics(settings.topic_prefix)
+    await ensure_topics(endpoints(settings), topics, settings.partitions)
+    worker = WorkerProcess(settings, logs / f"{settings.app_id}.log").start()
+    follower = Follower(settings, topics.name("scores"))
+    rows = []
+    try:
+        await follower.start()
+        for k, f in enumerate(fractions):
+            rate = max_rate * f
+            n = max(int(rate * seconds), 60)
+            sim = workload(f"lat{int(f * 100)}", max(math.ceil(n / 3.1), 20), seed=100 + k)
+            crit, gold, anns = split(sim)
+            anns = anns[:n]
+            await set_criteria(settings, crit, wait_s=120)
+            if k == 0:
+                await wait_stable(settings, [settings.app_id, f"{settings.app_id}-proficiency"], 1, [worker])
+            await publish(settings, envelopes_of(gold))
+            await wait_until(
+                lambda: committed_to_end(settings, settings.app_id, topics.name("gold")), 120, "gold", [worker]
+            )
+            t0 = time.monotonic()
+            stamps = await offer(settings, anns, rate)
+            offered_s = time.monotonic() - t0
+            # wait for the scores of every completed round (rounds short of `overlap` wait for a timeout)
+            per_item: dict[str, int] = {}
+            for item, _ in stamps.values():
+                per_item[item] = per_item.get(item, 0) + 1
+            gold_items = {g.item_id for g in gold}
+            expected = sum(c for item, c in per_item.items() if item in gold_items or c >= crit.consensus.overlap)
+
+            async def done(stamps: dict = stamps, expected: int = expected) -> bool:
+                got = {orjson.loads(v)["annotation_event_id"] for _, v in follower.arrivals}
+                return len(got & set(stamps)) >= expected
+
+            await wait_until(done, 300, f"{expected} scores at {f:.0%}", [worker])
+            lat = latencies(stamps, follower.arrivals, crit.consensus.overlap)
+            rows.append(
+                {
+                    "fraction_of_max": f,
+                    "offered_per_s": round(rate, 1),
+                    "achieved_offer_per_s": round(len(anns) / offered_s, 1),
+                    "annotations": len(anns),
+                    "all": percentiles(lat["gold"] + lat["consensus"]),
+                    "gold": percentiles(lat["gold"]),
+                    "consensus": percentiles(lat["consensus"]),
+                }
+            )
+    finally:
+        await follower.stop()
+        worker.stop()
+        await cleanup(settings)
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+async def run(base: Settings, quick: bool, logs: Path) -> dict[str, Any]:
+    items = 300 if quick else 2000
+    sim = workload("tp", items, seed=2026)
+    runs: list[Run] = []
+    for kind, procs in (("forward", 1), ("goldstream", 1), ("forward", 2), ("goldstream", 2)):
+        r = await throughput(base, sim, kind, procs, logs)
+        print(f"  {kind:<11}{procs} process(es): {r.events} annotations in {r.seconds:6.2f} s = {r.rate:7.1f}/s")
+        runs.append(r)
+    by = {(r.name, r.processes): r for r in runs}
+    one = by[("goldstream", 1)].rate
+    lat = await latency(base, one, (0.25, 0.5, 0.75), 6.0 if quick else 25.0, logs)
+    for row in lat:
+        a = row["all"]
+        print(
+            f"  latency at {row['fraction_of_max']:.0%} ({row['offered_per_s']}/s): "
+            f"p50 {a['p50_ms']} ms, p95 {a['p95_ms']} ms, p99 {a['p99_ms']} ms (n={a['n']})"
+        )
+    return {
+        "workload": {
+            "items": items,
+            "boxes_per_item": 10,
+            "gold_rate": 0.1,
+            "overlap": 3,
+            "annotations": runs[0].events,
+        },
+        "throughput": [r.row() for r in runs],
+        "ratios": {
+            "goldstream_vs_forward_1": round(one / by[("forward", 1)].rate, 3),
+            "goldstream_vs_forward_2": round(by[("goldstream", 2)].rate / by[("forward", 2)].rate, 3),
+            "goldstream_2_vs_1_workers": round(by[("goldstream", 2)].rate / one, 3),
+            "forward_2_vs_1": round(by[("forward", 2)].rate / by[("forward", 1)].rate, 3),
+        },
+        "latency": lat,
+        "partitions": base.partitions,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a small workload (a smoke run)")
+    ap.add_argument("--json", type=Path, default=RESULTS / "stream.json")
+    args = ap.parse_args()
+    base = Settings.load(partitions=4, log_level="warning")
+    logs = Path(tempfile.mkdtemp(prefix="goldstream-bench-"))
+    print(f"stream benchmark on {base.kafka_bootstrap} and {base.redis_url} (worker logs: {logs})")
+    figures = asyncio.run(run(base, args.quick, logs))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures["ratios"]))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
