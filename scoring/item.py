@@ -586,10 +586,11 @@ def pairwise_agreement(answers: Sequence[Answer], criteria: ProjectCriteria | No
     """Symmetric (n, n) matrix of agreements (NaN on the diagonal and where undefined)."""
     n = len(answers)
     out = np.full((n, n), np.nan)
-    for i, j in combinations(range(n), 2):
-        s = agreement(answers[i], answers[j], criteria)
-        # PQ is symmetric, so one comparison per pair serves both directions
-        out[i, j] = out[j, i] = np.nan if s is None else s
+    pairs = list(combinations(range(n), 2))
+    # PQ is symmetric, so one comparison per pair serves both directions; all pairs in one batch
+    results = score_items([(answers[i], answers[j]) for i, j in pairs], criteria)
+    for (i, j), r in zip(pairs, results, strict=True):
+        out[i, j] = out[j, i] = np.nan if r.score is None else r.score
     return out
 
 
@@ -602,17 +603,20 @@ def item_agreement(answers: Sequence[Answer], criteria: ProjectCriteria | None =
 
 
 def consensus_scores(
-    answers: Sequence[Answer], criteria: ProjectCriteria | None = None, method: str | None = None
+    answers: Sequence[Answer],
+    criteria: ProjectCriteria | None = None,
+    method: str | None = None,
+    agreement: np.ndarray | None = None,
 ) -> list[float | None]:
     """Each annotator's consensus score: its agreement with the others (spec §6).
 
     `mean` is the plain mean agreement with the others. `weighted` (the default) weighs each peer
     by its reliability, its mean agreement with everyone: with three annotators of whom one is
     careless, the two who agree then score high and the outlier low, where the plain mean marks
-    all three down alike.
+    all three down alike. `agreement`: the `pairwise_agreement` matrix, when the caller has it.
     """
     method = method or (criteria.consensus.method if criteria is not None else "weighted")
-    m = pairwise_agreement(answers, criteria)
+    m = pairwise_agreement(answers, criteria) if agreement is None else agreement
     filled = np.where(np.isnan(m), 0.0, m)
     counts = (~np.isnan(m)).sum(axis=1)
     reliability = np.divide(filled.sum(axis=1), counts, out=np.zeros(len(answers)), where=counts > 0)

@@ -491,7 +491,7 @@ class Engine:
             return []
         late = round_id != derive_id("round", answers[0].item_id, *members)
         agreement = pairwise_agreement(answers, criteria)
-        scores = consensus_scores(answers, criteria)
+        scores = consensus_scores(answers, criteria, agreement=agreement)
         out: list[Emit] = []
         targets = [len(answers) - 1] if late else range(len(answers))
         for i in targets:

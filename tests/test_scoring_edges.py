@@ -489,3 +489,12 @@ def test_counters_merge_to_the_figures_of_the_whole_batch() -> None:
     assert f.labels["car"].recall == pytest.approx(2 / 3)  # the car annotated as a bus is a car FN
     assert f.items == 3 and f.passed == sum(bool(i.passed) for i in items)
     assert Counters.from_fields(total.to_fields()) == total
+
+
+def test_rotated_boxes_sharing_collinear_edges_overlap_in_both_orders() -> None:
+    """GEOS' floating overlay returned an empty intersection for these in one order only."""
+    a = [(0.0, -36.0, 15.0, 48.05703843110114, 158.1827534749566)]
+    b = [(0.0, -36.0, 59.685447839686155, 48.05703843110114, 158.1827534749566)]
+    expected = 15.0 / 59.685447839686155  # a lies inside b: same centre, angle and height
+    assert scoring.rotated_box_iou(a, b)[0, 0] == pytest.approx(expected, abs=1e-9)
+    assert scoring.rotated_box_iou(b, a)[0, 0] == pytest.approx(expected, abs=1e-9)
