@@ -195,7 +195,10 @@ def true_window_mean(sim: Simulation, worker: str, end: Any, window_s: int) -> f
     return float(np.mean(vals)) if vals else None
 
 
-def evaluate(sim: Simulation, result: ReplayResult, prof: dict, cvat: dict, ds: tuple[dict, dict]) -> dict[str, Any]:
+def evaluate(
+    sim: Simulation, result: ReplayResult, prof: dict, cvat: dict, ds: tuple[dict, dict] | None
+) -> dict[str, Any]:
+    """Every figure of one workforce; `ds` None leaves Dawid-Skene out (crowd-kit not installed)."""
     truth = sim.truth
     crit = next(m for t, m in sim.events if t == "projects")
     assert isinstance(crit, s.ProjectCriteria)
@@ -239,7 +242,7 @@ def evaluate(sim: Simulation, result: ReplayResult, prof: dict, cvat: dict, ds: 
 
     budget = len(escalated_non_gold)
     pool = len(non_gold)
-    ds_acc, ds_labels = ds
+    ds_acc, ds_labels = ds if ds is not None else ({}, {})
     ds_flagged = {
         a.event_id
         for a in non_gold
@@ -286,10 +289,9 @@ def evaluate(sim: Simulation, result: ReplayResult, prof: dict, cvat: dict, ds: 
             else None,
             **catch(cvat_review, bad, pool),
         },
-        "dawid_skene": {
-            "spearman": spearman(ds_acc, skill),  # type: ignore[arg-type]
-            **catch(ds_flagged, bad, pool),
-        },
+        "dawid_skene": {"spearman": spearman(ds_acc, skill), **catch(ds_flagged, bad, pool)}  # type: ignore[arg-type]
+        if ds is not None
+        else None,
         "random_audit_same_budget": {"bad_caught_share": round(budget / pool, 4) if pool else 0.0},
     }
 

@@ -349,7 +349,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float | int | None]:
 
 
 def latencies(
-    stamps: dict[str, tuple[str, float]], arrivals: Sequence[tuple[float, bytes]], overlap: int
+    stamps: dict[str, tuple[str, float]], arrivals: Sequence[tuple[float, bytes]], overlap: int, project: str
 ) -> dict[str, list[float]]:
     """Seconds from the submission a score waited for to its arrival, by score kind.
 
@@ -366,7 +366,7 @@ def latencies(
     seen: set[str] = set()
     for arrived, value in arrivals:
         rec = orjson.loads(value)
-        if rec["event_id"] in seen or rec["annotation_event_id"] not in stamps:
+        if rec["project_id"] != project or rec["event_id"] in seen or rec["annotation_event_id"] not in stamps:
             continue
         seen.add(rec["event_id"])
         item, submitted = stamps[rec["annotation_event_id"]]
@@ -438,12 +438,16 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
             gold_items = {g.item_id for g in gold}
             expected = sum(c for item, c in per_item.items() if item in gold_items or c >= crit.consensus.overlap)
 
-            async def done(stamps: dict = stamps, expected: int = expected) -> bool:
-                got = {orjson.loads(v)["annotation_event_id"] for _, v in follower.arrivals}
+            async def done(stamps: dict = stamps, expected: int = expected, project: str = crit.project_id) -> bool:
+                got = {
+                    r["annotation_event_id"]
+                    for _, v in follower.arrivals
+                    if (r := orjson.loads(v))["project_id"] == project
+                }
                 return len(got & set(stamps)) >= expected
 
             await wait_until(done, 300, f"{expected} scores at {f:.0%}", [worker])
-            lat = latencies(stamps, follower.arrivals, crit.consensus.overlap)
+            lat = latencies(stamps, follower.arrivals, crit.consensus.overlap, crit.project_id)
             rows.append(
                 {
                     "fraction_of_max": f,

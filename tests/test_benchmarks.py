@@ -1,0 +1,62 @@
+"""The benchmarks' own arithmetic, so that the figures they print mean what they say."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from benchmarks.qc_bench import cvat_style, evaluate, run_goldstream, workforce
+from benchmarks.stream_bench import latencies, percentiles
+from goldstream.services import Endpoints
+from goldstream.simulator import simulate
+from tests.conftest import drop_keys
+
+
+def _score(project: str, ann: str, kind: str, n: int) -> bytes:
+    return orjson.dumps({"event_id": f"s{n}", "project_id": project, "annotation_event_id": ann, "kind": kind})
+
+
+def test_latencies_wait_for_the_annotation_that_completes_the_round() -> None:
+    stamps = {"a1": ("i1", 100.0), "a2": ("i1", 101.0), "a3": ("i1", 103.0), "g1": ("i2", 102.0), "x": ("i3", 50.0)}
+    arrivals = [
+        (102.5, _score("p", "g1", "gold", 1)),
+        (103.2, _score("p", "a1", "consensus", 2)),
+        (103.2, _score("p", "a2", "consensus", 3)),
+        (103.2, _score("p", "a3", "consensus", 4)),
+        (103.3, _score("p", "a3", "consensus", 4)),  # a re-delivery counts once
+        (104.0, _score("other", "a1", "consensus", 5)),  # another project's annotation with the same id
+        (130.0, _score("p", "x", "consensus", 6)),  # a round short of overlap, closed by timeout
+    ]
+    lat = latencies(stamps, arrivals, overlap=3, project="p")
+    assert lat["gold"] == pytest.approx([0.5])
+    assert lat["consensus"] == pytest.approx([0.2, 0.2, 0.2])
+    assert lat["timeout_closed"] == pytest.approx([80.0])
+    p = percentiles([0.010, 0.020, 0.030, 0.040, 1.0])
+    assert p["n"] == 5 and p["p50_ms"] == 30.0 and p["max_ms"] == 1000.0 and p["p50_ms"] < p["p95_ms"] < p["p99_ms"]
+    assert percentiles([])["p50_ms"] is None
+
+
+def test_qc_figures_on_a_small_workforce(services: Endpoints) -> None:
+    """goldstream's escalations must beat a random audit of the same size, its proficiency must
+    rank workers like their true skill, and drifting workers must be alerted on."""
+    sim = simulate(workforce(21, 300), 21)
+
+    async def main() -> tuple:
+        redis = Redis.from_url(services.redis_url)
+        try:
+            return await run_goldstream(sim, redis, "test-qc-bench")
+        finally:
+            await redis.aclose()
+            await drop_keys(services.redis_url, "test-qc-bench")
+
+    result, prof = asyncio.run(main())
+    fig = evaluate(sim, result, prof, cvat_style(sim), None)
+    g = fig["goldstream"]
+    assert fig["annotations"] > 800 and fig["truly_bad_non_gold"] > 50
+    assert g["bad_caught_share"] > fig["random_audit_same_budget"]["bad_caught_share"] + 0.2
+    assert g["spearman_mean_score"] > 0.7 and fig["cvat_style_batch"]["spearman"] > 0.5
+    assert int(g["drift_detected"].split("/")[0]) >= 1
+    assert fig["dawid_skene"] is None
