@@ -15,6 +15,7 @@ effects exactly once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,7 @@ from streams.state import AlertFlags, CriteriaStore, Keys, ProficiencyStore, Red
 from streams.topics import Topics
 
 SCORE_INPUTS = ("annotations", "gold", "reviews", "control")
+log = logging.getLogger(__name__)
 
 
 class TableItems(MutableMapping[str, bytes]):
@@ -189,8 +191,13 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.timer(interval=settings.consensus_check_s)
     async def consensus_timeouts() -> None:
-        for req in await engine().timed_out(datetime.now(UTC)):
-            await out["control"].send(key=req.item_id.encode(), value=req.to_bytes())
+        """Only asks for rounds to close; an error here is logged and retried at the next tick,
+        never allowed to crash the worker (a crashed Faust timer stops the whole app)."""
+        try:
+            for req in await engine().timed_out(datetime.now(UTC)):
+                await out["control"].send(key=req.item_id.encode(), value=req.to_bytes())
+        except Exception:
+            log.exception("consensus timeout check failed; retrying in %.0f s", settings.consensus_check_s)
 
     app.goldstream_agents = (score, projects)  # type: ignore[attr-defined]
     return app

@@ -449,6 +449,8 @@ class Engine:
         out = []
         for item_id, first in self.waiting_items():
             st = self._item(item_id)
+            if not st.waiting or st.gold is not None:
+                continue  # changed since it was listed: the score agent runs between our awaits
             a = st.annotation(st.waiting[0])
             criteria = await self._criteria(a.project_id) if a is not None else None
             if a is None or criteria is None:

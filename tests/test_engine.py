@@ -361,3 +361,36 @@ def test_time_windows_use_event_time_buckets(run) -> None:
     buckets = prof["{p1|w1}:buckets"]
     starts = sorted({int(k.split(":")[0]) for k in buckets})
     assert len(starts) == 2 and starts[1] - starts[0] == int(timedelta(days=1).total_seconds())
+
+
+def test_timed_out_skips_an_item_whose_round_closed_since_it_was_listed(services: Endpoints, keys: Keys) -> None:
+    """The worker's timer lists waiting items, then awaits Redis per item while the score agent
+    runs: an item listed as waiting may have no waiting annotation any more (this crashed a
+    worker in the throughput benchmark)."""
+    from streams.engine import Engine, ItemState
+    from streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+
+    a = annotation(1, "i1", "w1", GOOD)
+    stale = ItemState().with_annotation(a).model_copy(update={"waiting": [a.event_id]})
+    now = ItemState().with_annotation(a)  # the round closed meanwhile: nothing waits
+
+    class Racing(dict):
+        def items(self) -> Any:  # the listing saw the stale state
+            return [("i1", stale.model_dump_json().encode())]
+
+    async def main() -> list:
+        client = Redis.from_url(services.redis_url)
+        try:
+            engine = Engine(
+                items=Racing(i1=now.model_dump_json().encode()),
+                criteria=CriteriaStore(client, keys, ttl_s=float("inf")),
+                proficiency=ProficiencyStore(RedisState(client, keys)),
+                alerts=AlertFlags(client, keys),
+                settings=Settings(stage="replay"),
+                clock=lambda: 0.0,
+            )
+            return await engine.timed_out(None)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == []
