@@ -54,7 +54,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{st['partitions']} partitions. The clock runs from the first annotation sent to the last effect "
         "(score on Kafka and Redis updated; for the baseline, the last forwarded event).",
         "",
-        "| pipeline | processes | annotations/s |",
+        "| pipeline | processes | annotations/s (best of runs) |",
         "|---|---:|---:|",
     ]
     for r in st["throughput"]:

@@ -235,7 +235,7 @@ class Run:
     processes: int
     events: int
     seconds: float
-    outputs: dict[str, int]
+    outputs: dict[str, Any]
 
     @property
     def rate(self) -> float:
@@ -469,14 +469,19 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
 # ----------------------------------------------------------------------------- main
 
 
-async def run(base: Settings, quick: bool, logs: Path) -> dict[str, Any]:
+async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str, Any]:
     items = 300 if quick else 2000
     sim = workload("tp", items, seed=2026)
     runs: list[Run] = []
     for kind, procs in (("forward", 1), ("goldstream", 1), ("forward", 2), ("goldstream", 2)):
-        r = await throughput(base, sim, kind, procs, logs)
-        print(f"  {kind:<11}{procs} process(es): {r.events} annotations in {r.seconds:6.2f} s = {r.rate:7.1f}/s")
-        runs.append(r)
+        tries = []
+        for _ in range(repeat):  # best of `repeat`: a shared 2-core machine only ever slows a run down
+            r = await throughput(base, sim, kind, procs, logs)
+            print(f"  {kind:<11}{procs} process(es): {r.events} annotations in {r.seconds:6.2f} s = {r.rate:7.1f}/s")
+            tries.append(r)
+        best = max(tries, key=lambda r: r.rate)
+        best.outputs["tries_per_s"] = [round(r.rate, 1) for r in tries]  # type: ignore[assignment]
+        runs.append(best)
     by = {(r.name, r.processes): r for r in runs}
     one = by[("goldstream", 1)].rate
     lat = await latency(base, one, (0.25, 0.5, 0.75), 6.0 if quick else 25.0, logs)
@@ -510,11 +515,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small workload (a smoke run)")
     ap.add_argument("--json", type=Path, default=RESULTS / "stream.json")
+    ap.add_argument("--repeat", type=int, default=0, help="throughput runs per configuration, best kept (default 2)")
     args = ap.parse_args()
     base = Settings.load(partitions=4, log_level="warning")
     logs = Path(tempfile.mkdtemp(prefix="goldstream-bench-"))
     print(f"stream benchmark on {base.kafka_bootstrap} and {base.redis_url} (worker logs: {logs})")
-    figures = asyncio.run(run(base, args.quick, logs))
+    figures = asyncio.run(run(base, args.quick, logs, args.repeat or (1 if args.quick else 2)))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures["ratios"]))

@@ -189,6 +189,10 @@ def create_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             await send(await engine().handle(record(event)))
 
+    @app.on_rebalance_complete.connect
+    async def reindex(sender: Any, **kwargs: Any) -> None:
+        engine().reindex()  # recovered or revoked partitions changed the item table
+
     @app.timer(interval=settings.consensus_check_s)
     async def consensus_timeouts() -> None:
         """Only asks for rounds to close; an error here is logged and retried at the next tick,

@@ -123,6 +123,12 @@ class Engine:
     alerts: AlertFlags
     settings: Settings = field(default_factory=Settings)
     clock: object = time.time  # wall clock, only for caches and received_at stamps
+    # items with annotations waiting for a round -> the oldest one's submission time, so that the
+    # consensus timer need not parse the whole item table each tick (it did: a pause that grew
+    # with the table); `_indexed` are the item ids the index has seen (see `waiting_items`)
+    _waiting: dict[str, datetime] = field(default_factory=dict, init=False, repr=False)
+    _indexed: set[str] = field(default_factory=set, init=False, repr=False)
+    _rescan: bool = field(default=True, init=False, repr=False)
 
     # ------------------------------------------------------------------ helpers
 
@@ -170,6 +176,15 @@ class Engine:
 
     def _save(self, item_id: str, state: ItemState) -> None:
         self.items[item_id] = state.model_dump_json().encode()
+        self._index(item_id, state)
+
+    def _index(self, item_id: str, st: ItemState) -> None:
+        self._indexed.add(item_id)
+        times = [x.submitted_at for e in st.waiting if (x := st.annotation(e)) is not None]
+        if times and st.gold is None:
+            self._waiting[item_id] = min(times)
+        else:
+            self._waiting.pop(item_id, None)
 
     # ------------------------------------------------------------------ inputs
 
@@ -476,14 +491,21 @@ class Engine:
         return out
 
     def waiting_items(self) -> list[tuple[str, datetime]]:
-        """Items with annotations waiting for a round, with the oldest one's submission time."""
-        out = []
-        for item_id, raw in list(self.items.items()):
-            st = ItemState.model_validate_json(raw)
-            times = [x.submitted_at for e in st.waiting if (x := st.annotation(e)) is not None]
-            if times and st.gold is None:
-                out.append((item_id, min(times)))
-        return out
+        """Items with annotations waiting for a round, with the oldest one's submission time.
+
+        From the index kept by `_save`; the table is scanned again after `reindex` (a rebalance)
+        or when its size says that someone else changed it."""
+        if self._rescan or len(self.items) != len(self._indexed):
+            self._rescan = False
+            self._waiting.clear()
+            self._indexed.clear()
+            for item_id, raw in list(self.items.items()):
+                self._index(item_id, ItemState.model_validate_json(raw))
+        return sorted(self._waiting.items())
+
+    def reindex(self) -> None:
+        """The item table changed under us (partitions recovered or revoked): scan it next time."""
+        self._rescan = True
 
     async def _score_round(
         self, st: ItemState, round_id: str, members: list[str], criteria: ProjectCriteria

@@ -394,3 +394,44 @@ def test_timed_out_skips_an_item_whose_round_closed_since_it_was_listed(services
             await client.aclose()
 
     assert asyncio.run(main()) == []
+
+
+def test_waiting_items_come_from_an_index_not_a_table_scan(services: Endpoints, keys: Keys) -> None:
+    """The consensus timer runs every few seconds: it must not parse the whole item table each time."""
+    from streams.engine import Engine
+    from streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+    from tests.scenario import record
+
+    class Counting(dict):
+        scans = 0
+
+        def items(self) -> Any:
+            Counting.scans += 1
+            return super().items()
+
+    c = criteria(consensus=s.ConsensusPolicy(overlap=2, timeout_s=1e9))
+
+    async def main() -> tuple[list, list, list, int]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            engine = Engine(
+                items=Counting(),
+                criteria=CriteriaStore(client, keys, ttl_s=float("inf")),
+                proficiency=ProficiencyStore(RedisState(client, keys)),
+                alerts=AlertFlags(client, keys),
+                settings=Settings(stage="replay"),
+                clock=lambda: 0.0,
+            )
+            await engine.handle(record(c))
+            first = engine.waiting_items()  # the one scan, of an empty table
+            for n, (item, worker) in enumerate([("i1", "w1"), ("i2", "w1")]):
+                await engine.handle(record(annotation(n, item, worker, GOOD), n))
+            both = engine.waiting_items()
+            await engine.handle(record(annotation(9, "i1", "w2", GOOD), 9))  # closes i1's round
+            return first, both, engine.waiting_items(), Counting.scans
+        finally:
+            await client.aclose()
+
+    first, both, after, scans = asyncio.run(main())
+    assert first == [] and [i for i, _ in both] == ["i1", "i2"] and [i for i, _ in after] == ["i2"]
+    assert scans == 1
