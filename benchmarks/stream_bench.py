@@ -420,7 +420,13 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
             n = max(int(rate * seconds), 60)
             sim = workload(f"lat{int(f * 100)}", max(math.ceil(n / 3.1), 20), seed=100 + k)
             crit, gold, anns = split(sim)
-            anns = anns[:n]
+            # an item's annotators work on it at about the same time (a labeling tool hands it to
+            # all of them at once), so rounds complete as steadily as annotations arrive; in the
+            # simulator's order they would all complete near the end of a short run
+            first: dict[str, datetime] = {}
+            for a in anns:
+                first.setdefault(a.item_id, a.submitted_at)
+            anns = sorted(anns, key=lambda a: (first[a.item_id], a.submitted_at))[:n]
             await set_criteria(settings, crit, wait_s=120)
             if k == 0:
                 await wait_stable(settings, [settings.app_id, f"{settings.app_id}-proficiency"], 1, [worker])
