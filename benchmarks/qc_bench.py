@@ -64,27 +64,25 @@ CRITERIA = {
 }
 
 
+# skill ranges (per object, noise in pixels) the workers' skills are drawn from
+GOOD = {"miss_rate": (0.01, 0.08), "fp_rate": (0.01, 0.08), "loc_noise": (1.0, 4.0),
+        "label_confusion": (0.0, 0.04), "class_error": (0.01, 0.08)}  # fmt: skip
+POOR = {"miss_rate": (0.15, 0.35), "fp_rate": (0.1, 0.3), "loc_noise": (5.0, 12.0),
+        "label_confusion": (0.05, 0.2), "class_error": (0.15, 0.4)}  # fmt: skip
+
+
 def workforce(seed: int, items: int, workers: int = 20) -> WorkforceSpec:
     """Mostly good workers, a few poor ones, a few who drift from good to poor at a random task."""
     rng = np.random.default_rng(seed)
 
+    def draw(ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
+        return {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in ranges.items()}
+
     def good() -> dict[str, float]:
-        return {
-            "miss_rate": float(rng.uniform(0.01, 0.08)),
-            "fp_rate": float(rng.uniform(0.01, 0.08)),
-            "loc_noise": float(rng.uniform(1.0, 4.0)),
-            "label_confusion": float(rng.uniform(0.0, 0.04)),
-            "class_error": float(rng.uniform(0.01, 0.08)),
-        }
+        return draw(GOOD)
 
     def poor() -> dict[str, float]:
-        return {
-            "miss_rate": float(rng.uniform(0.15, 0.35)),
-            "fp_rate": float(rng.uniform(0.1, 0.3)),
-            "loc_noise": float(rng.uniform(5.0, 12.0)),
-            "label_confusion": float(rng.uniform(0.05, 0.2)),
-            "class_error": float(rng.uniform(0.15, 0.4)),
-        }
+        return draw(POOR)
 
     n_poor, n_drift = max(1, workers // 5), max(1, workers // 5)
     specs = []

@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 
 import schemas as s
 from benchmarks.forward_app import FORWARDED
-from goldstream.commands import endpoints, publish, set_criteria
+from goldstream.commands import committed_to_end, endpoints, publish, set_criteria
 from goldstream.proc import WorkerProcess
 from goldstream.settings import Settings
 from goldstream.simulator import ProjectSpec, ReviewSpec, Simulation, WorkerSpec, WorkforceSpec, simulate
@@ -132,22 +132,6 @@ async def cleanup(settings: Settings) -> None:
             await redis.delete(key)
     finally:
         await redis.aclose()
-
-
-async def committed_to_end(settings: Settings, group: str, topic: str) -> bool:
-    """Has `group` committed every partition of `topic` up to its end offset?"""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await consumer.start()
-    await admin.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in range(settings.partitions)]
-        end = await consumer.end_offsets(parts)
-        committed = await admin.list_consumer_group_offsets(group)
-        return all(end[tp] == 0 or (tp in committed and committed[tp].offset >= end[tp]) for tp in parts)
-    finally:
-        await consumer.stop()
-        await admin.close()
 
 
 async def group_size(settings: Settings, group: str) -> tuple[str, int]:
@@ -282,9 +266,7 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
             await set_criteria(settings, crit, wait_s=120)
         await wait_stable(settings, groups, processes, workers)
         await publish(settings, envelopes_of(gold))
-        await wait_until(
-            lambda: committed_to_end(settings, settings.app_id, topics.name("gold")), 120, "gold consumed", workers
-        )
+        await wait_until(lambda: committed_to_end(settings, settings.app_id, "gold"), 120, "gold consumed", workers)
         expected = len(anns) + (len(gold) if kind == "forward" else 0)
         await follower.start()
         items = envelopes_of(anns)
@@ -302,9 +284,8 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
         t_out = max(t for t, _ in follower.arrivals)
         t_end = t_out
         if kind == "goldstream":
-            scores = topics.name("scores")
             await wait_until(
-                lambda: committed_to_end(settings, f"{settings.app_id}-proficiency", scores), 600, "Redis", workers
+                lambda: committed_to_end(settings, f"{settings.app_id}-proficiency", "scores"), 600, "Redis", workers
             )
             t_end = max(t_out, time.time())
         extra: dict[str, int | float] = {"publish_seconds": round(sent, 3)}
@@ -431,9 +412,7 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
             if k == 0:
                 await wait_stable(settings, [settings.app_id, f"{settings.app_id}-proficiency"], 1, [worker])
             await publish(settings, envelopes_of(gold))
-            await wait_until(
-                lambda: committed_to_end(settings, settings.app_id, topics.name("gold")), 120, "gold", [worker]
-            )
+            await wait_until(lambda: committed_to_end(settings, settings.app_id, "gold"), 120, "gold", [worker])
             t0 = time.monotonic()
             stamps = await offer(settings, anns, rate)
             offered_s = time.monotonic() - t0

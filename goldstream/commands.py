@@ -164,6 +164,26 @@ async def topic_partitions(ep: Endpoints, name: str) -> list[int]:
         await admin.close()
 
 
+async def committed_to_end(settings: Settings, group: str, logical: str) -> bool:
+    """Has `group` committed every partition of a topic up to its end? (Kafka orders partitions,
+    not topics: whoever needs gold consumed before annotations arrive must wait for this.)"""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    name = Topics(settings.topic_prefix).name(logical)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    await admin.start()
+    try:
+        parts = [TopicPartition(name, p) for p in await topic_partitions(endpoints(settings), name)]
+        end = await consumer.end_offsets(parts)
+        committed = await admin.list_consumer_group_offsets(group)
+        return all(end[tp] == 0 or (tp in committed and committed[tp].offset >= end[tp]) for tp in parts)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
 async def read_topic(
     settings: Settings, logical: str, *, until_idle_s: float = 2.0, timeout_s: float = 120.0
 ) -> list[tuple[bytes | None, bytes | None]]:

@@ -291,15 +291,19 @@ class Engine:
             if a.event_id not in st.gold_scored:
                 st = st.model_copy(update={"gold_scored": [*st.gold_scored, a.event_id][-MAX_ANNOTATIONS_PER_ITEM:]})
             self._save(a.item_id, st)
-            return await self._gold_score(a, st.gold, criteria) + await self._parked_reviews(a, criteria)
+            return await self._gold_score(a, st.gold, criteria) + await self._parked_reviews(a, st, criteria)
         if a.event_id not in st.waiting and not _in_round(st, a.event_id):
             st = st.model_copy(update={"waiting": [*st.waiting, a.event_id]})
         self._save(a.item_id, st)
         out = await self._submission_checks(a, criteria)
         out += await self._consensus(a, st, criteria)
-        return out + await self._parked_reviews(a, criteria)
+        return out + await self._parked_reviews(a, st, criteria)
 
-    async def _parked_reviews(self, a: AnnotationSubmitted, criteria: ProjectCriteria) -> list[Emit]:
+    async def _parked_reviews(self, a: AnnotationSubmitted, seen: ItemState, criteria: ProjectCriteria) -> list[Emit]:
+        """Reviews that waited for this annotation. `seen`: the item state as this event found it
+        (only reviews park reviews, so when it holds none for `a` there is nothing to re-read)."""
+        if not any(r.annotation_event_id == a.event_id for r in seen.parked_reviews):
+            return []
         st = self._item(a.item_id)
         mine = [r for r in st.parked_reviews if r.annotation_event_id == a.event_id]
         if not mine:

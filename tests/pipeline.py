@@ -10,7 +10,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 import schemas as s
-from goldstream.commands import publish, read_topic
+from goldstream.commands import committed_to_end, publish, read_topic
 from goldstream.proc import WorkerProcess
 from goldstream.settings import Settings
 from streams.engine import Record
@@ -103,26 +103,6 @@ def write_envelopes(path: Path, messages: Sequence[s.Message]) -> Path:
 
 
 def wait_consumed(settings: Settings, logical: str, timeout: float = 90.0) -> None:
-    """Wait until the worker group has committed a topic to its end (e.g. gold before annotations:
-    Kafka orders partitions, not topics, so a test that needs gold first must wait for it)."""
-    from aiokafka import AIOKafkaConsumer
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.structs import TopicPartition
-
-    name = f"{settings.topic_prefix}{logical}"
-
-    async def done() -> bool:
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await consumer.start()
-        await admin.start()
-        try:
-            parts = [TopicPartition(name, p) for p in range(settings.partitions)]
-            end = await consumer.end_offsets(parts)
-            committed = await admin.list_consumer_group_offsets(settings.app_id)
-            return all(committed.get(tp) is not None and committed[tp].offset >= end[tp] for tp in parts)
-        finally:
-            await consumer.stop()
-            await admin.close()
-
-    wait_for(lambda: asyncio.run(done()), timeout, f"the workers to consume {logical}")
+    """Wait until the worker group has committed a topic to its end (e.g. gold before annotations)."""
+    wait_for(lambda: asyncio.run(committed_to_end(settings, settings.app_id, logical)), timeout,
+             f"the workers to consume {logical}")  # fmt: skip
