@@ -17,8 +17,8 @@ ENV_PREFIX = "GOLDSTREAM_"
 class Settings:
     """Everything a worker needs beyond the projects' criteria (which live on `projects`)."""
 
-    kafka_bootstrap: str = "127.0.0.1:39092"
-    redis_url: str = "redis://127.0.0.1:36379/0"
+    kafka_bootstrap: str = "127.0.0.1:29192"
+    redis_url: str = "redis://127.0.0.1:26479/0"
     services_kind: str = "external"  # "embedded": Tansu, whose producer takes no idempotence
     topic_prefix: str = "goldstream."
     key_prefix: str = "gs"

@@ -16,6 +16,8 @@ effects exactly once.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +75,8 @@ def base_app(settings: Settings) -> faust.App:
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
+        # Faust makes a data directory even for memory stores; keep it out of the working directory
+        datadir=os.path.join(tempfile.gettempdir(), "goldstream-faust-{conf.name}"),
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         processing_guarantee="at_least_once",
