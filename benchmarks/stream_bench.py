@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 
 import schemas as s
 from benchmarks.forward_app import FORWARDED
-from goldstream.commands import committed_to_end, endpoints, publish, set_criteria
+from goldstream.commands import committed_to_end, endpoints, group_members, publish, set_criteria
 from goldstream.proc import WorkerProcess
 from goldstream.settings import Settings
 from goldstream.simulator import ProjectSpec, ReviewSpec, Simulation, WorkerSpec, WorkforceSpec, simulate
@@ -134,17 +134,6 @@ async def cleanup(settings: Settings) -> None:
         await redis.aclose()
 
 
-async def group_size(settings: Settings, group: str) -> tuple[str, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        (resp,) = await admin.describe_consumer_groups([group])
-        (desc,) = resp.to_object()["groups"]
-        return desc["state"], len(desc["members"])
-    finally:
-        await admin.close()
-
-
 async def wait_until(check: Any, timeout: float, what: str, workers: Sequence[WorkerProcess] = ()) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -164,7 +153,7 @@ async def wait_stable(
 
     async def check() -> bool:
         for g in groups:
-            state, n = await group_size(settings, g)
+            state, n = await group_members(settings, g)
             if state != "Stable" or n != members:
                 return False
         return True

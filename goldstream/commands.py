@@ -184,6 +184,20 @@ async def committed_to_end(settings: Settings, group: str, logical: str) -> bool
         await admin.close()
 
 
+async def group_members(settings: Settings, group: str) -> tuple[str, int]:
+    """A consumer group's state ('Stable', 'Empty', 'PreparingRebalance', ...) and member count."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        (resp,) = await admin.describe_consumer_groups([group])
+        (desc,) = resp.to_object()["groups"]
+        return desc["state"], len(desc["members"])
+    finally:
+        await admin.close()
+
+
 async def read_topic(
     settings: Settings, logical: str, *, until_idle_s: float = 2.0, timeout_s: float = 120.0
 ) -> list[tuple[bytes | None, bytes | None]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import schemas as s
-from goldstream.commands import rebuild_proficiency, report, set_criteria
+from goldstream.commands import group_members, rebuild_proficiency, report, set_criteria
 from goldstream.services import Endpoints
 from goldstream.settings import Settings
 from streams.state import Keys
@@ -211,6 +211,9 @@ def test_kill9_midstream_then_restart_equals_replay(settings: Settings, tmp_path
     wait_for(lambda: len(unique_ids(settings, "scores", s.ScoreRecord)) >= 40, 120, "the first scores", [first])
     first.kill9()
     killed_at = len(unique_ids(settings, "scores", s.ScoreRecord))
+    # as a supervisor with a back-off would: restart once the dead member's session has expired
+    # (a worker joining while the group still waits for the dead one is where Faust stalled most)
+    wait_for(lambda: asyncio.run(group_members(settings, settings.app_id))[1] == 0, 60, "the dead member to expire")
     assert killed_at < expected, "the worker finished before it was killed: give it more work"
     # faust-streaming 0.15.3 sometimes stalls after such a restart (about one run in six here: the
     # worker says Ready and consumes nothing). A supervisor's liveness check would restart it; so
@@ -225,7 +228,7 @@ def test_kill9_midstream_then_restart_equals_replay(settings: Settings, tmp_path
                 240,
                 "every score",
                 [worker],
-                stalled_after=30,  # the restarted worker finishes in about 12 s when it runs
+                stalled_after=60,  # the restarted worker finishes in about 12 s when it runs
                 progress=lambda: len(unique_ids(settings, "scores", s.ScoreRecord)),
             )
             wait_for(
@@ -237,8 +240,7 @@ def test_kill9_midstream_then_restart_equals_replay(settings: Settings, tmp_path
             took = time.monotonic() - t0
             break
         except Stalled:
-            restarts += 1
-            worker.kill9()
+            restarts += 1  # stopped cleanly (it leaves the group) by the `finally` below
             assert restarts <= 6, "the worker stalled after six restarts"
         finally:
             worker.stop()
