@@ -183,6 +183,23 @@ def alert_transition(current: str | None, value: float | None, target: float | N
     return None
 
 
+def qualification_flag(current: str | None, state: QualificationState) -> str | None:
+    """The next qualification alert flag, or None when there is no news. Fires on probation or
+    suspension (again on probation -> suspended); resolves only on qualifying, not on falling
+    back to 'qualifying' (which flapped around the probation line); a suspension stands until
+    the worker qualifies again."""
+    current = current or "resolved"
+    if state in (QualificationState.PROBATION, QualificationState.SUSPENDED):
+        new = state.value
+    elif state == QualificationState.QUALIFIED:
+        new = "resolved"
+    else:
+        return None
+    if new == current or (current, new) == ("suspended", "probation"):
+        return None
+    return new
+
+
 def window_mean(buckets: Mapping[int, tuple[int, int]], as_of: int, window_s: int) -> tuple[float | None, int]:
     """Mean item score and count over buckets (start -> (count, score sum in fixed point))
     whose start lies within `window_s` before `as_of` (event time, seconds)."""

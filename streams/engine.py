@@ -31,7 +31,6 @@ from schemas.messages import (
     GoldAnswer,
     ItemScore,
     Message,
-    QualificationState,
     QualityAlert,
     ReviewResult,
     RoundTimeout,
@@ -51,6 +50,7 @@ from scoring.policy import (
     gold_escalates,
     gold_threshold,
     priority,
+    qualification_flag,
     window_mean,
 )
 from streams.state import AlertFlags, CriteriaStore, Increment, ProficiencyStore, buckets_of, high_water
@@ -615,8 +615,7 @@ class Engine:
         self, latest: dict, crit: dict[str, ProjectCriteria], scored: list, standing: dict
     ) -> list[Emit]:
         """Worker, label and project metrics over the alert window, with hysteresis; and worker
-        qualification, which fires on probation or suspension and resolves only on qualifying
-        (not on falling back to 'qualifying', which would flap around the probation line)."""
+        qualification (`scoring.policy.qualification_flag`)."""
         if not latest:
             return []
         out: list[Emit] = []
@@ -646,16 +645,11 @@ class Engine:
             if hw is not None and hw > as_of[p].timestamp():
                 as_of[p] = datetime.fromtimestamp(hw, UTC)
         flags = {p: await self.alerts.current(p) for p in projects}
-        flagged = (QualificationState.PROBATION, QualificationState.SUSPENDED)
         for (p, w), (b, a) in sorted(standing.items()):
-            # the flag holds the flagged state, so probation -> suspended alerts again
             field_name = f"{AlertScope.WORKER.value}:{w}:qualification"
-            flag = (
-                a.state.value if a.state in flagged else "resolved" if a.state == QualificationState.QUALIFIED else None
-            )
-            current = flags[p].get(field_name, "resolved")
-            if flag is None or current == flag or (current, flag) == ("suspended", "probation"):
-                continue  # no news; and a suspension stands until the worker qualifies again
+            flag = qualification_flag(flags[p].get(field_name), a.state)
+            if flag is None:
+                continue
             if not await self.alerts.change(p, field_name, flag):
                 continue
             out.append(

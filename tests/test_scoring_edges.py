@@ -498,3 +498,16 @@ def test_rotated_boxes_sharing_collinear_edges_overlap_in_both_orders() -> None:
     expected = 15.0 / 59.685447839686155  # a lies inside b: same centre, angle and height
     assert scoring.rotated_box_iou(a, b)[0, 0] == pytest.approx(expected, abs=1e-9)
     assert scoring.rotated_box_iou(b, a)[0, 0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_qualification_flag_has_hysteresis() -> None:
+    from scoring.policy import qualification_flag
+
+    q = s.QualificationState
+    assert qualification_flag(None, q.QUALIFYING) is None
+    assert qualification_flag(None, q.PROBATION) == "probation"
+    assert qualification_flag("probation", q.QUALIFYING) is None  # no flapping around the line
+    assert qualification_flag("probation", q.SUSPENDED) == "suspended"
+    assert qualification_flag("suspended", q.PROBATION) is None  # a suspension stands
+    assert qualification_flag("suspended", q.QUALIFIED) == "resolved"
+    assert qualification_flag(None, q.QUALIFIED) is None
