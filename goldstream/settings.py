@@ -33,6 +33,15 @@ class Settings:
     consensus_check_s: float = 30.0
     session_timeout_s: float = 10.0
     log_level: str = "warning"
+    # a worker is either working or gone (streams.watchdog)
+    stall_timeout_s: float = 60.0  # lag and no progress this long: exit for the supervisor (0: off)
+    watch_every_s: float = 5.0
+    ready_max_lag: int = 10_000  # /ready fails above this many records of lag
+    health_port: int = 6068  # /healthz and /ready (0: off)
+    shutdown_timeout_s: float = 30.0  # a stop signal not obeyed by then ends the process
+    loop_block_s: float = 120.0  # an event loop stuck this long ends the process
+    fault: str = ""  # tests only: fault injection (streams.app.Fault)
+    redis_lost_state: str = "rebuild"  # or "stop": what a worker does at start when Redis lost its state
 
     @classmethod
     def load(

@@ -39,6 +39,13 @@ Id = Annotated[
         description="Identifier: 1-128 chars, letters, digits and . _ : @ / + - (no spaces or braces).",
     ),
 ]
+
+
+def is_id(value: str) -> bool:
+    """Whether a string is a valid Id (e.g. a Kafka key that must name an item or a project)."""
+    return _ID_RE.match(value) is not None
+
+
 Label = Annotated[
     str,
     Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$", description="Label name."),
@@ -47,9 +54,13 @@ Label = Annotated[
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits applied while decoding, so one oversized message cannot exhaust a worker."""
+    """Size limits applied while decoding, so one oversized message cannot exhaust a worker.
 
-    max_message_bytes: int = 4 * 1024 * 1024
+    `max_message_bytes` is half of Kafka's default 1 MB message size: the check can fire on
+    anything Kafka delivers, and what the worker derives from an accepted message (an escalation
+    embedding the annotation, a dead letter carrying it in base64) still fits on a topic."""
+
+    max_message_bytes: int = 512 * 1024
     max_objects: int = 5_000
     max_vertices: int = 20_000
     max_keypoints: int = 512
@@ -139,6 +150,10 @@ class Message(Model):
     """A top-level message on a goldstream topic."""
 
     topic: ClassVar[str] = ""
+    min_size_limit: ClassVar[int] = 0
+    """A floor under `Limits.max_message_bytes` for messages goldstream derives from an accepted
+    input and may be larger than it (an escalation embeds the annotation; a dead letter carries
+    its input in base64)."""
 
     schema_version: SchemaVersion = SCHEMA_VERSION
     event_id: Id = Field(description="Unique id of this event; re-deliveries carry the same id.")
@@ -164,11 +179,9 @@ def decode(model: type[M], raw: bytes | bytearray | memoryview | str, limits: Li
     if isinstance(raw, memoryview):
         raw = raw.tobytes()
     size = len(raw.encode() if isinstance(raw, str) else raw)
-    if size > limits.max_message_bytes:
-        raise SchemaError(
-            [FieldError("", f"message is {size} bytes, over the limit of {limits.max_message_bytes}", "too_large")],
-            name,
-        )
+    limit = max(limits.max_message_bytes, getattr(model, "min_size_limit", 0))
+    if size > limit:
+        raise SchemaError([FieldError("", f"message is {size} bytes, over the limit of {limit}", "too_large")], name)
     try:
         return model.model_validate_json(raw, context={"limits": limits})
     except ValidationError as exc:

@@ -3,18 +3,43 @@
 Shared by annotations, gold answers and review corrections, so the three compare like for like.
 Coordinates are pixels, origin top-left, y down (see docs/metrics.md); adapters convert tool
 formats (Label Studio percentages, CVAT rotations) before anything reaches these models.
+
+Coordinates are bounded (docs/messages.md, "Bounds"): every vertex, corner and point lies within
+one image size of the item's image (of the largest image, 1,000,000 px, when the item declares no
+size), and a mask is the image's size. A finite but absurd number (1e308) is a message error,
+named by field, rather than an overflow in scoring.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from schemas.base import Id, Label, Model, limits_of
 
-Coord = float
-NonNeg = Annotated[float, Field(ge=0)]
+MAX_IMAGE_SIDE = 1_000_000
+"""The largest image width or height an item may declare, in pixels."""
+
+MARGIN = 1.0
+"""k: how far, in image sizes, a shape may reach beyond each edge of its image. Tools let
+annotators drag a little past the border (and scoring clips regions to the image), so the bound
+is generous; it exists so that a coordinate like 1e308 is an error in the message, not a numpy
+overflow in scoring."""
+
+COORD_MIN = -MARGIN * MAX_IMAGE_SIDE
+COORD_MAX = (1 + MARGIN) * MAX_IMAGE_SIDE
+SIZE_MAX = COORD_MAX - COORD_MIN
+MAX_MASK_PIXELS = 1 << 27
+"""height x width of a mask (134 Mpx, 11585 x 11585): a polygon compared with a mask is rasterised
+at the mask's size, so the size bounds the memory and time one message can cost."""
+
+Coord = Annotated[float, Field(ge=COORD_MIN, le=COORD_MAX)]
+NonNeg = Annotated[float, Field(ge=0, le=SIZE_MAX)]
+Area = Annotated[float, Field(ge=0, le=SIZE_MAX * SIZE_MAX)]
 XY = tuple[Coord, Coord]
 Visibility = Literal[0, 1, 2]
 XYV = tuple[Coord, Coord, Visibility]
@@ -104,7 +129,7 @@ class Keypoints(Model):
     type: Literal["keypoints"] = "keypoints"
     points: list[XYV]
     schema_name: Annotated[str | None, Field(alias="schema", max_length=128)] = None
-    area: NonNeg | None = None
+    area: Area | None = None
     bbox: tuple[Coord, Coord, NonNeg, NonNeg] | None = None
 
     model_config = Model.model_config | {"populate_by_name": True, "serialize_by_alias": True}
@@ -128,6 +153,8 @@ class Mask(Model):
     @model_validator(mode="after")
     def _counts_fit(self) -> Mask:
         h, w = self.size
+        if h * w > MAX_MASK_PIXELS:
+            raise ValueError(f"a {h} x {w} mask has {h * w} pixels, over the limit of {MAX_MASK_PIXELS}")
         if isinstance(self.counts, list):
             total = sum(self.counts)
             if total != h * w:
@@ -170,8 +197,8 @@ class Relationship(Model):
 class ImageSize(Model):
     """Pixel size of the item, used to clip regions and convert tool percentages."""
 
-    width: Annotated[int, Field(gt=0, le=1_000_000)]
-    height: Annotated[int, Field(gt=0, le=1_000_000)]
+    width: Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]
+    height: Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]
 
 
 class Content(Model):
@@ -204,3 +231,74 @@ class Content(Model):
                 if end not in seen:
                     raise ValueError(f"relationships.{n} refers to unknown object id {end!r}")
         return self
+
+    @model_validator(mode="after")
+    def _within_image(self) -> Content:
+        """Every vertex, corner and point lies within MARGIN image sizes of the image.
+
+        The window is [-k W, (1 + k) W] x [-k H, (1 + k) H] for the item's image W x H, or for the
+        largest image (MAX_IMAGE_SIDE) when the item declares none; a mask must be the image's size.
+        """
+        width, height = (self.image.width, self.image.height) if self.image else (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)
+        x0, x1 = -MARGIN * width, (1 + MARGIN) * width
+        y0, y1 = -MARGIN * height, (1 + MARGIN) * height
+        for n, obj in enumerate(self.objects):
+            shape = obj.shape
+            if isinstance(shape, Mask):
+                if self.image is not None and tuple(shape.size) != (height, width):
+                    raise _outside(
+                        f"objects.{n}.shape: mask size [{shape.size[0]}, {shape.size[1]}] is not the image's "
+                        f"[height, width] [{height}, {width}]"
+                    )
+                continue
+            if isinstance(shape, Keypoints) and shape.area is not None and shape.area > (x1 - x0) * (y1 - y0):
+                raise _outside(f"objects.{n}.shape.area {shape.area:g} is larger than the image's window")
+            if isinstance(shape, Polygon | Polyline):
+                # vertices by the thousand: bound them in C first, name the offender only if needed
+                rings = [shape.points, *shape.holes] if isinstance(shape, Polygon) else [shape.points]
+                xs, ys = zip(*(xy for ring in rings for xy in ring), strict=True)
+                if x0 <= min(xs) and max(xs) <= x1 and y0 <= min(ys) and max(ys) <= y1:
+                    continue
+            for what, x, y in _extent(shape):
+                if not (x0 <= x <= x1 and y0 <= y <= y1):
+                    raise _outside(
+                        f"objects.{n}.shape: {what} ({x:g}, {y:g}) is outside the image's window "
+                        f"[{x0:g}, {x1:g}] x [{y0:g}, {y1:g}] ({MARGIN:g} image size beyond each edge)"
+                    )
+        return self
+
+
+def _outside(detail: str) -> PydanticCustomError:
+    """An error of type `outside_image`, so dead letters can tell it from other value errors."""
+    return PydanticCustomError("outside_image", "{detail}", {"detail": detail})
+
+
+def _extent(shape: BBox | RotatedBBox | Polygon | Polyline | Point | Keypoints) -> Iterator[tuple[str, float, float]]:
+    """The points that bound a shape (named for error messages): its vertices, corners or points."""
+    if isinstance(shape, BBox):
+        yield "top-left corner", shape.x, shape.y
+        yield "bottom-right corner", shape.x + shape.w, shape.y + shape.h
+    elif isinstance(shape, RotatedBBox):
+        t = math.radians(shape.angle)
+        cos, sin = math.cos(t), math.sin(t)
+        for i, (dx, dy) in enumerate(((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5))):
+            lx, ly = dx * shape.w, dy * shape.h
+            yield f"corner {i}", lx * cos - ly * sin + shape.cx, lx * sin + ly * cos + shape.cy
+    elif isinstance(shape, Polygon):
+        for i, (x, y) in enumerate(shape.points):
+            yield f"vertex {i}", x, y
+        for h, ring in enumerate(shape.holes):
+            for i, (x, y) in enumerate(ring):
+                yield f"hole {h} vertex {i}", x, y
+    elif isinstance(shape, Polyline):
+        for i, (x, y) in enumerate(shape.points):
+            yield f"vertex {i}", x, y
+    elif isinstance(shape, Point):
+        yield "point", shape.x, shape.y
+    elif isinstance(shape, Keypoints):
+        for i, (x, y, _) in enumerate(shape.points):
+            yield f"keypoint {i}", x, y
+        if shape.bbox is not None:
+            bx, by, bw, bh = shape.bbox
+            yield "bbox top-left corner", bx, by
+            yield "bbox bottom-right corner", bx + bw, by + bh

@@ -236,7 +236,7 @@ class AlertPolicy(Model):
 class LimitsSpec(Model):
     """Size limits for this project's messages (schemas.base.Limits)."""
 
-    max_message_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    max_message_bytes: Annotated[int, Field(gt=0)] = 512 * 1024
     max_objects: Annotated[int, Field(gt=0)] = 5_000
     max_vertices: Annotated[int, Field(gt=0)] = 20_000
     max_keypoints: Annotated[int, Field(gt=0)] = 512

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import zlib
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import AwareDatetime, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from schemas.base import Id, Label, Message, Model
 from schemas.content import Content
 from schemas.criteria import ProjectCriteria
+
+OUTPUT_SIZE_LIMIT = 1024 * 1024
+"""Escalations and dead letters may exceed the input limit (they embed an input): up to Kafka's
+default message size."""
 
 Unit = Annotated[float, Field(ge=0, le=1)]
 Count = Annotated[int, Field(ge=0)]
@@ -294,6 +299,7 @@ class Escalation(Message):
     """An annotation sent to expert review (topic `escalations`, key item_id)."""
 
     topic: ClassVar[str] = "escalations"
+    min_size_limit: ClassVar[int] = OUTPUT_SIZE_LIMIT
 
     project_id: Id
     item_id: Id
@@ -344,23 +350,53 @@ class QualityAlert(Message):
 # ------------------------------------------------------------------------------- failures
 
 
+RAW_KEPT_MAX = 600_000
+"""Bytes of an input a dead letter carries as they are. With base64 (4/3) and the rest of the
+letter that stays under Kafka's default 1 MB, so the letter of any input Kafka delivered can itself
+be published; a larger input is kept zlib-compressed, or (incompressible) its first bytes with its
+size and sha256 (the whole input stays at its source topic, partition and offset)."""
+KEY_KEPT_MAX = 16 * 1024
+ERRORS_KEPT = 50
+
+
 class DeadLetter(Message):
     """Input that could not be processed, kept whole with the reason (topic `deadletter`)."""
 
     topic: ClassVar[str] = "deadletter"
+    min_size_limit: ClassVar[int] = OUTPUT_SIZE_LIMIT
 
     source_topic: Annotated[str, Field(min_length=1, max_length=249)]
     source_partition: Annotated[int, Field(ge=-1)]
     source_offset: Annotated[int, Field(ge=-1)]
     key_b64: str | None = None
-    raw_b64: str = Field(description="the message value as received, base64")
+    raw_b64: str = Field(description="the message value as received, base64 (see raw_encoding)")
+    raw_encoding: Literal["plain", "zlib", "head"] = Field(
+        "plain",
+        description="plain: raw_b64 is the whole value; zlib: the whole value zlib-compressed; head: its first "
+        f"{RAW_KEPT_MAX} bytes only (an incompressible value over that size). Left out when plain.",
+    )
+    raw_size: Annotated[int, Field(ge=0)] | None = Field(None, description="size of the whole value (not plain)")
+    raw_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        None, description="sha256 of the whole value (not plain)"
+    )
     reason: Annotated[str, Field(min_length=1, max_length=64)] = Field(
         description="undecodable / schema / too_large / unknown_project / invalid_geometry / ..."
     )
     error: Annotated[str, Field(max_length=16_384)]
-    errors: list[dict[str, str]] = Field(default_factory=list, description="field-level errors")
+    errors: list[dict[str, str]] = Field(
+        default_factory=list, max_length=ERRORS_KEPT + 1, description="field-level errors (the first 50)"
+    )
     stage: Annotated[str, Field(max_length=64)] = ""
     received_at: AwareDatetime
+
+    @model_serializer(mode="wrap")
+    def _omit_plain(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dead letters that hold their input whole keep the 1.0 layout, byte for byte."""
+        data = handler(self)
+        if self.raw_encoding == "plain":
+            for name in ("raw_encoding", "raw_size", "raw_sha256"):
+                data.pop(name, None)
+        return data
 
     @classmethod
     def of(
@@ -377,24 +413,48 @@ class DeadLetter(Message):
         received_at: datetime,
         errors: list[dict[str, str]] | None = None,
     ) -> DeadLetter:
-        """Build a dead letter whose id depends only on where the input came from."""
+        """Build a dead letter whose id depends only on where the input came from, small enough to
+        publish whatever the input's size (see RAW_KEPT_MAX) and however many errors it had."""
+        encoding, kept = "plain", raw
+        if len(raw) > RAW_KEPT_MAX:
+            packed = zlib.compress(raw, 6)
+            encoding, kept = ("zlib", packed) if len(packed) <= RAW_KEPT_MAX else ("head", raw[:RAW_KEPT_MAX])
+        if key is not None and len(key) > KEY_KEPT_MAX:
+            error = f"{error} (key of {len(key)} bytes: its first {KEY_KEPT_MAX} kept)"
+            key = key[:KEY_KEPT_MAX]
+        listed = [
+            {"loc": e.get("loc", "")[:256], "msg": e.get("msg", "")[:1024], "type": e.get("type", "")[:64]}
+            for e in (errors or [])[:ERRORS_KEPT]
+        ]
+        if errors and len(errors) > ERRORS_KEPT:
+            listed.append({"loc": "", "msg": f"and {len(errors) - ERRORS_KEPT} more", "type": "more"})
         return cls(
             event_id=derive_id("deadletter", topic, str(partition), str(offset), stage),
-            source_topic=topic,
+            source_topic=topic[:249],
             source_partition=partition,
             source_offset=offset,
             key_b64=base64.b64encode(key).decode() if key is not None else None,
-            raw_b64=base64.b64encode(raw).decode(),
-            reason=reason,
+            raw_b64=base64.b64encode(kept).decode(),
+            raw_encoding=encoding,
+            raw_size=None if encoding == "plain" else len(raw),
+            raw_sha256=None if encoding == "plain" else hashlib.sha256(raw).hexdigest(),
+            reason=reason[:64],
             error=error[:16_384],
-            errors=errors or [],
-            stage=stage,
+            errors=listed,
+            stage=stage[:64],
             received_at=received_at,
         )
 
     @property
     def raw(self) -> bytes:
-        return base64.b64decode(self.raw_b64)
+        """The input as received; with raw_encoding 'head', only its first bytes (see `complete`)."""
+        kept = base64.b64decode(self.raw_b64)
+        return zlib.decompress(kept) if self.raw_encoding == "zlib" else kept
+
+    @property
+    def complete(self) -> bool:
+        """Whether `raw` is the whole input."""
+        return self.raw_encoding != "head"
 
 
 class RoundTimeout(Message):

@@ -127,16 +127,44 @@ def rle_iou(a: Sequence[Rle], b: Sequence[Rle], iscrowd: Sequence[bool] | None =
     return out
 
 
+RASTER_CHUNK = 1 << 20
+"""Pixel centres tested per step of `rasterize`: bounds its memory whatever the mask's size."""
+
+
 def rasterize(geom: BaseGeometry, size: tuple[int, int]) -> Rle:
-    """Mask of the pixels whose centre lies inside `geom` (to compare polygons with masks)."""
-    h, w = size
-    dense = np.zeros((h, w), dtype=bool)
+    """Mask of the pixels whose centre lies inside `geom` (to compare polygons with masks).
+
+    Only the pixels under the region's bounding box are tested, a block of columns at a time, and
+    the runs are built from where the columns enter and leave the region: time grows with the
+    region, memory with neither it nor the mask (a dense mask of the mask's size cost gigabytes)."""
+    h, w = int(size[0]), int(size[1])
+    c0 = c1 = r0 = r1 = 0
     if not geom.is_empty:
         x0, y0, x1, y1 = geom.bounds
         c0, c1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)), w)
         r0, r1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)), h)
-        if c1 > c0 and r1 > r0:
-            ys, xs = np.mgrid[r0:r1, c0:c1]
-            inside = shapely.contains_xy(geom, xs.ravel() + 0.5, ys.ravel() + 0.5)
-            dense[r0:r1, c0:c1] = inside.reshape(r1 - r0, c1 - c0)
-    return from_dense(dense)
+    if c1 <= c0 or r1 <= r0:
+        return Rle((h, w), np.asarray([h * w], dtype=np.int64))
+    rows = r1 - r0
+    step = max(1, RASTER_CHUNK // rows)
+    centres = np.arange(r0, r1, dtype=np.float64) + 0.5
+    bounds: list[np.ndarray] = []  # flat (column-major) positions where runs of 1s start and end
+    for cs in range(c0, c1, step):
+        ce = min(cs + step, c1)
+        xs = np.repeat(np.arange(cs, ce, dtype=np.float64) + 0.5, rows)
+        inside = shapely.contains_xy(geom, xs, np.tile(centres, ce - cs)).reshape(ce - cs, rows)
+        edges = np.diff(np.pad(inside.astype(np.int8), ((0, 0), (1, 1))), axis=1)  # +1 enter, -1 leave
+        col, at = np.nonzero(edges)
+        bounds.append((cs + col).astype(np.int64) * h + r0 + at)
+    flat = np.concatenate(bounds)
+    # a run that ends where the next begins (a column filled to its last row, the next from its
+    # first) is one run: drop both boundaries, as a dense encoding would have
+    if len(flat):
+        ends, starts = flat[1:-1:2], flat[2::2]
+        joined = np.flatnonzero(ends == starts)
+        if len(joined):
+            flat = np.delete(flat, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+    runs = np.diff(np.concatenate([[0], flat, [h * w]]))
+    if len(runs) > 1 and runs[-1] == 0:
+        runs = runs[:-1]  # the mask ends inside the region: no trailing run of 0s
+    return Rle((h, w), runs.astype(np.int64))

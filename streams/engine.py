@@ -12,14 +12,16 @@ same messages and changes no counter.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pydantic import Field
+from shapely.errors import GEOSException
 
-from schemas.base import Id, Model, SchemaError, decode
+from schemas.base import Id, Model, SchemaError, decode, is_id
 from schemas.content import Content
 from schemas.criteria import ProjectCriteria
 from schemas.messages import (
@@ -56,6 +58,22 @@ from scoring.policy import (
 from streams.state import AlertFlags, CriteriaStore, Increment, ProficiencyStore, buckets_of, high_water
 
 MAX_ANNOTATIONS_PER_ITEM = 200
+log = logging.getLogger(__name__)
+
+# What a defect triggered by one input raises (not Redis, Kafka or OS errors, which are the
+# infrastructure's and must reach the worker): the input becomes a dead letter, the worker lives.
+INPUT_DEFECTS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    ArithmeticError,
+    AssertionError,
+    RecursionError,
+    MemoryError,
+    GEOSException,
+)
 
 
 @dataclass(frozen=True)
@@ -220,6 +238,22 @@ class Engine:
             return [self.dead(rec, "unknown_topic", f"no handler for topic {rec.topic!r}")]
         except ScoringError as exc:  # a shape the schema let through but scoring cannot use
             return [self.dead(rec, exc.reason, str(exc))]
+        except INPUT_DEFECTS as exc:  # a bug this input found: keep the input, count it, live on
+            log.exception("input %s/%s@%s raised; dead-lettered", rec.topic, rec.partition, rec.offset)
+            return [self.dead(rec, "internal_error", f"{type(exc).__name__}: {exc}")]
+
+    def _tombstone_key(self, rec: Record) -> str | Emit:
+        """The id a tombstone (null value) retracts, or its dead letter: without a key, or with one
+        that is not an id, it can retract nothing."""
+        if not rec.key:
+            return self.dead(rec, "empty", "a tombstone (null value) without a key retracts nothing")
+        try:
+            key = rec.key.decode()
+        except UnicodeDecodeError:
+            return self.dead(rec, "bad_key", "a tombstone's key is not UTF-8")
+        if not is_id(key):
+            return self.dead(rec, "bad_key", f"a tombstone's key {key[:200]!r} is not an id")
+        return key
 
     async def _on_timeout(self, rec: Record) -> list[Emit]:
         t = self._decode(rec, RoundTimeout)
@@ -227,12 +261,16 @@ class Engine:
             return [t]
         assert isinstance(t, RoundTimeout)
         criteria = await self._criteria(t.project_id)
-        return [] if criteria is None else await self.close_round(t.item_id, criteria)
+        if criteria is None:
+            return [self.dead(rec, "unknown_project", f"project {t.project_id!r} has no criteria")]
+        return await self.close_round(t.item_id, criteria)
 
     async def _on_criteria(self, rec: Record) -> list[Emit]:
         if rec.value is None:  # tombstone: the project falls back to defaults (or is unknown)
-            if rec.key:
-                await self.criteria.delete(rec.key.decode(), self._now())
+            project = self._tombstone_key(rec)
+            if isinstance(project, Emit):
+                return [project]
+            await self.criteria.delete(project, self._now())
             return []
         c = self._decode(rec, ProjectCriteria)
         if isinstance(c, Emit):
@@ -242,11 +280,12 @@ class Engine:
 
     async def _on_gold(self, rec: Record) -> list[Emit]:
         if rec.value is None:  # tombstone retracts gold
-            if rec.key:
-                item_id = rec.key.decode()
-                st = self._item(item_id)
-                if st.gold is not None:
-                    self._save(item_id, st.model_copy(update={"gold": None}))
+            item_id = self._tombstone_key(rec)
+            if isinstance(item_id, Emit):
+                return [item_id]
+            st = self._item(item_id)
+            if st.gold is not None:
+                self._save(item_id, st.model_copy(update={"gold": None}))
             return []
         g = self._decode(rec, GoldAnswer)
         if isinstance(g, Emit):
@@ -323,6 +362,10 @@ class Engine:
         criteria = await self._criteria(r.project_id)
         if criteria is None:
             return [self.dead(rec, "unknown_project", f"project {r.project_id!r} has no criteria")]
+        if r.corrected is not None:  # on arrival, not after parking: the letter keeps its source and bytes
+            problems = _content_problems(r.corrected, criteria)
+            if problems:
+                return [self.dead(rec, problems[0], problems[1])]
         st = self._item(r.item_id)
         a = st.annotation(r.annotation_event_id)
         if a is None:

@@ -6,25 +6,171 @@ effects. All state is integer counters (HINCRBY), so it is the same whatever ord
 in; proficiency, windows and EWMA are derived from the counters when read (scoring.policy).
 Keys of one worker share a {hash tag}, as do a project's, so each script call touches one Redis
 Cluster slot. Calls are pipelined: a few round trips per batch of events, not per event.
+
+Redis outages are waited out, not crashed on: every call goes through a `RedisGuard`, which
+retries connection errors with capped exponential backoff (the call is idempotent: reads, or the
+apply-once script), logs once when Redis goes away and once when it is back, and meanwhile holds
+the caller, so a worker takes no new work and commits nothing it has not applied. A Redis that
+comes back without goldstream's state (a flush, a failover to an empty replica) is told apart by
+the epoch key, written when the state was created and read in every read round trip: its absence
+raises `StateLost` instead of counting from zero (the worker exits; on restart it rebuilds from
+the topics, `goldstream.commands.ensure_state`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any, TypeVar
 
 import orjson
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.retry import Retry
 
 from schemas.base import SchemaError, decode
 from schemas.criteria import ProjectCriteria
-from schemas.messages import ScoreKind, ScoreRecord
+from schemas.messages import DeadLetter, QualityAlert, ScoreKind, ScoreRecord
 from scoring.counters import Counters
 from scoring.policy import SCALE, Proficiency, evidence_increments, proficiency
 
 SEP = "|"  # never inside an Id (schemas.base), so joined ids cannot collide
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors after which the same idempotent call may simply be made again. LOADING: a restarted
+# Redis reading its append-only file; NOSCRIPT: a restarted Redis lost its script cache.
+RETRYABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.NoScriptError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    OSError,
+)
+
+
+def connect(url: str, **options: Any) -> Redis:
+    """A client for goldstream's state. redis-py's own retries are cut to one immediate retry (a
+    stale pooled connection after a restart); outages are `RedisGuard`'s to wait out, with one
+    log line each way instead of a stack of retries per call."""
+    opts: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 1),
+        "socket_connect_timeout": 5.0,
+        "socket_timeout": 30.0,
+        "health_check_interval": 15,
+    }
+    opts.update(options)
+    return Redis.from_url(url, **opts)
+
+
+class StateLost(RuntimeError):
+    """Redis no longer holds the state this process was working on (its epoch key is gone or
+    changed): counting on would start from zero. Rebuild from the topics instead."""
+
+
+@dataclass
+class RedisGuard:
+    """Runs Redis calls through outages: capped exponential backoff, forever (or `give_up_s`).
+
+    Only idempotent calls go through it (reads and the apply-once script), so a call that may or
+    may not have run before the connection broke is simply run again. `epoch`: the token this
+    process expects under `Keys.epoch()`; checked after every outage and by the stores' reads."""
+
+    client: Redis
+    epoch_key: str | None = None
+    epoch: bytes | None = None
+    base_s: float = 0.05
+    cap_s: float = 5.0
+    give_up_s: float | None = None
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    flap_s: float = 10.0  # a failure this soon after recovery is the same outage (stale connections)
+    down_since: float | None = field(default=None, init=False)
+    outages: int = field(default=0, init=False)
+    retries: int = field(default=0, init=False)
+    last_outage_s: float = field(default=0.0, init=False)
+    _back_at: float | None = field(default=None, init=False)
+    _logged: bool = field(default=False, init=False)
+
+    @property
+    def down(self) -> bool:
+        """True while Redis is unreachable (the watchdog does not count that as a stall)."""
+        return self.down_since is not None
+
+    async def run(self, call: Callable[[], Awaitable[T]], what: str = "redis") -> T:
+        delay = self.base_s
+        while True:
+            try:
+                result = await call()
+            except RETRYABLE as exc:
+                now = time.monotonic()
+                if self.down_since is None:
+                    self.down_since = now
+                    self.outages += 1
+                elif self.give_up_s is not None and now - self.down_since > self.give_up_s:
+                    raise
+                # a failure just after recovery is a stale pooled connection, not news, unless
+                # it lasts: log an outage once, when it starts or when a "flap" turns out long
+                flap = self._back_at is not None and self.down_since - self._back_at < self.flap_s
+                if not self._logged and (not flap or now - self.down_since >= 1.0):
+                    self._logged = True
+                    log.warning(
+                        "Redis unreachable (%s: %s); holding work and retrying with backoff up to %.0f s",
+                        what,
+                        _brief(exc),
+                        self.cap_s,
+                    )
+                self.retries += 1
+                await self.sleep(delay)
+                delay = min(delay * 2, self.cap_s)
+                continue
+            if self.down_since is not None:
+                await self._recovered()
+            return result
+
+    async def _recovered(self) -> None:
+        assert self.down_since is not None
+        self._back_at = time.monotonic()
+        self.last_outage_s = self._back_at - self.down_since
+        self.down_since = None
+        # pooled connections opened before the outage are dead: drop the idle ones now rather
+        # than meet them one call at a time
+        await self.client.connection_pool.disconnect(inuse_connections=False)
+        if self._logged:
+            self._logged = False
+            log.warning("Redis is back after %.1f s (%d retries in all)", self.last_outage_s, self.retries)
+        await self.verify()
+
+    async def verify(self) -> None:
+        """Raise `StateLost` unless Redis still holds this process's epoch."""
+        if self.epoch_key is None:
+            return
+        self.check(await self.run(lambda: self.client.get(self.epoch_key), "epoch"))  # type: ignore[arg-type]
+
+    def check(self, found: bytes | None) -> None:
+        """Compare an epoch read along with other data (same round trip) with the expected one."""
+        if self.epoch_key is None:
+            return
+        if self.epoch is None:
+            self.epoch = found  # the first read adopts it (ensure_state wrote it before we started)
+        if found is None or found != self.epoch:
+            raise StateLost(
+                f"Redis lost goldstream's state: the epoch key {self.epoch_key!r} is "
+                f"{'gone' if found is None else 'changed'} (a flush, or a failover to an empty replica). "
+                "Counting on would start from zero; restart the worker, which rebuilds the state from the "
+                "topics, or run `goldstream rebuild-state`."
+            )
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def load_script(name: str) -> str:
@@ -56,6 +202,10 @@ class Keys:
     def criteria(self, project_id: str) -> str:
         return f"{self.prefix}:criteria:{project_id}"
 
+    def epoch(self) -> str:
+        """Written once when the state is created (`ensure_state`): its absence means Redis lost it."""
+        return f"{self.prefix}:epoch"
+
 
 @dataclass(frozen=True)
 class Increment:
@@ -69,10 +219,17 @@ class Increment:
 class RedisState:
     """Applies increments exactly once, in pipelined batches."""
 
-    def __init__(self, client: Redis, keys: Keys | None = None, dedup_ttl_s: int = 7 * 86_400) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys | None = None,
+        dedup_ttl_s: int = 7 * 86_400,
+        guard: RedisGuard | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys or Keys()
         self.dedup_ttl_s = dedup_ttl_s
+        self.guard = guard or RedisGuard(client)
         self._apply_once: AsyncScript = client.register_script(load_script("apply_once"))
 
     def _call_args(self, inc: Increment) -> tuple[list[str], list[str | int]]:
@@ -90,14 +247,36 @@ class RedisState:
         """Apply each increment once; True where applied, False where it was a re-delivery."""
         if not batch:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for inc in batch:
-            keys, args = self._call_args(inc)
-            await self._apply_once(keys=keys, args=args, client=pipe)
-        return [bool(r) for r in await pipe.execute()]
+
+        async def call() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for inc in batch:
+                keys, args = self._call_args(inc)
+                await self._apply_once(keys=keys, args=args, client=pipe)
+            return await pipe.execute()
+
+        return [bool(r) for r in await self.guard.run(call, "apply")]
+
+    async def read(self, build: Callable[[Any], None], what: str = "read") -> list[Any]:
+        """One pipelined round trip of reads, with the epoch read in it (checked before the
+        results are used: a flushed Redis must not be read as zeros)."""
+
+        async def call() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            if self.guard.epoch_key is not None:
+                pipe.get(self.guard.epoch_key)
+            build(pipe)
+            return await pipe.execute()
+
+        results = await self.guard.run(call, what)
+        if self.guard.epoch_key is not None:
+            self.guard.check(results[0])
+            results = results[1:]
+        return results
 
     async def counters(self, key: str) -> dict[str, int]:
-        return _ints(await self.client.hgetall(key))
+        (raw,) = await self.read(lambda pipe: pipe.hgetall(key))
+        return _ints(raw)
 
 
 def _ints(raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
@@ -171,40 +350,40 @@ class ProficiencyStore:
 
     async def totals(self, pairs: Sequence[tuple[str, str | None]]) -> list[dict[str, int]]:
         """Totals of (project, worker) pairs; worker None: the project's. One round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        for project, worker in pairs:
-            pipe.hgetall(self.keys.worker(project, worker) if worker else self.keys.project(project))
-        return [_ints(r) for r in await pipe.execute()]
+        names = [self.keys.worker(p, w) if w else self.keys.project(p) for p, w in pairs]
+        return await self.hashes(names)
 
     async def snapshots(self, pairs: Sequence[tuple[str, str, ProjectCriteria]]) -> list[Proficiency]:
         totals = await self.totals([(p, w) for p, w, _ in pairs])
         return [proficiency(t, c) for t, (_, _, c) in zip(totals, pairs, strict=True)]
 
     async def hashes(self, keys: Sequence[str]) -> list[dict[str, int]]:
-        pipe = self.client.pipeline(transaction=False)
-        for k in keys:
-            pipe.hgetall(k)
-        return [_ints(r) for r in await pipe.execute()]
+        def build(pipe: Any) -> None:
+            for k in keys:
+                pipe.hgetall(k)
+
+        return [_ints(r) for r in await self.state.read(build, "hashes")]
 
     async def workers(self, project_id: str) -> dict[str, int]:
         """Workers of a project with their number of scored annotations."""
-        return _ints(await self.client.hgetall(self.keys.project(project_id, "workers")))
+        return await self.state.counters(self.keys.project(project_id, "workers"))
 
 
 class CriteriaStore:
     """Project criteria in Redis, shared by every worker; cached in-process for a few seconds."""
 
-    def __init__(self, client: Redis, keys: Keys, ttl_s: float = 2.0) -> None:
+    def __init__(self, client: Redis, keys: Keys, ttl_s: float = 2.0, state: RedisState | None = None) -> None:
         self.client = client
         self.keys = keys
         self.ttl_s = ttl_s
+        self.state = state or RedisState(client, keys)
         self._cache: dict[str, tuple[float, ProjectCriteria | None]] = {}
 
     async def get(self, project_id: str, now: float) -> ProjectCriteria | None:
         hit = self._cache.get(project_id)
         if hit is not None and now - hit[0] < self.ttl_s:
             return hit[1]
-        raw = await self.client.get(self.keys.criteria(project_id))
+        (raw,) = await self.state.read(lambda pipe: pipe.get(self.keys.criteria(project_id)), "criteria")
         criteria = None
         if raw is not None:
             try:
@@ -215,11 +394,12 @@ class CriteriaStore:
         return criteria
 
     async def set(self, criteria: ProjectCriteria, now: float) -> None:
-        await self.client.set(self.keys.criteria(criteria.project_id), criteria.to_bytes())
+        key, raw = self.keys.criteria(criteria.project_id), criteria.to_bytes()
+        await self.state.guard.run(lambda: self.client.set(key, raw), "criteria")
         self._cache[criteria.project_id] = (now, criteria)
 
     async def delete(self, project_id: str, now: float) -> None:
-        await self.client.delete(self.keys.criteria(project_id))
+        await self.state.guard.run(lambda: self.client.delete(self.keys.criteria(project_id)), "criteria")
         self._cache[project_id] = (now, None)
 
 
@@ -233,21 +413,41 @@ class AlertFlags:
     return 1
     """
 
-    def __init__(self, client: Redis, keys: Keys) -> None:
+    def __init__(self, client: Redis, keys: Keys, state: RedisState | None = None) -> None:
         self.client = client
         self.keys = keys
+        self.state = state or RedisState(client, keys)
         self._set = client.register_script(self.SCRIPT)
 
     def key(self, project_id: str) -> str:
         return self.keys.project(project_id, "alerts")
 
     async def current(self, project_id: str) -> dict[str, str]:
-        raw = await self.client.hgetall(self.key(project_id))
+        (raw,) = await self.state.read(lambda pipe: pipe.hgetall(self.key(project_id)), "alerts")
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def change(self, project_id: str, field: str, state: str) -> bool:
         """Set a scope's state; True only for the caller that changed it (no double alerts)."""
-        return bool(await self._set(keys=[self.key(project_id)], args=[field, state]))
+        key = self.key(project_id)
+        return bool(await self.state.guard.run(lambda: self._set(keys=[key], args=[field, state]), "alerts"))
+
+
+def dead_letter_increment(letter: DeadLetter) -> Increment:
+    """A dead letter's count by reason, once each (its id derives from the source offset)."""
+    return Increment("{deadletter}", letter.event_id, {"counts": {letter.reason: 1, "total": 1}})
+
+
+def alert_flag(alert: QualityAlert) -> tuple[str, str] | None:
+    """The (field, state) of `AlertFlags` an alert left behind: the inverse of the engine's
+    flag changes, so a rebuilt Redis holds the same alert states (qualification flags hold the
+    qualification state the alert announced, see `scoring.policy.qualification_flag`)."""
+    if alert.scope.value == "batch":
+        return None  # batch verdicts are reports, not flags
+    field_name = f"{alert.scope.value}:{alert.scope_id}:{alert.metric}"
+    if alert.metric != "qualification" or alert.state == "resolved":
+        return field_name, alert.state
+    announced = (alert.detail or "").rpartition("-> ")[2].strip()
+    return (field_name, announced) if announced in ("probation", "suspended") else None
 
 
 def dump_state(fields: Mapping[str, Mapping[str, int]]) -> bytes:

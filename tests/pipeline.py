@@ -16,6 +16,7 @@ from goldstream.settings import Settings
 from streams.engine import Record
 from streams.replay import envelope, proficiency_snapshot, replay
 from streams.state import Keys
+from streams.watchdog import EXIT_STALLED
 from tests.scenario import TOPIC_OF, key_of
 
 
@@ -30,6 +31,15 @@ def messages_of(settings: Settings, topic: str, model: type[s.Message]) -> list[
 
 class Stalled(AssertionError):
     """No progress for a while: the worker consumes nothing."""
+
+
+class WorkerExited(AssertionError):
+    """A worker process ended by itself while the test waited."""
+
+    def __init__(self, message: str, worker: Worker, returncode: int) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.returncode = returncode
 
 
 def wait_for(
@@ -47,7 +57,8 @@ def wait_for(
             return
         for w in workers:
             if not w.alive() and w.proc is not None and w.proc.returncode not in (None, -9):
-                raise AssertionError(f"worker exited ({w.proc.returncode}) while waiting for {what}:\n{w.tail()}")
+                rc = w.proc.returncode
+                raise WorkerExited(f"worker exited ({rc}) while waiting for {what}:\n{w.tail()}", w, rc)
         if progress is not None and stalled_after is not None:
             now = progress()
             if now != last:
@@ -57,6 +68,32 @@ def wait_for(
         time.sleep(1.0)
     tails = "\n---\n".join(w.tail() for w in workers)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def supervised(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    workers: list[Worker],
+    restart: Callable[[int, int], Worker],
+    max_restarts: int = 6,
+) -> int:
+    """`wait_for`, restarting a worker that exits because its watchdog saw it stall (as a
+    supervisor with a restart policy does). Returns how many restarts it took; any other exit
+    fails the test. `restart(index, restarts)` starts the replacement of workers[index]."""
+    restarts = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait_for(check, max(deadline - time.monotonic(), 1.0), what, workers)
+            return restarts
+        except WorkerExited as exc:
+            if exc.returncode != EXIT_STALLED:
+                raise
+            restarts += 1
+            assert restarts <= max_restarts, f"the watchdog restarted workers {restarts} times:\n{exc}"
+            i = workers.index(exc.worker)
+            workers[i] = restart(i, restarts)
 
 
 def unique_ids(settings: Settings, topic: str, model: type[s.Message]) -> set[str]:

@@ -39,8 +39,8 @@ keypoints = st.builds(
 
 
 @st.composite
-def masks(draw: st.DrawFn) -> s.Mask:
-    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+def masks(draw: st.DrawFn, size: tuple[int, int] | None = None) -> s.Mask:
+    h, w = size or (draw(st.integers(1, 20)), draw(st.integers(1, 20)))
     total, counts = h * w, []
     while total > 0:
         run = draw(st.integers(0, total))
@@ -53,17 +53,38 @@ def masks(draw: st.DrawFn) -> s.Mask:
 
 
 shapes = st.one_of(bboxes, rotated, polygons, polylines, points, keypoints, masks())
+
+
+def shapes_in(width: int, height: int) -> st.SearchStrategy[s.Shape]:
+    """Shapes inside a width x height image (the schema bounds shapes by their item's image, and
+    a mask must be the image's size)."""
+    xs, ys = st.floats(0, width), st.floats(0, height)
+    short = st.floats(0, min(width, height))  # a rotated box of these sides stays within the window
+    pts = st.tuples(xs, ys)
+    return st.one_of(
+        st.builds(s.BBox, x=xs, y=ys, w=st.floats(0, width), h=st.floats(0, height)),
+        st.builds(s.RotatedBBox, cx=xs, cy=ys, w=short, h=short, angle=st.floats(-360, 360)),
+        st.builds(s.Polygon, points=st.lists(pts, min_size=3, max_size=8)),
+        st.builds(s.Polyline, points=st.lists(pts, min_size=2, max_size=8)),
+        st.builds(s.Point, x=xs, y=ys),
+        st.builds(s.Keypoints, points=st.lists(st.tuples(xs, ys, st.sampled_from([0, 1, 2])), min_size=1, max_size=17)),
+        masks((height, width)),
+    )
+
+
 attr_values = st.one_of(st.booleans(), st.integers(-100, 100), coords, labels, st.lists(labels, max_size=3))
 
 
 @st.composite
 def contents(draw: st.DrawFn) -> s.Content:
     n = draw(st.integers(0, 5))
+    image = draw(st.none() | st.builds(s.ImageSize, width=st.integers(1, 50), height=st.integers(1, 50)))
+    shape_of = shapes if image is None else shapes_in(image.width, image.height)
     objs = [
         s.AnnotatedObject(
             id=f"o{i}",
             label=draw(labels),
-            shape=draw(shapes),
+            shape=draw(shape_of),
             attributes=draw(st.dictionaries(labels, attr_values, max_size=2)),
             confidence=draw(st.none() | units),
         )
@@ -74,7 +95,6 @@ def contents(draw: st.DrawFn) -> s.Content:
         for _ in range(draw(st.integers(0, 2))):
             a, b = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
             rels.append(s.Relationship(subject=f"o{a}", predicate=draw(labels), object=f"o{b}"))
-    image = draw(st.none() | st.builds(s.ImageSize, width=st.integers(1, 5000), height=st.integers(1, 5000)))
     return s.Content(
         objects=objs,
         classifications=draw(st.dictionaries(labels, st.lists(labels, max_size=2), max_size=2)),

@@ -4,10 +4,12 @@ the same engine runs inside the Faust agents, tested in test_pipeline.py)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -17,7 +19,7 @@ from streams.engine import Record, Settings
 from streams.replay import ReplayResult, proficiency_snapshot, replay
 from streams.state import Keys
 from tests.conftest import drop_keys
-from tests.scenario import BAD, GOLD_CONTENT, GOOD, annotation, boxes, criteria, gold, records, review
+from tests.scenario import BAD, GOLD_CONTENT, GOOD, T0, annotation, boxes, criteria, gold, record, records, review
 
 
 @pytest.fixture
@@ -435,3 +437,100 @@ def test_waiting_items_come_from_an_index_not_a_table_scan(services: Endpoints, 
     first, both, after, scans = asyncio.run(main())
     assert first == [] and [i for i, _ in both] == ["i1", "i2"] and [i for i, _ in after] == ["i2"]
     assert scans == 1
+
+
+# ----------------------------------------------------------------------------- bad input (tests/test_fuzz.py)
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"), [(None, "empty"), (b"", "empty"), (b"\xff\xfe", "bad_key"), (b"a b", "bad_key")]
+)
+@pytest.mark.parametrize("topic", ["gold", "projects"])
+def test_a_tombstone_without_a_usable_key_goes_to_the_deadletter(
+    run, topic: str, key: bytes | None, reason: str
+) -> None:
+    """A non-UTF-8 key made the engine raise (which ends a worker); no key at all was dropped."""
+    result, _ = run([*records(criteria(), gold("g1")), Record(topic, None, key, 2, 5)])
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == reason and (dl.source_topic, dl.source_partition, dl.source_offset) == (topic, 2, 5)
+    assert dl.raw == b"" and dl.key_b64 == (None if key is None else base64.b64encode(key).decode())
+
+
+def test_a_tombstone_with_an_id_for_key_retracts_and_is_no_dead_letter(run) -> None:
+    result, _ = run([*records(criteria(), gold("g1")), Record("gold", None, b"g1", 0, 9)])
+    assert out(result, "deadletter") == []
+    result, _ = run(
+        [
+            *records(criteria(), gold("g1")),
+            Record("gold", None, b"g1", 0, 9),
+            record(annotation(1, "g1", "w", GOOD), 10),
+        ]
+    )
+    assert out(result, "scores") == []  # the gold is gone: the annotation waits for a consensus round
+
+
+def test_a_round_timeout_of_an_unknown_project_goes_to_the_deadletter(run) -> None:
+    """It was dropped without a trace when unknown projects are dead-lettered."""
+    timeout = s.RoundTimeout(event_id="t1", project_id="nobody", item_id="i1", requested_at=T0)
+    rec = Record("control", timeout.to_bytes(), b"i1", 1, 3)
+    result, _ = run([rec], settings=Settings(unknown_projects="deadletter"))
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == "unknown_project" and dl.raw == rec.value and dl.source_offset == 3
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [
+        (s.Polygon(points=[(0, 0), (5, 5), (5, 5)]), "invalid_geometry"),
+        (s.BBox(x=0, y=0, w=1, h=1), "unknown_label"),
+    ],
+)
+def test_a_review_with_a_broken_correction_is_dead_lettered_on_arrival_not_parked(run, shape: Any, reason: str) -> None:
+    """Parked until its annotation came (if ever), it was then dead-lettered re-encoded and without
+    its offset; now the letter keeps the review's own bytes and offset."""
+    label = "road" if reason == "invalid_geometry" else "tank"
+    broken = s.Content(objects=[s.AnnotatedObject(id="o", label=label, shape=shape)])
+    r = review(1, annotation(1, "i1", "w", GOOD), s.Verdict.CORRECT, corrected=broken)
+    raw = b" " + r.to_bytes()  # bytes a re-encoding would not reproduce
+    result, _ = run([*records(criteria()), Record("reviews", raw, b"i1", 3, 77)])
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == reason and dl.raw == raw and (dl.source_partition, dl.source_offset) == (3, 77)
+
+
+def test_a_defect_an_input_triggers_is_dead_lettered_and_the_engine_goes_on(
+    run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streams.engine
+
+    real = streams.engine.score_items
+
+    def fragile(pairs: Any, criteria: Any) -> Any:
+        if pairs[0][0].item_id == "g1":
+            raise ZeroDivisionError("a bug only this item finds")
+        return real(pairs, criteria)
+
+    monkeypatch.setattr(streams.engine, "score_items", fragile)
+    result, _ = run(
+        records(criteria(), gold("g1"), gold("g2"), annotation(1, "g1", "w", GOOD), annotation(2, "g2", "w", GOOD))
+    )
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == "internal_error" and "ZeroDivisionError: a bug only this item finds" in dl.error
+    assert s.AnnotationSubmitted.from_bytes(dl.raw).event_id == "ann-1"
+    assert [r.item_id for r in out(result, "scores")] == ["g2"]
+
+
+def test_a_record_of_an_unknown_topic_goes_to_the_deadletter(run) -> None:
+    result, _ = run([Record("annotationz", b"{}", None, 0, 1)])
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == "unknown_topic" and dl.source_topic == "annotationz"
+
+
+def test_thousands_of_field_errors_make_one_dead_letter_small_enough_for_kafka(run) -> None:
+    """30,000 field errors made a 3.5 MB letter, which Kafka refuses (and the worker died on)."""
+    doc = orjson.loads(annotation(1, "i1", "w", GOOD).to_bytes())
+    doc["content"]["objects"][0]["shape"] = {"type": "polygon", "points": [["a", "b"]] * 15_000}
+    raw = orjson.dumps(doc)
+    result, _ = run([Record("annotations", raw, b"i1", 0, 4)])
+    (dl,) = out(result, "deadletter")
+    assert dl.reason == "schema" and dl.raw == raw and len(dl.errors) == 51
+    assert dl.errors[-1]["msg"] == "and 29950 more" and len(dl.to_bytes()) < 1_000_000

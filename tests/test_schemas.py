@@ -3,6 +3,7 @@ with a SchemaError that names the field, and nothing else escapes `decode`."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -388,3 +389,145 @@ def test_derived_ids_are_deterministic_and_distinct_per_reason(a: s.AnnotationSu
     assert s.Escalation.make_id(a.event_id, s.EscalationReason.AUDIT_SAMPLE) == s.Escalation.make_id(
         a.event_id, s.EscalationReason.AUDIT_SAMPLE
     )
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def _one(shape: dict, image: dict | None = None) -> bytes:
+    content: dict[str, Any] = {"objects": [{"id": "a", "label": "car", "shape": shape}]}
+    if image is not None:
+        content["image"] = image
+    return orjson.dumps(_annotation(**content))
+
+
+IMAGE = {"width": 640, "height": 480}  # the window: x in [-640, 1280], y in [-480, 960]
+
+
+def test_a_box_at_1e308_is_rejected_by_the_schema() -> None:
+    errors = _errors(_one({"type": "bbox", "x": 1e308, "y": 1e308, "w": 1e308, "h": 1e308}))
+    assert {e.loc.rsplit(".", 1)[1] for e in errors} == {"x", "y", "w", "h"}
+    assert all(e.type == "less_than_equal" for e in errors)
+    assert "less than or equal to 2000000" in errors[0].msg
+
+
+@pytest.mark.parametrize("literal", [b"1e999", b"-1e999", b"1" + b"0" * 400, b"NaN", b"Infinity"])
+def test_numbers_that_overflow_a_double_are_not_finite_and_rejected(literal: bytes) -> None:
+    raw = _one({"type": "point", "x": 0, "y": 0}).replace(b'"x":0', b'"x":' + literal)
+    (err,) = _errors(raw)
+    assert err.loc == "content.objects.0.shape.point.x" and err.type == "finite_number"
+
+
+@pytest.mark.parametrize(
+    ("shape", "where"),
+    [
+        ({"type": "bbox", "x": 10, "y": 10, "w": 2000, "h": 5}, "bottom-right corner (2010, 15)"),
+        ({"type": "bbox", "x": -641, "y": 0, "w": 5, "h": 5}, "top-left corner (-641, 0)"),
+        ({"type": "rotated_bbox", "cx": 600, "cy": 400, "w": 3000, "h": 10, "angle": 30}, "corner 0"),
+        ({"type": "polygon", "points": [[0, 0], [10, 0], [5, 1500]]}, "vertex 2 (5, 1500)"),
+        (
+            {"type": "polygon", "points": [[0, 0], [99, 0], [0, 99]], "holes": [[[1, 1], [2, 1], [1, -500]]]},
+            "hole 0 vertex 2",
+        ),
+        ({"type": "polyline", "points": [[0, 0], [1300, 0]]}, "vertex 1 (1300, 0)"),
+        ({"type": "point", "x": 0, "y": 961}, "point (0, 961)"),
+        ({"type": "keypoints", "points": [[1, 1, 2], [2000, 1, 0]]}, "keypoint 1 (2000, 1)"),
+        ({"type": "keypoints", "points": [[1, 1, 2]], "bbox": [0, 0, 5000, 5]}, "bbox bottom-right corner"),
+        ({"type": "keypoints", "points": [[1, 1, 2]], "area": 1e7}, "area 1e+07 is larger"),
+    ],
+)
+def test_shapes_more_than_one_image_size_outside_their_image_are_rejected(shape: dict, where: str) -> None:
+    (err,) = _errors(_one(shape, IMAGE))
+    assert err.type == "outside_image" and err.loc == "content"
+    assert err.msg.startswith("objects.0.shape") and where in err.msg
+    assert "[-640, 1280] x [-480, 960]" in err.msg or "area" in where
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"type": "bbox", "x": -640, "y": -480, "w": 1920, "h": 1440},  # exactly the window
+        {"type": "rotated_bbox", "cx": 320, "cy": 240, "w": 1000, "h": 400, "angle": 45},
+        {"type": "polygon", "points": [[-640, -480], [1280, -480], [1280, 960]]},
+        {"type": "point", "x": 1280, "y": 960},
+        {"type": "keypoints", "points": [[0, 0, 0], [700, 500, 2]], "bbox": [-10, -10, 700, 500], "area": 1e5},
+    ],
+)
+def test_shapes_up_to_one_image_size_outside_their_image_are_accepted(shape: dict) -> None:
+    a = s.AnnotationSubmitted.from_bytes(_one(shape, IMAGE))
+    assert a.content.objects[0].shape.type == shape["type"]
+
+
+def test_without_an_image_size_the_largest_image_bounds_coordinates() -> None:
+    assert s.AnnotationSubmitted.from_bytes(_one({"type": "bbox", "x": -1e6, "y": 0, "w": 3e6, "h": 1}))
+    (err,) = _errors(_one({"type": "bbox", "x": 0, "y": 0, "w": 2e6 + 1, "h": 1}))
+    assert err.type == "outside_image" and "bottom-right corner (2e+06, 1)" in err.msg
+    (err,) = _errors(_one({"type": "polyline", "points": [[0, 0], [0, -1e6 - 1]]}))
+    assert err.loc == "content.objects.0.shape.polyline.points.1.1" and err.type == "greater_than_equal"
+    (err,) = _errors(_one({"type": "rotated_bbox", "cx": 0, "cy": 0, "w": 3e6, "h": 1, "angle": 0}))
+    assert err.type == "outside_image" and "corner 0 (-1.5e+06" in err.msg
+
+
+def test_a_mask_must_be_the_size_of_its_image_and_at_most_134_megapixels() -> None:
+    assert s.AnnotationSubmitted.from_bytes(_one({"type": "mask", "size": [480, 640], "counts": [480 * 640]}, IMAGE))
+    (err,) = _errors(_one({"type": "mask", "size": [20, 20], "counts": [400]}, IMAGE))
+    assert err.type == "outside_image" and "mask size [20, 20] is not the image's [height, width] [480, 640]" in err.msg
+    (err,) = _errors(_one({"type": "mask", "size": [100_000, 100_000], "counts": [10**10]}))
+    assert "10000000000 pixels, over the limit of 134217728" in err.msg
+
+
+# ----------------------------------------------------------------------------- dead letters of any size
+
+
+def test_the_size_limit_is_under_kafkas_message_size_and_escalations_may_exceed_it() -> None:
+    assert s.DEFAULT_LIMITS.max_message_bytes == s.LimitsSpec().max_message_bytes == 512 * 1024
+    box = {"type": "bbox", "x": 0, "y": 0, "w": 1, "h": 1}
+    objects = [{"id": f"o{i}", "label": "car", "shape": box} for i in range(5000)]
+    raw = orjson.dumps(_annotation(objects=objects))
+    assert len(raw) <= s.DEFAULT_LIMITS.max_message_bytes
+    a = s.AnnotationSubmitted.from_bytes(raw)  # re-encoded with its defaults, it is larger than it came
+    snap = s.WorkerSnapshot(state=s.QualificationState.QUALIFYING)
+    esc = s.Escalation(
+        event_id="e",
+        project_id="p1",
+        item_id="i1",
+        worker_id="w1",
+        reasons=[s.EscalationReason.AUDIT_SAMPLE],
+        priority=10,
+        worker=snap,
+        annotation=a,
+        created_at=NOW,
+    )
+    assert len(esc.to_bytes()) > s.DEFAULT_LIMITS.max_message_bytes
+    assert s.Escalation.from_bytes(esc.to_bytes()) == esc  # an output embedding an accepted input is readable
+
+
+def _letter(raw: bytes, **kw: Any) -> s.DeadLetter:
+    return s.DeadLetter.of(
+        raw, topic="annotations", partition=1, offset=9, reason="too_large", error="big", received_at=NOW, **kw
+    )
+
+
+def test_a_dead_letter_holding_its_input_whole_keeps_the_1_0_layout() -> None:
+    letter = _letter(b'{"event_id": 1}')
+    assert letter.raw_encoding == "plain" and letter.complete
+    assert b"raw_encoding" not in letter.to_bytes() and b"raw_size" not in letter.to_bytes()
+    assert s.DeadLetter.from_bytes(letter.to_bytes()) == letter
+
+
+def test_a_dead_letter_of_any_input_kafka_delivers_can_itself_be_published() -> None:
+    """Kafka carries ~1 MB; base64 makes a third more. Over 600 kB an input is kept zlib-compressed,
+    or, incompressible, as its first 600 kB with its size and sha256."""
+    json_like = orjson.dumps({"event_id": "e", "padding": "ab" * 490_000})
+    letter = _letter(json_like)
+    assert letter.raw_encoding == "zlib" and letter.complete and letter.raw == json_like
+    assert letter.raw_size == len(json_like) and letter.raw_sha256 == hashlib.sha256(json_like).hexdigest()
+    noise = np.random.default_rng(0).bytes(1_040_000)
+    letter = _letter(noise, key=b"k" * 100_000, errors=[{"loc": "x", "msg": "m" * 5000, "type": "t"}] * 30_000)
+    assert letter.raw_encoding == "head" and not letter.complete
+    assert letter.raw == noise[:600_000] and letter.raw_size == len(noise)
+    assert letter.raw_sha256 == hashlib.sha256(noise).hexdigest()
+    assert len(letter.errors) == 51 and letter.errors[-1] == {"loc": "", "msg": "and 29950 more", "type": "more"}
+    assert "key of 100000 bytes" in letter.error
+    assert len(letter.to_bytes()) < 1_000_000  # Faust's default max_request_size
+    assert s.DeadLetter.from_bytes(letter.to_bytes()) == letter
