@@ -1,9 +1,10 @@
 """The throughput baseline: a Faust agent that only consumes goldstream's input topics and
 forwards each event, unchanged, to one output topic.
 
-It is built from the same `streams.app.base_app` (same broker, commit and producer settings) and
-reads the same topics as goldstream's `score` agent, so the ratio between the two measures what
-scoring, item state, Redis and the extra output cost, not Faust itself.
+goldstream's worker ran as a Faust app with these settings until faust-streaming was found to
+commit offsets of events it never processed (docs/reliability.md); it now runs plain aiokafka
+consumer groups. A bare Faust agent stays the baseline a user would compare with: the ratio
+between the two measures what goldstream costs against the simplest Faust pipeline.
 
     GOLDSTREAM_TOPIC_PREFIX=... python -m benchmarks.forward_app
 """
@@ -11,15 +12,55 @@ scoring, item state, Redis and the extra output cost, not Faust itself.
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 
 import faust
 
 from goldstream.commands import endpoints
 from goldstream.settings import Settings
-from streams.app import SCORE_INPUTS, base_app, raw_topic
 from streams.topics import Topics, ensure_topics
+from streams.worker import ITEM_TOPICS
 
 FORWARDED = "forwarded"  # the output topic, under the same prefix (created by the benchmark)
+
+
+def base_app(settings: Settings) -> faust.App:
+    """The Faust app and its broker settings, without agents (the benchmarks' forwarding baseline
+    uses it too, so that both differ only in what their agents do)."""
+    embedded = settings.services_kind == "embedded"
+    return faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        # Faust makes a data directory even for memory stores; keep it out of the working directory
+        datadir=os.path.join(tempfile.gettempdir(), "goldstream-faust-{conf.name}"),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        processing_guarantee="at_least_once",
+        consumer_auto_offset_reset="earliest",
+        web_enabled=settings.web_enabled,
+        web_port=settings.web_port,
+        producer_acks=-1,
+        producer_enable_idempotence=not embedded,
+        broker_commit_every=settings.batch_max,
+        broker_commit_interval=1.0,
+        table_standby_replicas=0,
+        topic_allow_declare=True,
+        # A worker that dies without leaving its group (kill -9, a lost machine) holds its
+        # partitions until its session times out: keep that short. Tansu (embedded) also holds a
+        # JoinGroup for up to the rebalance timeout.
+        broker_session_timeout=settings.session_timeout_s,
+        broker_rebalance_timeout=8.0 if embedded else 2 * settings.session_timeout_s,
+        broker_heartbeat_interval=1.0 if embedded else max(settings.session_timeout_s / 5, 1.0),
+    )
+
+
+def raw_topic(app: faust.App, *names: str, partitions: int | None = None) -> faust.TopicT:
+    """Topics of raw bytes keys and values: goldstream decodes with `schemas`, not Faust."""
+    return app.topic(
+        *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=partitions
+    )
 
 
 def create_forwarder(settings: Settings) -> faust.App:
@@ -27,7 +68,7 @@ def create_forwarder(settings: Settings) -> faust.App:
     topics = Topics(settings.topic_prefix)
     out = raw_topic(app, settings.topic_prefix + FORWARDED, partitions=settings.partitions)
 
-    @app.agent(raw_topic(app, *(topics.name(t) for t in SCORE_INPUTS)), name="forward")
+    @app.agent(raw_topic(app, *(topics.name(t) for t in ITEM_TOPICS)), name="forward")
     async def forward(stream: faust.StreamT) -> None:
         async for event in stream.events():
             await out.send(key=event.message.key, value=event.message.value)

@@ -45,47 +45,14 @@ def endpoints(settings: Settings) -> Endpoints:
 
 
 def run_worker(settings: Settings) -> None:
-    """Create missing topics, make sure Redis holds the state (`ensure_state`), then run the Faust
-    worker until it is stopped, under the lifeline and probes of `streams.watchdog`."""
-    import faust
-
-    from streams.app import create_app
-    from streams.watchdog import HealthServer, Lifeline, hard_exit
+    """Create missing topics, make sure Redis holds the state (`ensure_state`), then run the
+    worker (`streams.worker`) until it is stopped."""
+    from streams.worker import main
 
     asyncio.run(ensure_topics(endpoints(settings), Topics(settings.topic_prefix), settings.partitions))
     outcome = asyncio.run(ensure_state(settings))
     print(f"goldstream worker: Redis state {outcome}", file=sys.stderr, flush=True)
-    app = create_app(settings)
-    health = app.goldstream_health  # type: ignore[attr-defined]
-    lifeline = Lifeline(
-        crashed=lambda: app.crash_reason if app._crashed.is_set() else None,
-        health=health,
-        shutdown_timeout_s=settings.shutdown_timeout_s,
-        loop_block_s=settings.loop_block_s,
-    )
-    lifeline.start()
-    if settings.health_port:
-        try:
-            server = HealthServer(health, settings.health_port, settings.loop_block_s)
-            server.start()
-        except OSError as exc:  # several workers on one host: only the first gets the port
-            print(f"goldstream worker: no /healthz on port {settings.health_port}: {exc}", file=sys.stderr)
-
-    guard = app.goldstream_guard  # type: ignore[attr-defined]
-
-    class Worker(faust.Worker):
-        def _schedule_shutdown(self, signal: Any) -> None:
-            """A stop signal arms the lifeline's deadline. During a Redis outage the event in
-            hand cannot finish (nor be committed): leave at once rather than wait it out."""
-            if guard.down:
-                hard_exit(0, "stop signal during a Redis outage: nothing in flight is committed")
-            lifeline.request_stop()
-            super()._schedule_shutdown(signal)
-
-    try:
-        Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
-    finally:
-        lifeline.finish()
+    main(settings)
 
 
 # ----------------------------------------------------------------------------- state
@@ -174,7 +141,7 @@ async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int =
     criteria = CriteriaStore(redis, keys, ttl_s=float("inf"), state=state)
     proficiency = ProficiencyStore(state)
     flags = AlertFlags(redis, keys, state)
-    counts = {"projects": 0, "scores": 0, "dead letters": 0, "alert states": 0}
+    counts = {"projects": 0, "items": 0, "scores": 0, "dead letters": 0, "alert states": 0}
     try:
         latest: dict[bytes, bytes | None] = {}
         async for records in iter_topic(settings, "projects", batch):
@@ -188,6 +155,7 @@ async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int =
                 counts["projects"] += 1
             except SchemaError:
                 continue
+        counts["items"] = await rebuild_items(settings, state)
         async for records in iter_topic(settings, "scores", batch):
             pending = []
             for _, value in records:
@@ -226,6 +194,49 @@ async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int =
         await redis.aclose()
 
 
+async def rebuild_items(settings: Settings, state: RedisState) -> int:
+    """Item states (gold, annotations, rounds) and the waiting index, by running the engine over
+    the input topics again, outputs discarded (they are on the output topics already, with the
+    same ids). Records are taken in the order they were appended (their timestamps), which is
+    the order the worker saw them in up to the interleaving of partitions; an item's records
+    share one partition, so each item's history is replayed in its own order."""
+    from streams.engine import Engine, Record
+    from streams.engine import Settings as EngineSettings
+    from streams.state import ItemStore
+    from streams.worker import ITEM_TOPICS
+
+    records: list[tuple[int, int, Record]] = []
+    for logical in ITEM_TOPICS:
+        name = Topics(settings.topic_prefix).name(logical)
+        async for batch in iter_topic(settings, logical, 500, raw=True):
+            for r in batch:
+                records.append((r.timestamp, r.offset, Record(logical, r.value, r.key, r.partition, r.offset, name)))
+    records.sort(key=lambda x: (x[0], x[2].partition, x[1]))
+    items: dict[str, bytes] = {}
+    engine = Engine(
+        items=items,
+        criteria=CriteriaStore(state.client, state.keys, ttl_s=float("inf"), state=state),
+        proficiency=ProficiencyStore(state),
+        alerts=AlertFlags(state.client, state.keys, state),
+        settings=EngineSettings(unknown_projects=settings.unknown_projects, stage="worker"),
+    )
+    partition_of: dict[str, int] = {}
+    for _, _, rec in records:
+        if rec.key is not None:
+            partition_of.setdefault(rec.key.decode(errors="replace"), rec.partition)
+        await engine.handle(rec)  # outputs discarded: the worker emitted them, with these ids
+    waiting = {}
+    for item in items:
+        since = engine.waiting_since(item)
+        waiting[item] = (partition_of.get(item, 0), None if since is None else since.timestamp())
+    store = ItemStore(state)
+    names = sorted(items)
+    for i in range(0, len(names), 500):
+        chunk = names[i : i + 500]
+        await store.store({k: items[k] for k in chunk}, {k: waiting[k] for k in chunk})
+    return len(items)
+
+
 async def topic_bounds(settings: Settings, logicals: Iterable[str]) -> tuple[dict[str, int], dict[str, int]]:
     """For each topic, the sum over partitions of its first offset, and of its end offset."""
     ep = endpoints(settings)
@@ -244,7 +255,7 @@ async def topic_bounds(settings: Settings, logicals: Iterable[str]) -> tuple[dic
     return begins, ends
 
 
-async def iter_topic(settings: Settings, logical: str, batch: int = 500) -> Any:
+async def iter_topic(settings: Settings, logical: str, batch: int = 500, raw: bool = False) -> Any:
     """Batches of (key, value) of a topic from its start to its end as of the call, streamed
     (a rebuild must not hold a month of scores in memory)."""
     ep = endpoints(settings)
@@ -266,7 +277,7 @@ async def iter_topic(settings: Settings, logical: str, batch: int = 500) -> Any:
             if not left:
                 return
             got = await consumer.getmany(*left, timeout_ms=1000, max_records=batch)
-            records = [(r.key, r.value) for tp, rs in got.items() for r in rs if r.offset < end[tp]]
+            records = [r if raw else (r.key, r.value) for tp, rs in got.items() for r in rs if r.offset < end[tp]]
             if records:
                 yield records
     finally:
@@ -405,8 +416,9 @@ async def committed_to_end(settings: Settings, group: str, logical: str) -> bool
     try:
         parts = [TopicPartition(name, p) for p in await topic_partitions(endpoints(settings), name)]
         end = await consumer.end_offsets(parts)
-        committed = await admin.list_consumer_group_offsets(group)
-        return all(end[tp] == 0 or (tp in committed and committed[tp].offset >= end[tp]) for tp in parts)
+        # with the partitions named: Tansu (the embedded broker) answers only that form
+        committed = await admin.list_consumer_group_offsets(group, partitions=parts) if parts else {}
+        return all(end[tp] == 0 or (committed.get(tp) is not None and committed[tp].offset >= end[tp]) for tp in parts)
     finally:
         await consumer.stop()
         await admin.close()

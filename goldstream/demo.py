@@ -36,7 +36,7 @@ from rich.table import Table
 from scipy.stats import spearmanr
 
 import schemas as s
-from goldstream.commands import publish, set_criteria, topic_partitions
+from goldstream.commands import committed_to_end, publish, set_criteria, topic_partitions
 from goldstream.proc import REPO, WorkerProcess, worker_env
 from goldstream.services import STOPS, EmbeddedServices, Endpoints, die_with_parent, stop_process
 from goldstream.settings import Settings
@@ -241,8 +241,13 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
                     last_line = time.monotonic()
                 if watch.scores != last_count:
                     last_count, last_change = watch.scores, time.monotonic()
-                if feeding.done() and watch.scores and time.monotonic() - last_change > settle_s:
-                    break  # everything published, and nothing new for a while: the workforce is done
+                if (
+                    feeding.done()
+                    and watch.scores
+                    and time.monotonic() - last_change > settle_s
+                    and await _drained(settings)
+                ):
+                    break  # everything published and consumed, nothing new for a while: done
                 await asyncio.sleep(0.5)
         stop.set()
         feeding.cancel()
@@ -255,6 +260,16 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
         stop.set()
         worker.stop()  # shielded: a stop signal now waits for the worker to be gone
         await redis.aclose()
+
+
+async def _drained(settings: Settings) -> bool:
+    """Has the worker consumed every input and applied every score? (Observed, so that a slow
+    machine's demo does not stop while its worker is still behind.)"""
+    groups = ((settings.app_id, "annotations"), (settings.app_id, "gold"), (f"{settings.app_id}-proficiency", "scores"))
+    for group, logical in groups:
+        if not await committed_to_end(settings, group, logical):
+            return False
+    return True
 
 
 def _final(console: Console, sim: Simulation, watch: Watch, board: list, published: int, took: float) -> dict:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from goldstream.services import die_with_parent
 from goldstream.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +59,9 @@ class WorkerProcess:
                 cwd=REPO,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),  # no worker outlives a killed test run or benchmark
             )
         return self
 

@@ -40,7 +40,7 @@ class Settings:
     health_port: int = 6068  # /healthz and /ready (0: off)
     shutdown_timeout_s: float = 30.0  # a stop signal not obeyed by then ends the process
     loop_block_s: float = 120.0  # an event loop stuck this long ends the process
-    fault: str = ""  # tests only: fault injection (streams.app.Fault)
+    fault: str = ""  # tests only: fault injection (streams.worker.Fault)
     redis_lost_state: str = "rebuild"  # or "stop": what a worker does at start when Redis lost its state
 
     @classmethod

@@ -1,10 +1,11 @@
 """The engine: one input event plus state in, the events to emit out (DESIGN §3b).
 
-No Kafka and no Faust here. The Faust agents (`streams.app`) and `goldstream replay`
+No Kafka here. The worker's consumers (`streams.worker`) and `goldstream replay`
 (`streams.replay`) both drive this class with `Record`s and send what it returns, so a replay of
 the same events yields the same scores, escalations and proficiency. Item state (gold, recent
-annotations, consensus rounds) lives in an `ItemStore` (a Faust table, or a dict); criteria and
-proficiency live in Redis through `streams.state`.
+annotations, consensus rounds) lives in a mapping: the batch's states loaded from Redis
+(`streams.state.ItemStore`) by the worker, a dict in a replay; criteria and proficiency live in
+Redis through `streams.state`.
 
 Every output is derived from its inputs, ids included, so re-delivering an input re-emits the
 same messages and changes no counter.
@@ -504,12 +505,16 @@ class Engine:
         self._save(item_id, st)
         return await self._score_round(st, round_id, members, criteria)
 
-    async def timed_out(self, now: datetime | None) -> list[RoundTimeout]:
+    async def timed_out(
+        self, now: datetime | None, candidates: Sequence[tuple[str, datetime]] | None = None
+    ) -> list[RoundTimeout]:
         """Requests to close the rounds of items that waited past their project's consensus
         timeout (every waiting item when `now` is None, as at the end of a replay). Only reads
-        state: the worker's timer sends them on `control`, so the item's own agent closes them."""
+        state: the worker's timer sends them on `control`, so the item's own consumer closes them.
+        `candidates`: (item, oldest waiting submission) from the worker's index in Redis, else
+        this engine's own index of its item store."""
         out = []
-        for item_id, first in self.waiting_items():
+        for item_id, first in self.waiting_items() if candidates is None else candidates:
             st = self._item(item_id)
             if not st.waiting or st.gold is not None:
                 continue  # changed since it was listed: the score agent runs between our awaits
@@ -549,6 +554,18 @@ class Engine:
             for item_id, raw in list(self.items.items()):
                 self._index(item_id, ItemState.model_validate_json(raw))
         return sorted(self._waiting.items())
+
+    def waiting_since(self, item_id: str) -> datetime | None:
+        """When the oldest annotation of an item still waiting for a round was submitted (None:
+        nothing waits), as of the last save: the worker keeps its index in Redis with it."""
+        return self._waiting.get(item_id)
+
+    def forget(self, item_ids: Iterable[str]) -> None:
+        """Drop items from the in-memory index once their state is stored elsewhere (the worker
+        swaps its item store per batch; the index must not grow with every item ever seen)."""
+        for item_id in item_ids:
+            self._waiting.pop(item_id, None)
+            self._indexed.discard(item_id)
 
     def reindex(self) -> None:
         """The item table changed under us (partitions recovered or revoked): scan it next time."""

@@ -51,6 +51,7 @@ class Health:
     assigned: int = 0
     stalled: str | None = None
     redis_down: bool = False
+    rebalancing: bool = False
 
     def alive(self, loop_block_s: float) -> tuple[bool, str]:
         if self.stalled:

@@ -18,12 +18,14 @@ def test_demo_runs_the_whole_system_and_stops_by_itself(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
     res = subprocess.run(
-        [sys.executable, "-m", "goldstream.cli", "demo", "--duration", "100", "--json", str(out)],
+        # --rate sets the pace of the workforce; --duration is only an upper bound: the demo ends
+        # once its worker has consumed everything (observed), however fast the machine is
+        [sys.executable, "-m", "goldstream.cli", "demo", "--rate", "40", "--duration", "400", "--json", str(out)],
         capture_output=True,
         text=True,
         cwd=REPO,
         env=env,
-        timeout=240,
+        timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     figures = json.loads(out.read_text())

@@ -78,6 +78,7 @@ def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private]:
     }
     ep = Endpoints(f"127.0.0.1:{KAFKA_PORT}", f"redis://127.0.0.1:{REDIS_PORT}/0", "external")
     p = Private(env, ep)
+    p.dev("down", "redis")  # a redis-server an interrupted run left on this port would be taken for ours
     p.dev("up")
     yield p
     p.dev("down")
@@ -149,8 +150,17 @@ def scored(settings: Settings) -> int:
 
 
 def finish(settings: Settings, workers: list[Worker], everything: list[s.Message], expected: int) -> None:
-    """Every score out, every score applied, and Redis equal to a replay of the same events."""
-    wait_for(lambda: scored(settings) >= expected, 240, "every score", workers)
+    """Every score out, every score applied, and Redis equal to a replay of the same events.
+    A worker restarted right after another left without leaving its group sometimes stalls
+    (faust-streaming, docs/pipeline.md): its watchdog ends it, and it is restarted here."""
+    n = len(workers)
+    supervised(
+        lambda: scored(settings) >= expected,
+        300,
+        "every score",
+        workers,
+        lambda i, k: Worker(settings, workers[i].log.with_name(f"{workers[i].log.stem}-r{n + k}.log")).start(),
+    )
     wait_for(
         lambda: live_snapshot(settings).get("{p1}:totals", {}).get("items") == expected,
         120,
@@ -305,9 +315,9 @@ def test_a_crashed_app_exits_non_zero_within_ten_seconds(settings: Settings, tmp
         with pytest.raises(WorkerExited) as exited:
             wait_for(lambda: False, 120, "the crash", [worker])
         seen = time.time()
-        assert exited.value.returncode != 0  # Faust's own exit (1), or the lifeline's (EXIT_CRASHED)
+        assert exited.value.returncode == EXIT_CRASHED
         (crash,) = log_lines(worker, "fault injection")
-        assert log_lines(worker, "Crashed reason=RuntimeError")
+        assert log_lines(worker, "the score step raised RuntimeError: injected crash")
         assert seen - log_time(crash) <= 10.0 + 1.0  # the bound, plus this test's 1 s poll
         print(f"\ncrash: exited {exited.value.returncode} {seen - log_time(crash):.1f} s after the crash")
     finally:

@@ -96,3 +96,16 @@ def test_docker_compose_runs_the_pinned_kafka_with_redis_and_a_worker() -> None:
     for package in ("goldstream", "schemas", "scoring", "streams"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert worker["command"][0] == "goldstream"
+
+
+def test_docker_compose_restarts_whatever_exits_and_probes_the_workers_health() -> None:
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert all(svc["restart"] == "unless-stopped" for svc in services.values())
+    worker = services["worker"]
+    port = worker["environment"]["GOLDSTREAM_HEALTH_PORT"]
+    assert f"127.0.0.1:{port}/healthz" in " ".join(worker["healthcheck"]["test"])
+    assert f"{port}:{port}" in worker["ports"]
+    grace = int(worker["stop_grace_period"].rstrip("s"))
+    from goldstream.settings import Settings
+
+    assert grace > Settings().shutdown_timeout_s  # compose must not SIGKILL before the worker's own deadline

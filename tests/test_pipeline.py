@@ -4,6 +4,7 @@ processes; events go in through Kafka and come out on the output topics and in R
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,15 +173,12 @@ def test_two_workers_in_one_group_share_the_partitions(settings: Settings, tmp_p
 
 
 def _assigned(worker: Worker, topic: str) -> list[int]:
-    """The partitions of `topic` a worker was last assigned, from Faust's assignment table in its log."""
+    """The partitions of `topic` a worker's score step was last assigned, from its log."""
     parts: list[int] = []
     for line in worker.log.read_text(errors="replace").splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if len(cells) >= 3 and cells[1] == topic and cells[2].startswith("{"):
-            parts = []
-            for piece in cells[2].strip("{}").split(","):
-                lo, _, hi = piece.strip().partition("-")
-                parts += list(range(int(lo), int(hi or lo) + 1))
+        found = re.search(r"assigned score (\S+): \[([\d, ]*)\]", line)
+        if found and found.group(1) == topic:
+            parts = [int(p) for p in found.group(2).split(",") if p.strip()]
     return parts
 
 

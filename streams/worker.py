@@ -1,0 +1,409 @@
+"""The goldstream worker: plain Kafka consumer groups that commit only what they applied.
+
+- score step: annotations, gold, reviews, control and projects (keyed by item / project, same
+  partition count) -> the engine, one batch at a time: the batch's item states read from Redis
+  in one round trip, every record handled, changed states written back, the outputs produced and
+  acknowledged, and only then the offsets committed.
+- proficiency step: scores (keyed by worker) -> Redis through the apply-once script, in
+  batches, committed after applying -> alerts.
+- consensus timer: items of this worker's partitions that waited past their project's timeout
+  get a `RoundTimeout` on `control`, so the consumer that owns the item closes the round.
+- heartbeat, watchdog, probes and lifeline (`streams.watchdog`).
+
+This was a Faust app. faust-streaming 0.15.3 committed offsets of input events it had never
+processed when a worker restarted after another left without leaving its group (27 of 200
+annotations never scored in one run of tests/test_faults.py), and sometimes stalled (Ready,
+consuming nothing). Both are gone with consumers whose commits follow our own processing;
+docs/reliability.md has the evidence. Delivery is at least once (a crash before the commit
+redelivers the batch) and effects exactly once: outputs derive their ids from their inputs, item
+states are plain writes of what the engine derived, counters go through the apply-once script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
+
+from goldstream.settings import Settings
+from streams.engine import Emit, Engine, Record
+from streams.engine import Settings as EngineSettings
+from streams.state import (
+    AlertFlags,
+    CriteriaStore,
+    ItemStore,
+    Keys,
+    ProficiencyStore,
+    RedisGuard,
+    RedisState,
+    StateLost,
+    connect,
+)
+from streams.topics import Topics
+from streams.watchdog import (
+    EXIT_CRASHED,
+    EXIT_STALLED,
+    EXIT_STATE_LOST,
+    Health,
+    HealthServer,
+    Lifeline,
+    Progress,
+    hard_exit,
+    heartbeat,
+    lag_and_offsets,
+    total_lag,
+)
+
+SCORE_INPUTS = ("annotations", "gold", "reviews", "control", "projects")
+ITEM_TOPICS = ("annotations", "gold", "reviews", "control")
+log = logging.getLogger("goldstream.worker")
+
+
+@dataclass
+class Fault:
+    """Fault injection for the tests of the watchdog and the lifeline (setting `fault`, never set
+    in production): after `after` input records, `stall` stops the score step as the observed
+    faust-streaming stall did (assigned, consuming nothing), `crash` raises inside it."""
+
+    kind: str
+    after: int
+    seen: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> Fault | None:
+        if not spec:
+            return None
+        kind, _, after = spec.partition(":")
+        if kind not in ("stall", "crash"):
+            raise ValueError(f"unknown fault {spec!r} (stall:N or crash:N)")
+        return cls(kind, int(after or 0))
+
+    async def after_records(self, n: int) -> None:
+        before, self.seen = self.seen, self.seen + n
+        if not before < self.after <= self.seen:
+            return
+        log.warning("fault injection: %s after %d records", self.kind, self.after)
+        if self.kind == "stall":
+            await asyncio.Event().wait()
+        raise RuntimeError("injected crash")
+
+
+def item_id_of(rec: Record) -> str | None:
+    """The item an input record concerns, to load its state before the engine runs (the engine
+    itself reads it from the decoded message; the key is the item id by convention)."""
+    if rec.value is not None:
+        try:
+            doc = orjson.loads(rec.value)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("item_id"), str):
+            return doc["item_id"]
+    if rec.key is not None:
+        try:
+            return rec.key.decode()
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+class _Revoke(ConsumerRebalanceListener):
+    """A rebalance waits for the batch in hand to be applied and committed (the lock), so a
+    partition's next owner starts exactly where this one stopped."""
+
+    def __init__(self, lock: asyncio.Lock, health: Health, name: str) -> None:
+        self.lock, self.health, self.name = lock, health, name
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        self.health.rebalancing = True
+        async with self.lock:
+            return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.health.rebalancing = False
+        by_topic: dict[str, list[int]] = {}
+        for tp in assigned:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        for topic, parts in sorted(by_topic.items()):
+            log.info("assigned %s %s: %s", self.name, topic, sorted(parts))
+
+
+class Worker:
+    """One worker process's steps, sharing one producer, one Redis client and one guard."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.keys = Keys(settings.key_prefix)
+        self.redis = connect(settings.redis_url)
+        self.guard = RedisGuard(self.redis, epoch_key=self.keys.epoch())
+        self.state = RedisState(self.redis, self.keys, settings.dedup_ttl_s, self.guard)
+        self.items = ItemStore(self.state)
+        self.health = Health()
+        self.stopping = asyncio.Event()
+        self.fault = Fault.parse(settings.fault)
+        self.consumers: dict[str, AIOKafkaConsumer] = {}
+        self.producer: AIOKafkaProducer | None = None
+        self.logical = {self.topics.name(t): t for t in self.topics.all()}
+
+    def engine(self) -> Engine:
+        """An engine over the shared stores (the score step and the timer each have their own:
+        the item store is swapped per batch)."""
+        return Engine(
+            items={},
+            criteria=CriteriaStore(self.redis, self.keys, state=self.state),
+            proficiency=ProficiencyStore(self.state),
+            alerts=AlertFlags(self.redis, self.keys, self.state),
+            settings=EngineSettings(unknown_projects=self.settings.unknown_projects, stage="worker"),
+        )
+
+    def consumer(self, name: str, group: str, topics: Sequence[str], lock: asyncio.Lock) -> AIOKafkaConsumer:
+        s = self.settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(s.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(max(s.session_timeout_s / 5, 1.0) * 1000),
+            rebalance_timeout_ms=int(max(2 * s.session_timeout_s, 8.0) * 1000),
+            max_poll_records=s.batch_max,
+        )
+        consumer.subscribe([self.topics.name(t) for t in topics], listener=_Revoke(lock, self.health, name))
+        self.consumers[name] = consumer
+        return consumer
+
+    async def send(self, emits: Sequence[Emit]) -> None:
+        """Produce and wait for every acknowledgement (before any commit)."""
+        assert self.producer is not None
+        pending = []
+        for e in emits:
+            value = None if e.value is None else e.value.to_bytes()
+            key = e.key.encode() if e.key else None
+            pending.append(await self.producer.send(self.topics.name(e.topic), value, key=key))
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def commit(self, consumer: AIOKafkaConsumer, batch: Mapping[Any, Sequence[Any]]) -> None:
+        try:
+            await consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items() if records})
+        except (CommitFailedError, IllegalStateError) as exc:
+            # the group moved on while the batch was held (a Redis outage longer than the poll
+            # interval): the new owner re-reads it, and every effect of it is idempotent
+            log.warning("commit refused (%s); the batch will be read again", exc)
+
+    # ------------------------------------------------------------------ steps
+
+    async def score_step(self) -> None:
+        lock = asyncio.Lock()
+        consumer = self.consumer("score", self.settings.app_id, SCORE_INPUTS, lock)
+        await consumer.start()
+        engine = self.engine()
+        while not self.stopping.is_set():
+            batch = await consumer.getmany(timeout_ms=int(self.settings.batch_within_s * 1000))
+            if not batch:
+                continue
+            async with lock:
+                await self.score_batch(engine, batch)
+                await self.commit(consumer, batch)
+            if self.fault is not None:
+                await self.fault.after_records(sum(len(r) for r in batch.values()))
+
+    async def score_batch(self, engine: Engine, batch: Mapping[Any, Sequence[Any]]) -> None:
+        records = [
+            Record(self.logical.get(tp.topic, tp.topic), r.value, r.key, tp.partition, r.offset, tp.topic)
+            for tp, rs in batch.items()
+            for r in rs
+        ]
+        partition_of: dict[str, int] = {}
+        for rec in records:
+            if rec.topic in ITEM_TOPICS and (item := item_id_of(rec)) is not None:
+                partition_of.setdefault(item, rec.partition)
+        loaded = await self.items.load(sorted(partition_of))
+        engine.items = dict(loaded)
+        emits: list[Emit] = []
+        for rec in records:
+            emits += await engine.handle(rec)
+        changed = {k: v for k, v in engine.items.items() if loaded.get(k) != v}
+        waiting = {}
+        for item in changed:
+            since = engine.waiting_since(item)
+            waiting[item] = (partition_of.get(item, 0), None if since is None else since.timestamp())
+        await self.items.store(changed, waiting)
+        engine.forget(engine.items)
+        await self.send(emits)
+
+    async def proficiency_step(self) -> None:
+        lock = asyncio.Lock()
+        consumer = self.consumer("proficiency", f"{self.settings.app_id}-proficiency", ("scores",), lock)
+        await consumer.start()
+        engine = self.engine()
+        while not self.stopping.is_set():
+            batch = await consumer.getmany(
+                timeout_ms=int(self.settings.batch_within_s * 1000), max_records=self.settings.batch_max
+            )
+            recs = [
+                Record("scores", r.value, r.key, tp.partition, r.offset, tp.topic)
+                for tp, rs in batch.items()
+                for r in rs
+            ]
+            if not recs:
+                continue
+            async with lock:
+                await self.send(await engine.apply_scores(recs))
+                await self.commit(consumer, batch)
+
+    async def consensus_timer(self) -> None:
+        engine = self.engine()
+        annotations = self.topics.name("annotations")
+        while not self.stopping.is_set():
+            await asyncio.sleep(self.settings.consensus_check_s)
+            consumer = self.consumers.get("score")
+            if consumer is None:
+                continue
+            mine = sorted(tp.partition for tp in consumer.assignment() if tp.topic == annotations)
+            candidates = await self.items.waiting(mine) if mine else []
+            if not candidates:
+                continue
+            engine.items = await self.items.load([item for item, _ in candidates])
+            when = [(item, datetime.fromtimestamp(t, UTC)) for item, t in candidates]
+            requests = await engine.timed_out(datetime.now(UTC), when)
+            await self.send([Emit("control", r.item_id, r) for r in requests])
+            engine.forget(engine.items)
+
+    async def watchdog(self) -> None:
+        """Ends a worker whose partitions have lag and no progress for `stall_timeout_s`, and keeps
+        the readiness figures. A Redis outage or a rebalance is not a stall: the clock restarts."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        s = self.settings
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+        probe = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
+        await admin.start()
+        await probe.start()
+        progress = Progress(s.stall_timeout_s)
+        loop = asyncio.get_running_loop()
+        groups = {"score": s.app_id, "proficiency": f"{s.app_id}-proficiency"}
+        try:
+            while not self.stopping.is_set():
+                await asyncio.sleep(s.watch_every_s)
+                self.health.redis_down = self.guard.down
+                if self.guard.down or self.health.rebalancing:
+                    self.health.ready = False
+                    self.health.reason = "redis unreachable" if self.guard.down else "rebalancing"
+                    progress.reset(loop.time())
+                    continue
+                try:
+                    signal_, lag, assigned = (), 0, 0
+                    for name, group in groups.items():
+                        consumer = self.consumers.get(name)
+                        parts = sorted(consumer.assignment()) if consumer is not None else []
+                        committed, ends = await lag_and_offsets(admin, probe, group, parts)
+                        signal_ += (tuple(sorted(committed.items())),)
+                        lag += total_lag(committed, ends)
+                        assigned += len(parts)
+                except Exception as exc:  # the watchdog must never be what ends a worker
+                    log.warning("watchdog could not read offsets: %r", exc)
+                    continue
+                self.health.lag, self.health.assigned = lag, assigned
+                self.health.ready = lag <= s.ready_max_lag
+                self.health.reason = "ok" if self.health.ready else f"lag {lag}"
+                if s.stall_timeout_s > 0 and (stalled := progress.observe(signal_, lag, loop.time())):
+                    self.health.stalled = stalled
+                    hard_exit(EXIT_STALLED, f"stalled: {stalled}")
+        finally:
+            await probe.stop()
+            await admin.close()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, lifeline: Lifeline) -> None:
+        s = self.settings
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=s.services_kind != "embedded",  # Tansu takes no idempotent producer
+            linger_ms=5,
+        )
+        await self.producer.start()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if self.guard.down:  # the batch in hand can neither finish nor be committed
+                hard_exit(0, "stop signal during a Redis outage: nothing in flight is committed")
+            log.info("signal %d: stopping after the batch in hand", signum)
+            lifeline.request_stop()
+            self.stopping.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        steps: dict[str, Callable[[], Awaitable[None]]] = {
+            "the score step": self.score_step,
+            "the proficiency step": self.proficiency_step,
+            "the consensus timer": self.consensus_timer,
+            "the watchdog": self.watchdog,
+        }
+        tasks = {asyncio.create_task(fn(), name=name): name for name, fn in steps.items()}
+        beat = asyncio.create_task(heartbeat(self.health))
+        stop = asyncio.create_task(self.stopping.wait())
+        log.info("worker started: group %s, topics %s*", s.app_id, s.topic_prefix)
+        try:
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop and task.exception() is not None:
+                    fatal(task.exception(), tasks[task])  # type: ignore[arg-type]
+            await asyncio.wait(tasks, timeout=s.shutdown_timeout_s)  # each ends after its batch
+        finally:
+            for task in [*tasks, beat, stop]:
+                task.cancel()
+            for consumer in self.consumers.values():
+                await consumer.stop()  # leaves the group; commits nothing (auto commit is off)
+            await self.producer.stop()
+            await self.redis.aclose()
+        log.info("worker stopped")
+
+
+def fatal(exc: BaseException, where: str) -> None:
+    """A step that raised ends the process: never skip past the batch it failed on (that would
+    drop it), never count on a Redis that lost the state."""
+    if isinstance(exc, StateLost):
+        hard_exit(EXIT_STATE_LOST, str(exc))
+    log.error("%s failed", where, exc_info=exc)
+    hard_exit(EXIT_CRASHED, f"{where} raised {type(exc).__name__}: {exc}")
+
+
+def main(settings: Settings) -> None:
+    """Run a worker until a stop signal, under its lifeline and probes."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    worker = Worker(settings)  # asyncio objects bind to the loop on first use, not here
+    lifeline = Lifeline(
+        crashed=lambda: None,  # a step that raises ends the process itself (fatal)
+        health=worker.health,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+        loop_block_s=settings.loop_block_s,
+    )
+    lifeline.start()
+    if settings.health_port:
+        try:
+            HealthServer(worker.health, settings.health_port, settings.loop_block_s).start()
+        except OSError as exc:  # several workers on one host: only the first gets the port
+            log.error("no /healthz on port %d: %s", settings.health_port, exc)
+    try:
+        asyncio.run(worker.run(lifeline))
+    finally:
+        lifeline.finish()
+
+
+__all__ = ["SCORE_INPUTS", "Fault", "Worker", "item_id_of", "main"]

@@ -1,0 +1,172 @@
+"""The rules that keep a worker either working or gone, and the Redis guard, one at a time.
+
+The processes themselves (a stalled consumer ended by its watchdog, a crashed app that exits, an
+outage waited out) are exercised on the real services in tests/test_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from goldstream.services import Endpoints
+from streams.state import Keys, RedisGuard, RedisState, StateLost
+from streams.watchdog import (
+    EXIT_CRASHED,
+    EXIT_HUNG,
+    EXIT_STATE_LOST,
+    Health,
+    HealthServer,
+    Lifeline,
+    Progress,
+    total_lag,
+)
+
+
+def test_a_worker_with_lag_is_stalled_only_once_nothing_moved_for_the_whole_timeout() -> None:
+    p = Progress(stall_timeout_s=60)
+    assert p.observe(("a", 1), lag=5, now=0) is None
+    assert p.observe(("a", 1), lag=5, now=59) is None
+    assert p.observe(("a", 2), lag=5, now=100) is None  # progress restarts the clock
+    assert p.observe(("a", 2), lag=5, now=159) is None
+    reason = p.observe(("a", 2), lag=5, now=160)
+    assert reason is not None and "5 record(s) of lag" in reason
+
+
+def test_a_worker_without_lag_is_idle_not_stalled() -> None:
+    p = Progress(stall_timeout_s=10)
+    for t in range(0, 100, 5):
+        assert p.observe(("same",), lag=0, now=t) is None
+
+
+def test_a_reset_outage_or_rebalance_restarts_the_stall_clock() -> None:
+    p = Progress(stall_timeout_s=10)
+    p.observe(("x",), lag=3, now=0)
+    p.reset(now=9)
+    assert p.observe(("x",), lag=3, now=12) is None  # a new reading after the reset, not a stall
+
+
+def test_lag_counts_records_past_the_committed_offset_and_all_of_a_partition_never_committed() -> None:
+    assert total_lag({"a": 10, "b": -1}, {"a": 15, "b": 4}) == 5 + 4
+
+
+def lifeline(crash: BaseException | None = None, **kw: float) -> Lifeline:
+    return Lifeline(
+        crashed=lambda: crash,
+        health=Health(beat=kw.pop("beat", None)),
+        shutdown_timeout_s=kw.pop("shutdown_timeout_s", 30.0),
+        loop_block_s=kw.pop("loop_block_s", 120.0),
+        crash_grace_s=kw.pop("crash_grace_s", 3.0),
+    )
+
+
+def test_a_crashed_app_is_given_a_short_grace_then_the_process_exits_non_zero() -> None:
+    life = lifeline(RuntimeError("boom"))
+    assert life.verdict(100.0) is None  # Faust may still stop and exit by itself
+    code, why = life.verdict(103.0)  # type: ignore[misc]
+    assert code == EXIT_CRASHED and "boom" in why
+
+
+def test_a_redis_that_lost_the_state_exits_with_its_own_status() -> None:
+    life = lifeline(StateLost("gone"), crash_grace_s=0.0)
+    assert life.verdict(1.0) == (EXIT_STATE_LOST, "the Faust app crashed (StateLost: gone)")
+
+
+def test_a_stop_signal_not_obeyed_within_the_shutdown_timeout_ends_the_process() -> None:
+    life = lifeline(shutdown_timeout_s=30.0)
+    life.stop_requested = 1000.0
+    assert life.verdict(1029.0) is None
+    assert life.verdict(1031.0)[0] == EXIT_HUNG  # type: ignore[index]
+
+
+def test_an_event_loop_that_stopped_turning_ends_the_process_but_not_before_it_ever_turned() -> None:
+    assert lifeline(beat=None, loop_block_s=10).verdict(1e9) is None  # still starting
+    life = lifeline(beat=100.0, loop_block_s=10)
+    assert life.verdict(109.0) is None
+    assert life.verdict(111.0)[0] == EXIT_CRASHED  # type: ignore[index]
+
+
+def test_the_probes_say_alive_and_ready_from_a_thread_of_their_own() -> None:
+    health = Health(beat=time.monotonic())
+    server = HealthServer(health, 0, loop_block_s=60, host="127.0.0.1")
+    server.start()
+
+    def get(path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            return exc.code, json.loads(raw) if raw.startswith(b"{") else {}
+
+    try:
+        assert get("/healthz")[0] == 200
+        status, body = get("/ready")
+        assert status == 503 and body["reason"] == "starting"
+        health.ready, health.reason, health.lag = True, "ok", 0
+        assert get("/ready") == (200, {**body, "ready": True, "reason": "ok", "lag": 0})
+        health.stalled = "no progress"
+        assert get("/healthz")[0] == 503 and get("/ready")[0] == 503
+        assert get("/nope")[0] == 404
+    finally:
+        server.server.shutdown()
+
+
+def test_the_guard_waits_out_an_outage_with_capped_backoff_and_logs_it_once_each_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sleeps: list[float] = []
+
+    async def sleep(s: float) -> None:
+        sleeps.append(s)
+
+    failures = iter([redis_errors.ConnectionError("down")] * 9)
+
+    async def call() -> str:
+        exc = next(failures, None)
+        if exc is not None:
+            raise exc
+        return "ok"
+
+    class Pool:
+        async def disconnect(self, inuse_connections: bool = True) -> None:
+            return None
+
+    class Client:
+        connection_pool = Pool()
+
+    guard = RedisGuard(Client(), base_s=0.1, cap_s=1.0, sleep=sleep)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="streams.state"):
+        assert asyncio.run(guard.run(call, "test")) == "ok"
+    assert sleeps == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "unreachable" in messages[0] and "back after" in messages[1]
+    assert not guard.down and guard.outages == 1
+
+
+@pytest.mark.services
+def test_reads_refuse_a_redis_whose_epoch_is_gone_instead_of_reading_zeros(services: Endpoints, keys: Keys) -> None:
+    async def main() -> None:
+        client = Redis.from_url(services.redis_url)
+        try:
+            await client.set(keys.epoch(), "e1")
+            state = RedisState(client, keys, guard=RedisGuard(client, epoch_key=keys.epoch()))
+            assert await state.counters(keys.worker("p", "w")) == {}  # adopts e1
+            await client.delete(keys.epoch())  # a flush, as far as this prefix is concerned
+            with pytest.raises(StateLost, match="gone"):
+                await state.counters(keys.worker("p", "w"))
+            await client.set(keys.epoch(), "e2")  # someone else's new state
+            with pytest.raises(StateLost, match="changed"):
+                await state.counters(keys.worker("p", "w"))
+        finally:
+            await client.delete(keys.epoch())
+            await client.aclose()
+
+    asyncio.run(main())
