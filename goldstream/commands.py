@@ -255,9 +255,16 @@ async def topic_bounds(settings: Settings, logicals: Iterable[str]) -> tuple[dic
     return begins, ends
 
 
-async def iter_topic(settings: Settings, logical: str, batch: int = 500, raw: bool = False) -> Any:
-    """Batches of (key, value) of a topic from its start to its end as of the call, streamed
-    (a rebuild must not hold a month of scores in memory)."""
+async def iter_topic(
+    settings: Settings,
+    logical: str,
+    batch: int = 500,
+    raw: bool = False,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+) -> Any:
+    """Batches of (key, value) (`raw`: the records) of a topic from its start to its end as of
+    the call, streamed (a rebuild must not hold a month of scores in memory)."""
     ep = endpoints(settings)
     name = Topics(settings.topic_prefix).name(logical)
     partitions = await topic_partitions(ep, name)
@@ -272,11 +279,12 @@ async def iter_topic(settings: Settings, logical: str, batch: int = 500, raw: bo
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)
-        while True:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while deadline is None or time.monotonic() < deadline:
             left = [tp for tp in parts if await consumer.position(tp) < end[tp]]
             if not left:
                 return
-            got = await consumer.getmany(*left, timeout_ms=1000, max_records=batch)
+            got = await consumer.getmany(*left, timeout_ms=int(poll_s * 1000), max_records=batch)
             records = [r if raw else (r.key, r.value) for tp, rs in got.items() for r in rs if r.offset < end[tp]]
             if records:
                 yield records
@@ -442,31 +450,9 @@ async def read_topic(
     settings: Settings, logical: str, *, until_idle_s: float = 2.0, timeout_s: float = 120.0
 ) -> list[tuple[bytes | None, bytes | None]]:
     """Every (key, value) of a topic from the start up to its current end (no consumer group)."""
-    ep = endpoints(settings)
-    name = Topics(settings.topic_prefix).name(logical)
     out: list[tuple[bytes | None, bytes | None]] = []
-    partitions = await topic_partitions(ep, name)
-    if not partitions:
-        return out
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        parts = [TopicPartition(name, p) for p in partitions]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            positions = [await consumer.position(tp) for tp in parts]
-            if all(pos >= end[tp] for pos, tp in zip(positions, parts, strict=True)):
-                break
-            batch = await consumer.getmany(timeout_ms=int(until_idle_s * 1000))
-            for records in batch.values():
-                out.extend((r.key, r.value) for r in records)
-    finally:
-        await consumer.stop()
+    async for records in iter_topic(settings, logical, poll_s=until_idle_s, timeout_s=timeout_s):
+        out.extend(records)
     return out
 
 

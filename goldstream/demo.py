@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import tempfile
 import time
 from collections import Counter, deque
@@ -37,8 +36,8 @@ from scipy.stats import spearmanr
 
 import schemas as s
 from goldstream.commands import committed_to_end, publish, set_criteria, topic_partitions
-from goldstream.proc import REPO, WorkerProcess, worker_env
-from goldstream.services import STOPS, EmbeddedServices, Endpoints, die_with_parent, stop_process
+from goldstream.proc import WorkerProcess
+from goldstream.services import STOPS, EmbeddedServices, Endpoints, stop_process
 from goldstream.settings import Settings
 from goldstream.simulator import Simulation, envelopes, load_spec, simulate
 from scoring.policy import proficiency
@@ -72,17 +71,8 @@ class DemoWorker(WorkerProcess):
     grace_s: float = 15.0
 
     def start(self) -> DemoWorker:
-        with STOPS.shielded(), open(self.log, "ab") as fh:  # no signal between the fork and `self.proc`
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=worker_env(self.settings),
-                cwd=REPO,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=die_with_parent(),
-            )
+        with STOPS.shielded():  # no signal between the fork and `self.proc`
+            super().start()
         return self
 
     def stop(self) -> None:
