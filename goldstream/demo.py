@@ -295,6 +295,8 @@ def _final(console: Console, sim: Simulation, watch: Watch, board: list, publish
         "truly_bad_escalated": caught,
         "alerts": len(watch.alerts),
         "dead_letters": watch.dead,
+        # each worker's lower bound of proficiency next to the simulator's true skill
+        "workers": {w: [p.lower_bound, truth["workers"][w]["true_mean_score"]] for w, p in board},
     }
     console.print(
         f"{watch.scores} scores in {took:.0f} s; Spearman(lower bound, true skill) = {rho:.2f}; "

@@ -65,6 +65,7 @@ from streams.watchdog import (
 
 SCORE_INPUTS = ("annotations", "gold", "reviews", "control", "projects")
 ITEM_TOPICS = ("annotations", "gold", "reviews", "control")
+BATCH_ORDER = {t: i for i, t in enumerate(("projects", "gold", "annotations", "reviews", "control"))}
 log = logging.getLogger("goldstream.worker")
 
 
@@ -200,6 +201,15 @@ class Worker:
             # interval): the new owner re-reads it, and every effect of it is idempotent
             log.warning("commit refused (%s); the batch will be read again", exc)
 
+    async def pause(self, seconds: float) -> bool:
+        """Sleep, unless asked to stop meanwhile; True when stopping (a stop must not wait for
+        the consensus timer's next tick)."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
     # ------------------------------------------------------------------ steps
 
     async def score_step(self) -> None:
@@ -223,6 +233,10 @@ class Worker:
             for tp, rs in batch.items()
             for r in rs
         ]
+        # Kafka orders a partition, not topics: within a batch, criteria and gold go first, so an
+        # annotation fetched together with its item's gold is scored against it (a stable sort:
+        # each topic-partition keeps its offset order)
+        records.sort(key=lambda rec: BATCH_ORDER.get(rec.topic, len(BATCH_ORDER)))
         partition_of: dict[str, int] = {}
         for rec in records:
             if rec.topic in ITEM_TOPICS and (item := item_id_of(rec)) is not None:
@@ -264,8 +278,7 @@ class Worker:
     async def consensus_timer(self) -> None:
         engine = self.engine()
         annotations = self.topics.name("annotations")
-        while not self.stopping.is_set():
-            await asyncio.sleep(self.settings.consensus_check_s)
+        while not await self.pause(self.settings.consensus_check_s):
             consumer = self.consumers.get("score")
             if consumer is None:
                 continue
@@ -293,8 +306,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         groups = {"score": s.app_id, "proficiency": f"{s.app_id}-proficiency"}
         try:
-            while not self.stopping.is_set():
-                await asyncio.sleep(s.watch_every_s)
+            while not await self.pause(s.watch_every_s):
                 self.health.redis_down = self.guard.down
                 if self.guard.down or self.health.rebalancing:
                     self.health.ready = False

