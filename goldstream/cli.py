@@ -57,14 +57,10 @@ def _worker(args: argparse.Namespace) -> int:
     from goldstream.commands import run_worker
 
     settings = _settings(args)
-    if args.no_web:
+    if args.health_port is not None:
         import dataclasses
 
-        settings = dataclasses.replace(settings, web_enabled=False)  # type: ignore[type-var]
-    elif args.web_port:
-        import dataclasses
-
-        settings = dataclasses.replace(settings, web_port=args.web_port)  # type: ignore[type-var]
+        settings = dataclasses.replace(settings, health_port=args.health_port)  # type: ignore[type-var]
     run_worker(settings)  # type: ignore[arg-type]
     return 0
 
@@ -210,11 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("file")
     val.set_defaults(func=_schemas_validate)
 
-    w = sub.add_parser("worker", help="run a stream worker (Faust) against Kafka and Redis")
+    w = sub.add_parser("worker", help="run a stream worker against Kafka and Redis")
     _connection_options(w)
-    w.add_argument("--app-id", help="Faust app id = consumer group (default 'goldstream')")
-    w.add_argument("--web-port", type=int, help="port of the worker's web server (default 6066)")
-    w.add_argument("--no-web", action="store_true", help="no web server (several workers on one host)")
+    w.add_argument(
+        "--app-id", help="consumer group of the score step, '<id>-proficiency' of the other (default 'goldstream')"
+    )
+    w.add_argument(
+        "--health-port",
+        type=int,
+        help="port of /healthz and /ready (default 6068; 0: none, as for several workers on one host)",
+    )
     w.set_defaults(func=_worker)
 
     pub = sub.add_parser("publish", help="publish a JSONL file: envelopes, or bare messages of TOPIC")

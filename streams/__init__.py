@@ -1,1 +1,1 @@
-"""Thin glue between Kafka (Faust agents), the scoring library and Redis state."""
+"""Thin glue between Kafka (the worker's consumer groups), the scoring library and Redis state."""

@@ -99,7 +99,7 @@ class Emit:
 
 
 class ItemState(Model):
-    """What the engine remembers of one item (a Faust table row, keyed by item_id).
+    """What the engine remembers of one item (its row in the item store, keyed by item_id).
 
     Enough to re-derive every output of a re-delivered input: the annotations (for reviews and
     consensus), which were scored against the current gold, and which form consensus rounds."""

@@ -1,19 +1,19 @@
 """A worker is either working or gone: crash exit, shutdown deadline, stall watchdog, probes.
 
-faust-streaming can leave a worker alive and useless: an app that crashed (a `Crashed` log line)
-sometimes stays in its event loop and ignores SIGTERM, and a worker restarted after a kill -9
-sometimes reports Ready and consumes nothing. Supervisors (Kubernetes, compose, systemd) restart
-processes that exit or fail their probes, so this module turns each of those states into one:
+A worker that is alive but useless is the worst state for a QC pipeline: nothing alerts, work
+piles up. (faust-streaming, which the worker was built on until this round, did exactly that: a
+crashed app stayed in its loop ignoring SIGTERM, a restarted one reported Ready and consumed
+nothing.) Supervisors (Kubernetes, compose, systemd) restart processes that exit or fail their
+probes, so this module turns each such state into one of those:
 
 - `Lifeline`, a thread (it runs even when the event loop is stuck): exits the process when the
   app crashed, when a SIGTERM / SIGINT was not obeyed within `shutdown_timeout_s`, or when the
   event loop has not turned for `loop_block_s`.
-- `watch`, a task: the worker's own partitions (score inputs and the proficiency consumer's)
-  with lag and no progress for `stall_timeout_s` make it exit with `EXIT_STALLED`; a supervisor
-  restarts it. Progress is committed offsets, or changelog recovery, moving; a Redis outage is
-  waited out, not counted as a stall.
-- `HealthServer`, a thread: `GET /healthz` (alive: loop turning, not crashed, not stalled) and
-  `GET /ready` (partitions assigned, recovery done, Redis reachable, lag within a bound).
+- `Progress`, the rule of the worker's watchdog task: its own partitions with lag and no
+  progress (committed offsets moving) for `stall_timeout_s` make it exit with `EXIT_STALLED`; a
+  supervisor restarts it. A Redis outage or a rebalance is waited out, not counted as a stall.
+- `HealthServer`, a thread: `GET /healthz` (alive: loop turning, not stalled) and `GET /ready`
+  (alive, Redis reachable, no rebalance, lag within a bound).
 
 Exiting without a clean shutdown is safe: delivery is at least once and effects exactly once.
 """
@@ -34,7 +34,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-EXIT_CRASHED = 70  # EX_SOFTWARE: the Faust app crashed
+EXIT_CRASHED = 70  # EX_SOFTWARE: a step raised, or the loop stopped turning
 EXIT_STATE_LOST = 3  # Redis lost goldstream's state: restart, which rebuilds it
 EXIT_STALLED = 75  # EX_TEMPFAIL: lag and no progress; a restart recovers
 EXIT_HUNG = 1  # asked to stop, did not within the shutdown timeout
@@ -84,7 +84,7 @@ def _flush_logs() -> None:
 
 
 def hard_exit(code: int, message: str) -> None:
-    """Log and leave now: no Faust shutdown (it is what hangs), nothing committed on the way."""
+    """Log and leave now: no orderly shutdown (it may be what hangs), nothing committed on the way."""
     log.critical("%s; exiting with status %d", message, code)
     _flush_logs()
     os._exit(code)
@@ -130,9 +130,9 @@ class Lifeline(threading.Thread):
         if reason is not None:
             if self._crash_seen is None:
                 self._crash_seen = now
-            if now - self._crash_seen >= self.crash_grace_s:  # let Faust log it and try to stop
+            if now - self._crash_seen >= self.crash_grace_s:  # let the app log it and try to stop
                 code = EXIT_STATE_LOST if isinstance(reason, StateLost) else EXIT_CRASHED
-                return code, f"the Faust app crashed ({type(reason).__name__}: {reason})"
+                return code, f"the app crashed ({type(reason).__name__}: {reason})"
         if self.stop_requested is not None and now - self.stop_requested > self.shutdown_timeout_s:
             return EXIT_HUNG, f"shutdown did not finish within {self.shutdown_timeout_s:.0f} s"
         beat = self.health.beat

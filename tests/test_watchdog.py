@@ -76,7 +76,7 @@ def test_a_crashed_app_is_given_a_short_grace_then_the_process_exits_non_zero() 
 
 def test_a_redis_that_lost_the_state_exits_with_its_own_status() -> None:
     life = lifeline(StateLost("gone"), crash_grace_s=0.0)
-    assert life.verdict(1.0) == (EXIT_STATE_LOST, "the Faust app crashed (StateLost: gone)")
+    assert life.verdict(1.0) == (EXIT_STATE_LOST, "the app crashed (StateLost: gone)")
 
 
 def test_a_stop_signal_not_obeyed_within_the_shutdown_timeout_ends_the_process() -> None:
