@@ -76,10 +76,9 @@ async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
         if await guard.run(lambda: redis.get(keys.epoch()), "epoch") is not None:
             return "present"
         begins, ends = await topic_bounds(settings, STATE_TOPICS)
-        # only a worker writes scores and dead letters, and only with the state in Redis: without
-        # them this is a new deployment (criteria published before the first worker start are
-        # read from `projects` by the worker itself)
-        if not (ends["scores"] or ends["deadletter"]):
+        # a new deployment: no worker ever wrote a score or a dead letter, nor committed an input
+        # (criteria, gold or annotations waiting for a round leave no output but are state)
+        if not (ends["scores"] or ends["deadletter"]) and not await has_committed(settings):
             await guard.run(lambda: redis.set(keys.epoch(), _new_epoch(), nx=True), "epoch")
             return "created"
         where = f"Redis {settings.redis_url.split('@')[-1]} (prefix {keys.prefix!r})"
@@ -92,7 +91,7 @@ async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
             raise SystemExit(
                 f"{where} lost goldstream's state and the scores topic no longer starts at offset 0 (retention): "
                 "it cannot be rebuilt exactly. Restore Redis from a backup, or rebuild what is left with "
-                "`goldstream rebuild-state --partial`."
+                "`goldstream rebuild-state`."
             )
         token = _new_epoch()
         lock = keys.epoch() + ":rebuild"
@@ -104,7 +103,9 @@ async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
                 return "rebuilt by another worker"
         print(f"{where} lost goldstream's state: rebuilding it from the topics", file=sys.stderr, flush=True)
         counts = await rebuild_state(settings, keep_alive=lambda: redis.expire(lock, lock_ttl_s))
-        await guard.run(lambda: redis.set(keys.epoch(), token), "epoch")
+        if await guard.run(lambda: redis.get(lock), "lock") != token.encode():
+            raise SystemExit(f"{where}: the rebuild lock expired during the rebuild; start again")
+        await guard.run(lambda: redis.set(keys.epoch(), token, nx=True), "epoch")
         await guard.run(lambda: redis.delete(lock), "lock")
         summary = ", ".join(f"{v} {k}" for k, v in counts.items())
         print(f"{where}: state rebuilt ({summary})", file=sys.stderr, flush=True)
@@ -122,6 +123,39 @@ async def restore_state(settings: Settings) -> dict[str, int]:
     finally:
         await redis.aclose()
     return counts
+
+
+async def has_committed(settings: Settings) -> bool:
+    """Has the score step's group committed any offset of its inputs?"""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from streams.worker import SCORE_INPUTS
+
+    ep = endpoints(settings)
+    parts = []
+    for logical in SCORE_INPUTS:
+        name = Topics(settings.topic_prefix).name(logical)
+        parts += [TopicPartition(name, p) for p in await topic_partitions(ep, name)]
+    if not parts:
+        return False
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers)
+    await admin.start()
+    try:
+        delay = 0.2
+        for attempt in range(40):  # a broker that just started has no group coordinator yet
+            try:
+                committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=parts)
+                break
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False) or attempt == 39:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+    finally:
+        await admin.close()
+    return any(o is not None and o.offset > 0 for o in committed.values())
 
 
 def _new_epoch() -> str:
@@ -155,7 +189,7 @@ async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int =
                 counts["projects"] += 1
             except SchemaError:
                 continue
-        counts["items"] = await rebuild_items(settings, state)
+        counts["items"] = await rebuild_items(settings, state, keep_alive)
         async for records in iter_topic(settings, "scores", batch):
             pending = []
             for _, value in records:
@@ -194,7 +228,7 @@ async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int =
         await redis.aclose()
 
 
-async def rebuild_items(settings: Settings, state: RedisState) -> int:
+async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any = None) -> int:
     """Item states (gold, annotations, rounds) and the waiting index, by running the engine over
     the input topics again, outputs discarded (they are on the output topics already, with the
     same ids). Records are taken in the order they were appended (their timestamps), which is
@@ -221,10 +255,12 @@ async def rebuild_items(settings: Settings, state: RedisState) -> int:
         settings=EngineSettings(unknown_projects=settings.unknown_projects, stage="worker"),
     )
     partition_of: dict[str, int] = {}
-    for _, _, rec in records:
+    for n, (_, _, rec) in enumerate(records):
         if rec.key is not None:
             partition_of.setdefault(rec.key.decode(errors="replace"), rec.partition)
         await engine.handle(rec)  # outputs discarded: the worker emitted them, with these ids
+        if keep_alive is not None and n % 500 == 499:
+            await keep_alive()
     waiting = {}
     for item in items:
         since = engine.waiting_since(item)

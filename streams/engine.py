@@ -327,6 +327,8 @@ class Engine:
                 out.append(await self._escalate(a, [EscalationReason.INVALID_GEOMETRY], criteria, detail=problems[1]))
             return out
         st = self._item(a.item_id).with_annotation(a)
+        if _in_round(st, a.event_id):  # a redelivered round member: its round again, even if gold came since
+            return await self._consensus(a, st, criteria) + await self._parked_reviews(a, st, criteria)
         if st.gold is not None and st.gold.project_id == a.project_id:
             if a.event_id not in st.gold_scored:
                 st = st.model_copy(update={"gold_scored": [*st.gold_scored, a.event_id][-MAX_ANNOTATIONS_PER_ITEM:]})
@@ -522,6 +524,9 @@ class Engine:
             criteria = await self._criteria(a.project_id) if a is not None else None
             if a is None or criteria is None:
                 continue
+            workers = {x.worker_id for e in st.waiting if (x := st.annotation(e)) is not None}
+            if len(workers) < criteria.consensus.min_annotators:
+                continue  # close_round would refuse it: asking every tick would only repeat
             if now is None or (now - first).total_seconds() >= criteria.consensus.timeout_s:
                 out.append(
                     RoundTimeout(

@@ -71,6 +71,11 @@ def connect(url: str, **options: Any) -> Redis:
     return Redis.from_url(url, **opts)
 
 
+class ItemConflict(RuntimeError):
+    """An item's state changed under this worker: its partition has another owner now (this
+    worker was cut off past the rebalance timeout). The batch must not be committed."""
+
+
 class StateLost(RuntimeError):
     """Redis no longer holds the state this process was working on (its epoch key is gone or
     changed): counting on would start from zero. Rebuild from the topics instead."""
@@ -389,6 +394,7 @@ class ItemStore:
     def __init__(self, state: RedisState) -> None:
         self.state = state
         self.keys = state.keys
+        self._swap: AsyncScript = state.client.register_script(self.SWAP)
 
     async def load(self, item_ids: Sequence[str]) -> dict[str, bytes]:
         def build(pipe: Any) -> None:
@@ -398,16 +404,41 @@ class ItemStore:
         found = await self.state.read(build, "items")
         return {i: v for i, v in zip(item_ids, found, strict=True) if v is not None}
 
-    async def store(self, changed: Mapping[str, bytes], waiting: Mapping[str, tuple[int, float | None]]) -> None:
-        """Write changed item states, and each item's place in its partition's waiting index
-        (`waiting[item] = (partition, oldest waiting submission as epoch seconds, or None)`)."""
+    # write an item's state only over the state it was derived from (or its absence): a worker
+    # that lost its partitions during a long Redis outage must not set an item back
+    SWAP = """
+    local cur = redis.call('GET', KEYS[1])
+    if cur == ARGV[1] or (cur == false and ARGV[1] == '') then
+      redis.call('SET', KEYS[1], ARGV[2])
+      return 1
+    end
+    if cur == ARGV[2] then return 1 end
+    return 0
+    """
+
+    async def store(
+        self,
+        changed: Mapping[str, bytes],
+        waiting: Mapping[str, tuple[int, float | None]],
+        loaded: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Write changed item states, each only over the state it was derived from (`loaded`;
+        raises `ItemConflict` when another worker wrote it meanwhile; None: unconditionally, as a
+        rebuild does), and each item's place in
+        its partition's waiting index (`waiting[item] = (partition, oldest waiting submission as
+        epoch seconds, or None)`). A write seen again (a retry after a lost reply) succeeds."""
         if not changed and not waiting:
             return
+        names = list(changed)
 
         async def call() -> list[Any]:
             pipe = self.state.client.pipeline(transaction=False)
-            for item_id, raw in changed.items():
-                pipe.set(self.keys.item(item_id), raw)
+            for item_id in names:
+                key, new = self.keys.item(item_id), changed[item_id]
+                if loaded is None:  # a rebuild: the topics are the truth
+                    pipe.set(key, new)
+                else:
+                    await self._swap(keys=[key], args=[loaded.get(item_id, b""), new], client=pipe)
             for item_id, (partition, since) in waiting.items():
                 if since is None:
                     pipe.zrem(self.keys.waiting(partition), item_id)
@@ -415,7 +446,10 @@ class ItemStore:
                     pipe.zadd(self.keys.waiting(partition), {item_id: since})
             return await pipe.execute()
 
-        await self.state.guard.run(call, "items")
+        results = await self.state.guard.run(call, "items")
+        lost = [item for item, ok in zip(names, results, strict=False) if not ok]
+        if lost:
+            raise ItemConflict(f"{len(lost)} item state(s) changed by another worker meanwhile, e.g. {lost[0]!r}")
 
     async def waiting(self, partitions: Sequence[int]) -> list[tuple[str, float]]:
         """(item, oldest waiting submission) of the items waiting in these partitions."""

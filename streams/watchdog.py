@@ -51,7 +51,7 @@ class Health:
     assigned: int = 0
     stalled: str | None = None
     redis_down: bool = False
-    rebalancing: bool = False
+    rebalancing: set[str] = field(default_factory=set)  # the consumers in a rebalance
 
     def alive(self, loop_block_s: float) -> tuple[bool, str]:
         if self.stalled:

@@ -124,12 +124,12 @@ class _Revoke(ConsumerRebalanceListener):
         self.lock, self.health, self.name = lock, health, name
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        self.health.rebalancing = True
+        self.health.rebalancing.add(self.name)
         async with self.lock:
             return None
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.health.rebalancing = False
+        self.health.rebalancing.discard(self.name)
         by_topic: dict[str, list[int]] = {}
         for tp in assigned:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
@@ -197,8 +197,9 @@ class Worker:
         try:
             await consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items() if records})
         except (CommitFailedError, IllegalStateError) as exc:
-            # the group moved on while the batch was held (a Redis outage longer than the poll
-            # interval): the new owner re-reads it, and every effect of it is idempotent
+            # the group moved on while the batch was held (a Redis outage longer than the
+            # rebalance timeout): the new owner reads it again; counters are applied once and
+            # item states are written only over the state they were derived from (ItemStore)
             log.warning("commit refused (%s); the batch will be read again", exc)
 
     async def pause(self, seconds: float) -> bool:
@@ -251,9 +252,12 @@ class Worker:
         for item in changed:
             since = engine.waiting_since(item)
             waiting[item] = (partition_of.get(item, 0), None if since is None else since.timestamp())
-        await self.items.store(changed, waiting)
         engine.forget(engine.items)
+        # outputs first, then the states that record them: a state must never say "done" for
+        # outputs that were not acknowledged (a redelivery re-derives them only from the state
+        # as it was before, e.g. a round closed by a timeout or a parked review)
         await self.send(emits)
+        await self.items.store(changed, waiting, loaded)
 
     async def proficiency_step(self) -> None:
         lock = asyncio.Lock()
@@ -372,7 +376,10 @@ class Worker:
             for task in done:
                 if task is not stop and task.exception() is not None:
                     fatal(task.exception(), tasks[task])  # type: ignore[arg-type]
-            await asyncio.wait(tasks, timeout=s.shutdown_timeout_s)  # each ends after its batch
+            done, _ = await asyncio.wait(tasks, timeout=s.shutdown_timeout_s)  # each ends after its batch
+            for task in done:  # a step that failed while stopping still ends the process non-zero
+                if task.exception() is not None:
+                    fatal(task.exception(), tasks[task])  # type: ignore[arg-type]
         finally:
             for task in [*tasks, beat, stop]:
                 task.cancel()
