@@ -1,5 +1,5 @@
 """The engine's decisions, driven by `replay` against the real redis-server (no Kafka needed:
-the same engine runs inside the Faust agents, tested in test_pipeline.py)."""
+the same engine runs inside the worker's consumers, tested in test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -534,3 +534,44 @@ def test_thousands_of_field_errors_make_one_dead_letter_small_enough_for_kafka(r
     (dl,) = out(result, "deadletter")
     assert dl.reason == "schema" and dl.raw == raw and len(dl.errors) == 51
     assert dl.errors[-1]["msg"] == "and 29950 more" and len(dl.to_bytes()) < 1_000_000
+
+
+def test_a_redelivered_round_member_gets_its_round_again_not_a_gold_score_that_came_since(run) -> None:
+    c = criteria(consensus=s.ConsensusPolicy(overlap=2, timeout_s=1e9))
+    a, b = annotation(1, "i", "w1", GOOD), annotation(2, "i", "w2", BAD)
+    first, _ = run(records(c, a, b))
+    again, _ = run(records(c, a, b, gold("i"), b))  # b again after gold: a redelivery
+    round_ids = {r.event_id for r in out(first, "scores")}
+    assert {r.event_id for r in out(again, "scores")} == round_ids
+    assert all(r.kind is s.ScoreKind.CONSENSUS for r in out(again, "scores"))
+
+
+def test_the_consensus_timer_does_not_ask_for_rounds_that_cannot_close(services: Endpoints, keys: Keys) -> None:
+    from streams.engine import Engine
+    from streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+
+    async def main() -> tuple[list, list]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            state = RedisState(client, keys)
+            engine = Engine(
+                items={},
+                criteria=CriteriaStore(client, keys, state=state),
+                proficiency=ProficiencyStore(state),
+                alerts=AlertFlags(client, keys, state),
+            )
+            c = criteria(consensus=s.ConsensusPolicy(overlap=3, min_annotators=2, timeout_s=60))
+            await engine.handle(record(c))
+            await engine.handle(record(annotation(1, "alone", "w1", GOOD)))
+            lonely = await engine.timed_out(T0 + timedelta(days=1))
+            await engine.handle(record(annotation(2, "alone", "w2", GOOD)))
+            return lonely, await engine.timed_out(T0 + timedelta(days=1))
+        finally:
+            await client.aclose()
+
+    try:
+        lonely, pair = asyncio.run(main())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    assert lonely == []  # one annotator of min_annotators 2: close_round would refuse it
+    assert [t.item_id for t in pair] == ["alone"]

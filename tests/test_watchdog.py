@@ -28,6 +28,7 @@ from streams.watchdog import (
     Progress,
     total_lag,
 )
+from tests.conftest import drop_keys
 
 
 def test_a_worker_with_lag_is_stalled_only_once_nothing_moved_for_the_whole_timeout() -> None:
@@ -170,3 +171,28 @@ def test_reads_refuse_a_redis_whose_epoch_is_gone_instead_of_reading_zeros(servi
             await client.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.services
+def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(services: Endpoints, keys: Keys) -> None:
+    from streams.state import ItemConflict, ItemStore
+
+    async def main() -> None:
+        client = Redis.from_url(services.redis_url)
+        try:
+            items = ItemStore(RedisState(client, keys))
+            await items.store({"i": b"s1"}, {"i": (0, 10.0)}, {})  # a new item
+            assert await items.load(["i", "j"]) == {"i": b"s1"}
+            await items.store({"i": b"s2"}, {"i": (0, None)}, {"i": b"s1"})  # the owner moves on
+            await items.store({"i": b"s2"}, {}, {"i": b"s1"})  # the same write again (a retry) is fine
+            with pytest.raises(ItemConflict):  # a worker still holding s1 must not set it back
+                await items.store({"i": b"s1-late"}, {}, {"i": b"s1"})
+            assert await items.load(["i"]) == {"i": b"s2"}
+            assert await items.waiting([0]) == []
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
