@@ -141,6 +141,20 @@ def _wait(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _as_in_a_terminal() -> None:
+    """In the child: take the pty as controlling terminal, with the signals a terminal sends at
+    their default disposition. Ignored signals survive exec, and a suite started in the
+    background (`nohup ops/repeat &`) ignores SIGINT and SIGHUP: the demo then rightly ignored
+    Ctrl-C and the closed terminal, and these tests failed for a reason of their own."""
+    _default_signals()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 class Run:
     """A command started as a user starts it: output to a pipe, or in a terminal of its own.
 
@@ -163,14 +177,14 @@ class Run:
             with open(self.err_path, "wb") as err:
                 self.proc = subprocess.Popen(
                     argv, cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=err, start_new_session=True,
-                    preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+                    preexec_fn=_as_in_a_terminal,
                 )  # fmt: skip
             os.close(slave)
             fd = self.master
         else:
             self.proc = subprocess.Popen(
                 argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_signals,
             )  # fmt: skip
             assert self.proc.stdout is not None
             fd = self.proc.stdout.fileno()
