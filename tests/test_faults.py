@@ -227,6 +227,12 @@ def test_a_redis_restart_mid_stream_is_waited_out_and_redis_equals_a_replay(
         assert len(down) == 1 and len(back) == 1, (down, back)  # once each way, not per retry
         took = log_time(back[0]) - log_time(down[0])
         print(f"\nredis restart: {at_outage}/{expected} scores out when it went; waited out {took:.1f} s")
+        proc = worker.proc
+        assert proc is not None
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)  # a plain stop: the batch in hand, a commit, leave the group
+        assert proc.wait(settings.shutdown_timeout_s + 5) == 0
+        print(f"SIGTERM: stopped cleanly in {time.monotonic() - t0:.1f} s")
     finally:
         worker.stop()
 
