@@ -449,6 +449,7 @@ class ItemStore:
         results = await self.state.guard.run(call, "items")
         lost = [item for item, ok in zip(names, results, strict=False) if not ok]
         if lost:
+            await self.state.guard.verify()  # a flushed Redis loses the states too: StateLost first
             raise ItemConflict(f"{len(lost)} item state(s) changed by another worker meanwhile, e.g. {lost[0]!r}")
 
     async def waiting(self, partitions: Sequence[int]) -> list[tuple[str, float]]:
