@@ -56,7 +56,14 @@ from scoring.policy import (
     qualification_flag,
     window_mean,
 )
-from streams.state import AlertFlags, CriteriaStore, Increment, ProficiencyStore, buckets_of, high_water
+from streams.state import (
+    AlertFlags,
+    CriteriaStore,
+    ProficiencyStore,
+    buckets_of,
+    dead_letter_increment,
+    high_water,
+)
 
 MAX_ANNOTATIONS_PER_ITEM = 200
 log = logging.getLogger(__name__)
@@ -215,9 +222,7 @@ class Engine:
     async def count_dead(self, emits: Sequence[Emit]) -> None:
         """Count dead letters by reason in Redis, once each (their ids derive from the source offset)."""
         incs = [
-            Increment("{deadletter}", e.value.event_id, {"counts": {e.value.reason: 1, "total": 1}})
-            for e in emits
-            if e.topic == "deadletter" and isinstance(e.value, DeadLetter)
+            dead_letter_increment(e.value) for e in emits if e.topic == "deadletter" and isinstance(e.value, DeadLetter)
         ]
         if incs:
             await self.proficiency.state.apply(incs)
