@@ -166,13 +166,25 @@ class QualityTargets(Model):
 
 
 class EscalationPolicy(Model):
-    """When an annotation goes to expert review, and how much is audited at random."""
+    """What goes to expert review: the riskiest work first, within a budget; plus random audits."""
 
+    review_budget: Unit | None = Field(
+        0.1,
+        description="share of non-gold annotations sent to review, riskiest first (an adaptive threshold on "
+        "their risk that tracks this share); None: every annotation whose risk is above 0.5",
+    )
     score_threshold: Unit | None = Field(None, description="gold score below: escalate (default: pass_threshold)")
-    consensus_threshold: Unit = 0.6
-    proficiency_target: Unit = 0.7
-    audit_rate_max: Unit = 0.2
-    audit_rate_min: Unit = 0.02
+    consensus_threshold: Unit = Field(
+        0.6, description="an escalated annotation whose estimated quality is below this is labelled consensus_below"
+    )
+    proficiency_target: Unit = Field(
+        0.7, description="an escalated annotation whose worker's level is confidently below this: low_proficiency"
+    )
+    fast_share: Unit = Field(
+        0.25, description="time on task below this share of the project's median is too fast (a risk signal)"
+    )
+    audit_rate_max: Unit = Field(0.05, description="random audit rate of a worker without evidence yet")
+    audit_rate_min: Unit = Field(0.01, description="random audit rate of a proven worker")
     audit_seed: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
@@ -183,9 +195,13 @@ class EscalationPolicy(Model):
 
 
 class QualificationPolicy(Model):
-    """qualifying -> qualified / probation -> suspended, on the proficiency lower bound."""
+    """qualifying -> qualified / probation -> suspended, on the interval of the worker's level."""
 
-    min_gold_items: Annotated[int, Field(ge=0)] = 10
+    min_gold_items: Annotated[int, Field(ge=0)] = Field(
+        10,
+        description="known answers (gold, review) a worker needs to be qualified; probation and suspension "
+        "need none when the other evidence is clear",
+    )
     qualify_at: Unit = 0.7
     probation_below: Unit = 0.6
     suspend_below: Unit = 0.4
@@ -198,13 +214,15 @@ class QualificationPolicy(Model):
 
 
 class ProficiencyPolicy(Model):
-    """How rolling proficiency is kept (Redis): EWMA half-life, windows, Beta prior, bound."""
+    """How a worker's standing is kept: the evidence sequence, the time buckets, the interval."""
 
-    ewma_half_life_s: Seconds = 86_400.0
-    windows_s: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [3_600, 86_400])
     bucket_s: Annotated[int, Field(gt=0)] = 300
-    prior_passes: Annotated[float, Field(ge=0)] = 1.0
-    prior_fails: Annotated[float, Field(ge=0)] = 1.0
+    evidence_items: Annotated[int, Field(ge=10, le=1000)] = Field(
+        100, description="the latest evidence items kept per worker, in event-time order, for drift"
+    )
+    prior_weight: Annotated[float, Field(gt=0)] = Field(
+        2.0, description="a new worker starts at the project's mean level, worth this many annotations"
+    )
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
     qualification: QualificationPolicy = Field(default_factory=QualificationPolicy)
 
@@ -221,16 +239,17 @@ class ConsensusPolicy(Model):
 
 
 class AlertPolicy(Model):
-    """When quality alerts fire: a windowed metric below its target (resolved above target + margin)."""
+    """When quality alerts fire. Project and label metrics: over a time window, below their target
+    (resolved above target + margin). Workers: qualification changes, and drift counted in items."""
 
     margin: Unit = 0.05
     min_items: Annotated[int, Field(ge=1)] = 20
     window_s: Annotated[int, Field(gt=0)] = 86_400
-    worker_scores: Literal["reference", "all"] = Field(
-        "reference",
-        description="which scores a worker's item_score alert averages: 'reference' (gold and expert "
-        "review: accuracy) or 'all' (consensus too; peer agreement runs below accuracy when peers err)",
+    drift_threshold: Annotated[float, Field(gt=0)] = Field(
+        30.0, description="drift: squared z-score of the drop between before and after the change point"
     )
+    drift_min_items: Annotated[int, Field(ge=2)] = Field(6, description="drift: evidence items after the change")
+    drift_drop: Unit = Field(0.1, description="drift: smallest drop of level that counts")
 
 
 class LimitsSpec(Model):

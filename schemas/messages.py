@@ -261,6 +261,17 @@ class ScoreRecord(Message):
     event_time: AwareDatetime = Field(description="the annotation's submitted_at: windows use it")
     time_on_task_s: Annotated[float, Field(ge=0)] | None = None
     batch_id: Id | None = None
+    estimate: Unit | None = Field(
+        None,
+        description="consensus: the annotation's quality as its round alone says (scoring.reliability."
+        "round_estimates); the same in every replay, so proficiency sums it",
+    )
+    risk: Unit | None = Field(
+        None,
+        description="probability that the annotation is bad (quality below pass_threshold) as judged when "
+        "scored: measured against a known answer, else from the reliability-weighted consensus, the "
+        "worker's level and its pace",
+    )
 
     @staticmethod
     def make_id(annotation_event_id: str, kind: ScoreKind, reference_id: str) -> str:
@@ -274,6 +285,8 @@ class EscalationReason(StrEnum):
     GOLD_BELOW_THRESHOLD = "gold_below_threshold"
     CONSENSUS_BELOW_THRESHOLD = "consensus_below_threshold"
     LOW_PROFICIENCY = "low_proficiency"
+    HIGH_RISK = "high_risk"
+    TOO_FAST = "too_fast"
     AUDIT_SAMPLE = "audit_sample"
     INVALID_GEOMETRY = "invalid_geometry"
 
@@ -292,7 +305,9 @@ class WorkerSnapshot(Model):
     items: Count = 0
     gold_items: Count = 0
     mean_score: Unit | None = None
-    lower_bound: Unit | None = Field(None, description="conservative proficiency (Beta lower bound)")
+    lower_bound: Unit | None = Field(None, description="conservative proficiency: estimate - z * sd")
+    estimate: Unit | None = Field(None, description="the worker's level from all its evidence (scoring.reliability)")
+    estimate_sd: Annotated[float, Field(ge=0)] | None = None
 
 
 class Escalation(Message):
@@ -308,6 +323,7 @@ class Escalation(Message):
     priority: Annotated[int, Field(ge=0, le=100)]
     score: Unit | None = None
     threshold: Unit | None = None
+    risk: Unit | None = Field(None, description="probability that the annotation is bad (see ScoreRecord.risk)")
     worker: WorkerSnapshot
     annotation: AnnotationSubmitted
     created_at: AwareDatetime

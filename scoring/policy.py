@@ -1,46 +1,36 @@
-"""The decision rules, as pure functions: proficiency from counters, qualification, escalation
-reasons and priority, audit sampling, alert hysteresis.
+"""The decision rules, as pure functions: a worker's standing and qualification, the risk-based
+escalation and its reasons and priority, audit sampling, alert hysteresis, drift alerts.
 
-Everything here is a function of integer counters and the project's criteria, so that the
-stream worker and `goldstream replay` decide alike, and a proficiency rebuilt from the scores
-topic reads back the same. Randomness (audit sampling) is a hash of the event id and a seed.
+Everything here is a function of counters (and the reliability model fitted from them,
+`scoring.reliability`) and the project's criteria, so that the stream worker and `goldstream
+replay` decide alike, and a standing rebuilt from the scores topic reads back the same.
+Randomness (audit sampling) is a hash of the event id and a seed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from statistics import NormalDist
 
 from schemas.criteria import ProjectCriteria
 from schemas.messages import EscalationReason, ItemScore, QualificationState
+from scoring.reliability import Drift, Worker, budget_threshold
 
 SCALE = 10**9  # fixed point of sums kept in Redis (see scoring.counters)
 
 
-def wilson_lower_bound(passes: float, total: float, confidence: float = 0.95) -> float | None:
-    """Lower bound of the pass rate: the conservative proficiency. None without evidence."""
-    if total <= 0:
-        return None
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = min(max(passes / total, 0.0), 1.0)
-    denom = 1 + z * z / total
-    centre = p + z * z / (2 * total)
-    margin = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return min(max((centre - margin) / denom, 0.0), 1.0)
-
-
 @dataclass(frozen=True)
 class Proficiency:
-    """A worker's standing, derived from its counters (never stored itself)."""
+    """A worker's standing, derived from its counters and its project's model (never stored)."""
 
     items: int
     gold_items: int
-    passes: float  # confidence-weighted, plus the prior
-    fails: float
-    mean_score: float | None
+    known: int  # annotations scored against a known answer (gold, review)
+    rounds: int  # consensus rounds
+    mean_score: float | None  # of every score, consensus agreement included (a raw figure)
+    estimate: float | None  # the level from all the evidence (scoring.reliability)
+    sd: float | None
     lower_bound: float | None
     upper_bound: float | None
     state: QualificationState
@@ -51,66 +41,54 @@ class Proficiency:
         return flagged or (self.upper_bound is not None and self.upper_bound < target)
 
 
-def proficiency(totals: Mapping[str, int], criteria: ProjectCriteria) -> Proficiency:
-    """Proficiency from a worker's totals hash (`Counters.to_fields` plus `evidence_increments`)."""
+def proficiency(totals: Mapping[str, int], criteria: ProjectCriteria, level: Worker | None = None) -> Proficiency:
+    """A worker's standing from its totals hash and its level in the project's reliability model
+    (None: no evidence yet)."""
     pol = criteria.proficiency
-    passes = totals.get("pass_w", 0) / SCALE + pol.prior_passes
-    fails = totals.get("fail_w", 0) / SCALE + pol.prior_fails
     scored = totals.get("scored", 0)
-    evidence = totals.get("pass_w", 0) + totals.get("fail_w", 0)
-    lb = wilson_lower_bound(passes, passes + fails, pol.confidence) if evidence > 0 else None
-    ub = wilson_upper_bound(passes, passes + fails, pol.confidence) if evidence > 0 else None
     mean = totals.get("score", 0) / SCALE / scored if scored else None
-    gold = totals.get("gold_items", 0)
+    known = totals.get("known_n", 0)
+    rounds = totals.get("round_n", 0)
+    if level is None or known + rounds == 0:
+        est = sd = lb = ub = None
+        state = QualificationState.QUALIFYING
+    else:
+        est, sd = level.estimate, level.sd
+        lb, ub = level.interval(pol.confidence)
+        state = qualification(level, criteria)
     return Proficiency(
         items=totals.get("items", 0),
-        gold_items=gold,
-        passes=passes,
-        fails=fails,
+        gold_items=totals.get("gold_items", 0),
+        known=known,
+        rounds=rounds,
         mean_score=mean,
+        estimate=est,
+        sd=sd,
         lower_bound=lb,
         upper_bound=ub,
-        state=qualification(gold, passes, fails, criteria),
+        state=state,
     )
 
 
-def wilson_upper_bound(passes: float, total: float, confidence: float = 0.95) -> float | None:
-    """Upper bound of the pass rate (the other end of the interval)."""
-    lb = wilson_lower_bound(total - passes, total, confidence)
-    return None if lb is None else 1.0 - lb
+def qualification(level: Worker, criteria: ProjectCriteria) -> QualificationState:
+    """A function of the level's interval, so every driver and every rebuild agrees on it.
 
-
-def qualification(gold_items: int, passes: float, fails: float, criteria: ProjectCriteria) -> QualificationState:
-    """A function of the counters alone, so every driver and every rebuild agrees on it.
-
-    A worker is decided once the evidence is clear, as in a sequential test: qualified when the
-    lower bound of its pass rate reaches `qualify_at`; suspended when even the upper bound is
-    below `suspend_below`; on probation when its estimated rate is below `probation_below`;
-    qualifying (not yet proven either way) otherwise, and always before `min_gold_items`.
-    """
-    pol = criteria.proficiency
-    q = pol.qualification
-    total = passes + fails
-    if gold_items < q.min_gold_items or total <= 0:
+    A worker is decided once the evidence is clear, as in a sequential test: suspended when even
+    the upper bound of its level is below `suspend_below`, on probation when the upper bound is
+    below `probation_below` (from any evidence: a spammer need not wait for gold items);
+    qualified when the lower bound reaches `qualify_at` and it has `min_gold_items` known
+    answers (trust needs some ground truth); qualifying (not yet proven either way) otherwise."""
+    q = criteria.proficiency.qualification
+    if level.known + level.rounds == 0:
         return QualificationState.QUALIFYING
-    lb = wilson_lower_bound(passes, total, pol.confidence) or 0.0
-    ub = wilson_upper_bound(passes, total, pol.confidence) or 0.0
-    if lb >= q.qualify_at:
-        return QualificationState.QUALIFIED
+    lb, ub = level.interval(criteria.proficiency.confidence)
     if ub < q.suspend_below:
         return QualificationState.SUSPENDED
-    if passes / total < q.probation_below:
+    if ub < q.probation_below:
         return QualificationState.PROBATION
+    if lb >= q.qualify_at and level.known >= q.min_gold_items:
+        return QualificationState.QUALIFIED
     return QualificationState.QUALIFYING
-
-
-def evidence_increments(score: ItemScore, kind: str, confidence: float) -> dict[str, int]:
-    """Counter changes, beyond `scoring.Counters`' own, that one scored annotation makes to its
-    worker: items by kind, and the confidence-weighted passes and fails of the Beta posterior."""
-    inc = {f"{kind}_items": 1}
-    if score.score is not None:
-        inc["pass_w" if score.passed else "fail_w"] = round(confidence * SCALE)
-    return inc
 
 
 def audit_draw(event_id: str, seed: int) -> float:
@@ -130,19 +108,73 @@ REASON_BASE = {
     EscalationReason.INVALID_GEOMETRY: 80,
     EscalationReason.GOLD_BELOW_THRESHOLD: 60,
     EscalationReason.CONSENSUS_BELOW_THRESHOLD: 50,
+    EscalationReason.TOO_FAST: 45,
     EscalationReason.LOW_PROFICIENCY: 40,
+    EscalationReason.HIGH_RISK: 35,
     EscalationReason.AUDIT_SAMPLE: 10,
 }
 
 
-def priority(reasons: list[EscalationReason], score: float | None, threshold: float | None) -> int:
-    """0-100: the gravest reason's base, plus up to 20 for how far below the threshold it scored."""
+def priority(
+    reasons: list[EscalationReason], score: float | None, threshold: float | None, risk: float | None = None
+) -> int:
+    """0-100: the gravest reason's base, plus up to 20 for how far below the threshold it scored;
+    an escalation chosen for its risk ranks by the risk itself (20 at 0 .. 90 at 1)."""
     base = max(REASON_BASE[r] for r in reasons)
+    extra = len(reasons) - 1  # several reasons at once: a little more urgent
+    if risk is not None:
+        return min(100, max(base if EscalationReason.AUDIT_SAMPLE not in reasons else 0, 20 + round(70 * risk)) + extra)
     gap = 0.0
     if score is not None and threshold:
         gap = min(max((threshold - score) / threshold, 0.0), 1.0)
-    extra = len(reasons) - 1  # several reasons at once: a little more urgent
     return min(100, base + round(20 * gap) + 5 * extra)
+
+
+def review_threshold(risks: Mapping[int, int], criteria: ProjectCriteria) -> float:
+    """The risk from which a non-gold annotation goes to review: the one that spends
+    `review_budget` on the riskiest work (from the histogram of risks so far), or 0.5 without a
+    budget or before there are enough risks to place it."""
+    budget = criteria.escalation.review_budget
+    if budget is None:
+        return 0.5
+    return budget_threshold(risks, budget)
+
+
+def review_reasons(
+    risk: float,
+    threshold: float,
+    estimate: float | None,
+    worker: Proficiency,
+    too_fast: bool,
+    criteria: ProjectCriteria,
+) -> list[EscalationReason]:
+    """Why a non-gold annotation goes to review, or [] when it stays below the review threshold.
+    The decision is the risk's; the reasons say where the risk came from, for the reviewer."""
+    if risk < threshold or risk <= 0.0:
+        return []
+    e = criteria.escalation
+    reasons = []
+    if estimate is not None and estimate < e.consensus_threshold:
+        reasons.append(EscalationReason.CONSENSUS_BELOW_THRESHOLD)
+    if worker.below(e.proficiency_target):
+        reasons.append(EscalationReason.LOW_PROFICIENCY)
+    if too_fast:
+        reasons.append(EscalationReason.TOO_FAST)
+    return reasons or [EscalationReason.HIGH_RISK]
+
+
+def drift_flag(current: str | None, found: Drift | None, criteria: ProjectCriteria) -> str | None:
+    """The next drift alert flag of a worker, or None when there is no news. Fires when its
+    evidence holds a significant drop (`alerts.drift_threshold`) of at least `drift_drop` to a
+    level below the target item score, and its latest items are below target too; resolves once
+    its latest items are back above target + margin."""
+    pol, target = criteria.alerts, criteria.targets.item_score
+    if target is None or found is None:
+        return None
+    if current != "firing":
+        dropped = found.before - found.after >= pol.drift_drop and found.after < target and found.recent < target
+        return "firing" if dropped and found.statistic >= pol.drift_threshold else None
+    return "resolved" if found.recent >= target + pol.margin else None
 
 
 def gold_threshold(criteria: ProjectCriteria) -> float:
@@ -211,13 +243,19 @@ def window_mean(buckets: Mapping[int, tuple[int, int]], as_of: int, window_s: in
     return (s / SCALE / n if n else None), n
 
 
-def ewma(buckets: Mapping[int, tuple[int, int]], as_of: int, half_life_s: float) -> float | None:
-    """Exponentially weighted mean score by event time, computed from the buckets at read time,
-    so it does not depend on the order in which scores arrived."""
-    lam = math.log(2) / half_life_s
-    num = den = 0.0
-    for start, (count, total) in buckets.items():
-        w = math.exp(-lam * max(as_of - start, 0))
-        num += w * total / SCALE
-        den += w * count
-    return num / den if den > 0 else None
+def top_confusion(counts: Mapping[tuple[str, str], int], min_count: int = 3, min_share: float = 0.2) -> str | None:
+    """The label a worker confuses most against known answers, in words ('labels car as truck:
+    12 of 20 (60 %)'), when it is frequent enough to be a habit and not a slip."""
+    seen: dict[str, int] = {}
+    for (truth, _), n in counts.items():
+        if truth:
+            seen[truth] = seen.get(truth, 0) + n
+    best = None
+    for (truth, given), n in counts.items():
+        if truth and given and truth != given and n >= min_count and n / seen[truth] >= min_share:
+            if best is None or n / seen[truth] > best[2] / seen[best[0]]:
+                best = (truth, given, n)
+    if best is None:
+        return None
+    truth, given, n = best
+    return f"labels {truth} as {given}: {n} of {seen[truth]} ({n / seen[truth]:.0%})"

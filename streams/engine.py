@@ -50,19 +50,27 @@ from scoring.policy import (
     alert_transition,
     audit_draw,
     audit_rate,
+    drift_flag,
     gold_escalates,
     gold_threshold,
     priority,
+    proficiency,
     qualification_flag,
+    review_reasons,
+    review_threshold,
+    top_confusion,
     window_mean,
 )
+from scoring.reliability import drift, evidence_value, known_risk, round_estimates, round_quality
 from streams.state import (
     AlertFlags,
     CriteriaStore,
     ProficiencyStore,
+    ProjectView,
     buckets_of,
     dead_letter_increment,
     high_water,
+    level_of,
 )
 
 MAX_ANNOTATIONS_PER_ITEM = 200
@@ -401,7 +409,8 @@ class Engine:
         else:
             # approve: the annotation is its own reference; reject: nothing in it is right
             result = score_items([(a, a)], criteria)[0] if r.verdict is Verdict.APPROVE else _rejected()
-        out = [self._score_record(a, ScoreKind.REVIEW, r.event_id, result, confidence=1.0)]
+        risk = None if result.score is None else known_risk(result.score, criteria.pass_threshold)
+        out = [self._score_record(a, ScoreKind.REVIEW, r.event_id, result, confidence=1.0, risk=risk)]
         if r.promote_to_gold:
             content = r.corrected if r.corrected is not None else a.content
             gold = GoldAnswer(
@@ -419,9 +428,16 @@ class Engine:
     # ------------------------------------------------------------------ scoring
 
     def _score_record(
-        self, a: AnnotationSubmitted, kind: ScoreKind, reference_id: str, result: ItemScore, confidence: float
+        self,
+        a: AnnotationSubmitted,
+        kind: ScoreKind,
+        reference_id: str,
+        result: ItemScore,
+        confidence: float,
+        *,
+        risk: float | None = None,
+        estimate: float | None = None,
     ) -> Emit:
-        tot = (a.submitted_at - a.started_at).total_seconds() if a.started_at else None
         rec = ScoreRecord(
             event_id=ScoreRecord.make_id(a.event_id, kind, reference_id),
             project_id=a.project_id,
@@ -433,14 +449,17 @@ class Engine:
             result=result,
             confidence=confidence,
             event_time=a.submitted_at,
-            time_on_task_s=tot,
+            time_on_task_s=_time_on_task(a),
             batch_id=a.batch_id,
+            estimate=None if estimate is None else round(min(max(estimate, 0.0), 1.0), 6),
+            risk=None if risk is None else round(risk, 6),
         )
         return Emit("scores", a.worker_id, rec)
 
     async def _gold_score(self, a: AnnotationSubmitted, g: GoldAnswer, criteria: ProjectCriteria) -> list[Emit]:
         result = score_items([(a, g)], criteria)[0]
-        out = [self._score_record(a, ScoreKind.GOLD, g.event_id, result, confidence=1.0)]
+        risk = None if result.score is None else known_risk(result.score, criteria.pass_threshold)
+        out = [self._score_record(a, ScoreKind.GOLD, g.event_id, result, confidence=1.0, risk=risk)]
         if gold_escalates(result, criteria):
             out.append(
                 await self._escalate(
@@ -454,26 +473,12 @@ class Engine:
         return out
 
     async def _submission_checks(self, a: AnnotationSubmitted, criteria: ProjectCriteria) -> list[Emit]:
-        """An item without gold: escalate a worker below target, and audit a sample."""
+        """An item without gold: audit a random sample at a rate that falls as the worker proves
+        itself (the rest waits for its round, where its risk decides)."""
         (snap,) = await self.proficiency.snapshots([(a.project_id, a.worker_id, criteria)])
-        reasons = []
-        proven = snap.gold_items >= criteria.proficiency.qualification.min_gold_items
-        if proven and snap.below(criteria.escalation.proficiency_target):
-            reasons.append(EscalationReason.LOW_PROFICIENCY)
-        if audit_draw(a.event_id, criteria.escalation.audit_seed) < audit_rate(snap.lower_bound, criteria):
-            reasons.append(EscalationReason.AUDIT_SAMPLE)
-        if not reasons:
+        if audit_draw(a.event_id, criteria.escalation.audit_seed) >= audit_rate(snap.lower_bound, criteria):
             return []
-        return [
-            await self._escalate(
-                a,
-                reasons,
-                criteria,
-                snap=snap,
-                score=snap.lower_bound,
-                threshold=criteria.escalation.proficiency_target,
-            )
-        ]
+        return [await self._escalate(a, [EscalationReason.AUDIT_SAMPLE], criteria, snap=snap)]
 
     async def _consensus(self, a: AnnotationSubmitted, st: ItemState, criteria: ProjectCriteria) -> list[Emit]:
         """Score a round once the item has its overlap; re-emit it when a member is re-delivered."""
@@ -584,12 +589,25 @@ class Engine:
     async def _score_round(
         self, st: ItemState, round_id: str, members: list[str], criteria: ProjectCriteria
     ) -> list[Emit]:
+        """Score a round's members: agreement with peers (the consensus score), each member's
+        quality as the round alone says (`estimate`, summed into its worker's level), and its
+        risk with the peers weighted by their levels; escalate what the review budget affords."""
         answers = [x for m in members if (x := st.annotation(m)) is not None]
         if len(answers) < 2:
             return []
         late = round_id != derive_id("round", answers[0].item_id, *members)
         agreement = pairwise_agreement(answers, criteria)
         scores = consensus_scores(answers, criteria, agreement=agreement)
+        raw, _ = round_estimates(agreement)
+        project = answers[0].project_id
+        view = await self.proficiency.view(project, criteria)
+        totals = await self.proficiency.totals([(project, x.worker_id) for x in answers])
+        levels = [level_of(view.model, t) for t in totals]
+        times = [_time_on_task(x) for x in answers]
+        quality = round_quality(
+            agreement, levels, view.model, criteria.pass_threshold, [view.pace.odds(t) for t in times]
+        )
+        threshold = review_threshold(view.risks, criteria)
         out: list[Emit] = []
         targets = [len(answers) - 1] if late else range(len(answers))
         for i in targets:
@@ -598,17 +616,43 @@ class Engine:
             others = [j for j in range(len(answers)) if j != i]
             peer = [agreement[p, q] for p in others for q in others if p < q and agreement[p, q] == agreement[p, q]]
             confidence = sum(peer) / len(peer) if peer else 0.5
-            value = scores[i]
-            result = _consensus_result(value, criteria)
-            out.append(self._score_record(a, ScoreKind.CONSENSUS, round_id, result, confidence=round(confidence, 6)))
-            if value is not None and value < criteria.escalation.consensus_threshold:
+            result = _consensus_result(scores[i], criteria)
+            risk = quality[i].risk
+            out.append(
+                self._score_record(
+                    a,
+                    ScoreKind.CONSENSUS,
+                    round_id,
+                    result,
+                    confidence=round(confidence, 6),
+                    risk=risk,
+                    estimate=float(raw[i]),
+                )
+            )
+            standing = proficiency(totals[i], criteria, levels[i])
+            said = view.model.calibration(float(raw[i]))
+            reasons = review_reasons(risk, threshold, said, standing, view.pace.too_fast(times[i]), criteria)
+            if reasons:
+                detail = (
+                    f"risk {risk:.2f} (review from {threshold:.2f}); estimated quality {quality[i].estimate:.2f}"
+                    f" +- {quality[i].sd:.2f}; consensus says {said:.2f}; worker level "
+                    f"{levels[i].estimate:.2f} +- {levels[i].sd:.2f}"
+                    + (
+                        f"; {times[i]:.0f} s on task, project median {view.pace.median_s:.0f} s"
+                        if view.pace.too_fast(times[i])
+                        else ""
+                    )
+                )
                 out.append(
                     await self._escalate(
                         a,
-                        [EscalationReason.CONSENSUS_BELOW_THRESHOLD],
+                        reasons,
                         criteria,
-                        score=value,
-                        threshold=criteria.escalation.consensus_threshold,
+                        snap=standing,
+                        score=quality[i].estimate,
+                        threshold=criteria.pass_threshold,
+                        risk=risk,
+                        detail=detail,
                     )
                 )
         return out
@@ -623,6 +667,7 @@ class Engine:
         score: float | None = None,
         threshold: float | None = None,
         detail: str | None = None,
+        risk: float | None = None,
     ) -> Emit:
         if snap is None:
             (snap,) = await self.proficiency.snapshots([(a.project_id, a.worker_id, criteria)])
@@ -633,9 +678,10 @@ class Engine:
             item_id=a.item_id,
             worker_id=a.worker_id,
             reasons=reasons,
-            priority=priority(reasons, score, threshold),
-            score=None if score is None else min(max(score, 0.0), 1.0),
+            priority=priority(reasons, score, threshold, risk),
+            score=None if score is None else round(min(max(score, 0.0), 1.0), 6),
             threshold=threshold,
+            risk=None if risk is None else round(risk, 6),
             worker=_snapshot(snap),
             annotation=a,
             created_at=a.submitted_at,
@@ -684,8 +730,9 @@ class Engine:
     async def _window_alerts(
         self, latest: dict, crit: dict[str, ProjectCriteria], scored: list, standing: dict
     ) -> list[Emit]:
-        """Worker, label and project metrics over the alert window, with hysteresis; and worker
-        qualification (`scoring.policy.qualification_flag`)."""
+        """Worker alerts (qualification, `scoring.policy.qualification_flag`; drift counted in
+        items, `scoring.policy.drift_flag`) and label and project metrics over the alert window,
+        with hysteresis."""
         if not latest:
             return []
         out: list[Emit] = []
@@ -694,10 +741,6 @@ class Engine:
         checks: list[
             tuple[str, AlertScope, str, str, float | None, str]
         ] = []  # project, scope, id, key, target, metric
-        for p, w in sorted(latest):
-            checks.append(
-                (p, AlertScope.WORKER, w, keys.worker(p, w, "buckets"), crit[p].targets.item_score, "item_score")
-            )
         for p in projects:
             checks.append(
                 (p, AlertScope.PROJECT, p, keys.project(p, "buckets"), crit[p].targets.item_score, "item_score")
@@ -715,34 +758,12 @@ class Engine:
             if hw is not None and hw > as_of[p].timestamp():
                 as_of[p] = datetime.fromtimestamp(hw, UTC)
         flags = {p: await self.alerts.current(p) for p in projects}
-        for (p, w), (b, a) in sorted(standing.items()):
-            field_name = f"{AlertScope.WORKER.value}:{w}:qualification"
-            flag = qualification_flag(flags[p].get(field_name), a.state)
-            if flag is None:
-                continue
-            if not await self.alerts.change(p, field_name, flag):
-                continue
-            out.append(
-                self._alert(
-                    p,
-                    AlertScope.WORKER,
-                    w,
-                    "qualification",
-                    a.lower_bound,
-                    crit[p].proficiency.qualification.qualify_at,
-                    "all",
-                    as_of[p],
-                    "resolved" if flag == "resolved" else "firing",
-                    detail=f"qualification {b.state.value} -> {a.state.value}",
-                )
-            )
+        out += await self._worker_alerts(crit, standing, flags, as_of)
         for (p, scope, sid, _, target, metric), fields in zip(checks, hashes, strict=True):
             pol = crit[p].alerts
             t = int(as_of[p].timestamp())
             if metric == "f1":
                 value, n = _window_f1(fields, t, pol.window_s)
-            elif scope == AlertScope.WORKER and pol.worker_scores == "reference":
-                value, n = window_mean(buckets_of(fields, "rs", "rn"), t, pol.window_s)
             else:
                 value, n = window_mean(buckets_of(fields), t, pol.window_s)
             if n < pol.min_items:
@@ -753,6 +774,55 @@ class Engine:
                 continue
             out.append(self._alert(p, scope, sid, metric, value, target, f"{pol.window_s}s", as_of[p], new))
         return out
+
+    async def _worker_alerts(
+        self, crit: dict[str, ProjectCriteria], standing: dict, flags: dict[str, dict[str, str]], as_of: dict
+    ) -> list[Emit]:
+        """Qualification changes and drift of the workers whose evidence this batch changed."""
+        out: list[Emit] = []
+        workers = sorted(standing)
+        sequences = await self.proficiency.evidence(workers)
+        for (p, w), seq in zip(workers, sequences, strict=True):
+            before, after = standing[(p, w)]
+            c = crit[p]
+            view = await self.proficiency.view(p, c)
+            qual = f"{AlertScope.WORKER.value}:{w}:qualification"
+            flag = qualification_flag(flags[p].get(qual), after.state)
+            if flag is not None and await self.alerts.change(p, qual, flag):
+                detail = f"qualification {before.state.value} -> {after.state.value}; " + await self._about(
+                    p, w, after, view
+                )
+                state = "resolved" if flag == "resolved" else "firing"
+                target = c.proficiency.qualification.qualify_at
+                out.append(self._alert(p, AlertScope.WORKER, w, "qualification", after.estimate, target, "all",
+                                       as_of[p], state, detail=detail))  # fmt: skip
+            values = [evidence_value(kind, x, view.model) for kind, x in seq]
+            found = drift([v for v, _ in values], [var for _, var in values], min_after=c.alerts.drift_min_items)
+            name = f"{AlertScope.WORKER.value}:{w}:drift"
+            flag = drift_flag(flags[p].get(name), found, c)
+            if flag is None or found is None or not await self.alerts.change(p, name, flag):
+                continue
+            detail = (
+                f"level {found.before:.2f} -> {found.after:.2f} from item {found.at + 1} of its latest "
+                f"{len(seq)} (z^2 {found.statistic:.0f}); latest items {found.recent:.2f}; "
+            ) + await self._about(p, w, after, view)
+            out.append(self._alert(p, AlertScope.WORKER, w, "drift", found.recent, c.targets.item_score,
+                                   f"{len(seq)} items", as_of[p], flag, detail=detail))  # fmt: skip
+        return out
+
+    async def _about(self, project: str, worker: str, standing: Proficiency, view: ProjectView) -> str:
+        """What a QC lead wants to know with a worker alert: its level and evidence, its pace,
+        and the label confusion it makes most (the car/truck worker named as such)."""
+        parts = []
+        if standing.estimate is not None:
+            parts.append(
+                f"level {standing.estimate:.2f} +- {standing.sd or 0:.2f} from {standing.known} known answers "
+                f"and {standing.rounds} consensus rounds"
+            )
+        top = top_confusion(await self.proficiency.confusions(project, worker))
+        if top is not None:
+            parts.append(top)
+        return "; ".join(parts)
 
     def _alert(
         self,
@@ -819,8 +889,18 @@ def _consensus_result(value: float | None, criteria: ProjectCriteria) -> ItemSco
 
 def _snapshot(p: Proficiency) -> WorkerSnapshot:
     return WorkerSnapshot(
-        state=p.state, items=p.items, gold_items=p.gold_items, mean_score=p.mean_score, lower_bound=p.lower_bound
+        state=p.state,
+        items=p.items,
+        gold_items=p.gold_items,
+        mean_score=p.mean_score,
+        lower_bound=p.lower_bound,
+        estimate=p.estimate,
+        estimate_sd=p.sd,
     )
+
+
+def _time_on_task(a: AnnotationSubmitted) -> float | None:
+    return (a.submitted_at - a.started_at).total_seconds() if a.started_at else None
 
 
 def _window_f1(fields: dict[str, int], as_of: int, window_s: int) -> tuple[float | None, int]:

@@ -108,16 +108,23 @@ def _collect(result: ReplayResult, e: Emit, queue: deque[Record]) -> None:
 
 
 async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, int]]:
-    """Every counter hash under the prefix (key names without the prefix), dedup keys left out."""
+    """Every counter hash and evidence sequence under the prefix (key names without the prefix;
+    a sequence as member -> event time in ms). Left out: dedup keys, criteria, alert flags, item
+    states, and the risk histograms (`:risks`): a risk is judged with the model as it stood when
+    the annotation was scored, which depends on how far the proficiency step had got, so a live
+    run and a replay of its inputs differ there (a rebuild from the scores topic does not)."""
     out: dict[str, dict[str, int]] = {}
     async for raw_key in redis.scan_iter(match=f"{keys.prefix}:*", count=1000):
         key = raw_key.decode()
-        if ":seen:" in key or key.startswith(f"{keys.prefix}:criteria:") or key.endswith(":alerts"):
+        if ":seen:" in key or key.startswith(f"{keys.prefix}:criteria:") or key.endswith((":alerts", ":risks")):
             continue
-        if (await redis.type(raw_key)) != b"hash":
-            continue
-        fields = await redis.hgetall(raw_key)
-        out[key[len(keys.prefix) + 1 :]] = {k.decode(): int(v) for k, v in sorted(fields.items())}
+        kind = await redis.type(raw_key)
+        if kind == b"hash":
+            fields = await redis.hgetall(raw_key)
+            out[key[len(keys.prefix) + 1 :]] = {k.decode(): int(v) for k, v in sorted(fields.items())}
+        elif kind == b"zset" and key.endswith(":evidence"):
+            entries = await redis.zrange(raw_key, 0, -1, withscores=True)
+            out[key[len(keys.prefix) + 1 :]] = {m.decode(): round(score * 1000) for m, score in sorted(entries)}
     return dict(sorted(out.items()))
 
 

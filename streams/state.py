@@ -36,9 +36,11 @@ from redis.retry import Retry
 
 from schemas.base import SchemaError, decode
 from schemas.criteria import ProjectCriteria
-from schemas.messages import DeadLetter, QualityAlert, ScoreKind, ScoreRecord
+from schemas.messages import DeadLetter, Outcome, QualityAlert, ScoreKind, ScoreRecord
+from scoring import reliability
 from scoring.counters import Counters
-from scoring.policy import SCALE, Proficiency, evidence_increments, proficiency
+from scoring.policy import SCALE, Proficiency, proficiency
+from scoring.reliability import risk_bin, time_bin
 
 SEP = "|"  # never inside an Id (schemas.base), so joined ids cannot collide
 log = logging.getLogger(__name__)
@@ -223,11 +225,13 @@ class Keys:
 
 @dataclass(frozen=True)
 class Increment:
-    """Counter changes of one event in one slot: hash suffix -> field -> integer amount."""
+    """State changes of one event in one slot: counters (hash suffix -> field -> integer amount)
+    and sequence entries (sorted-set suffix -> (member, event time, how many latest to keep))."""
 
     tag: str
     event_id: str
     changes: Mapping[str, Mapping[str, int]]
+    entries: Mapping[str, tuple[str, float, int]] = field(default_factory=dict)
 
 
 class RedisState:
@@ -255,6 +259,9 @@ class RedisState:
             keys.append(self.keys.key(inc.tag, suffix))
             for name, amount in fields.items():
                 args += [len(keys), name, int(amount)]
+        for suffix, (member, score, keep) in inc.entries.items():
+            keys.append(self.keys.key(inc.tag, suffix))
+            args += [f"z{len(keys)}", member, repr(float(score)), f"t{len(keys)}", keep, 0]
         return keys, args
 
     async def apply(self, batch: Sequence[Increment]) -> list[bool]:
@@ -318,43 +325,152 @@ def high_water(fields: Mapping[str, int]) -> int | None:
 # ----------------------------------------------------------------------------- proficiency
 
 
+KNOWN_KINDS = (ScoreKind.GOLD, ScoreKind.REVIEW)
+
+
 def record_increments(record: ScoreRecord, criteria: ProjectCriteria, keys: Keys) -> list[Increment]:
-    """What one score changes: its worker's counters and buckets, and its project's (with the
-    project's per-label buckets and the batch's counters). Two slots, two script calls."""
-    totals = Counters().update(record.result).to_fields()
-    totals = {k: v for k, v in totals.items() if v}
-    totals.update(evidence_increments(record.result, record.kind.value, record.confidence))
+    """What one score changes: its worker's counters, buckets, confusions and evidence sequence,
+    and its project's (with the per-label buckets, the batch's counters and the sums the
+    reliability model is fitted from). Two slots, two script calls. Every change is a sum or a
+    sequence entry placed by event time, so the state does not depend on arrival order."""
+    w, value = record.worker_id, record.result.score
+    totals = {k: v for k, v in Counters().update(record.result).to_fields().items() if v}
+    totals[f"{record.kind.value}_items"] = 1
     bucket_s = criteria.proficiency.bucket_s
     start = int(record.event_time.timestamp()) // bucket_s * bucket_s
     buckets: dict[str, int] = {}
-    if record.result.score is not None:
-        buckets = {
-            f"{start}:n": 1,
-            f"{start}:s": round(record.result.score * SCALE),
-            f"{start}:p": int(bool(record.result.passed)),
-        }
-        if record.kind in (ScoreKind.GOLD, ScoreKind.REVIEW):  # against a known answer: accuracy
-            buckets.update({f"{start}:rn": 1, f"{start}:rs": round(record.result.score * SCALE)})
-    worker = {"totals": totals, "buckets": buckets}
-    project: dict[str, Mapping[str, int]] = {"totals": totals, "buckets": buckets, "workers": {record.worker_id: 1}}
+    if value is not None:
+        buckets = {f"{start}:n": 1, f"{start}:s": round(value * SCALE), f"{start}:p": int(bool(record.result.passed))}
+    evidence = _evidence(record)
+    levels: dict[str, int] = {}
+    worker_entries: dict[str, tuple[str, float, int]] = {}
+    if evidence is not None:
+        kind, x = evidence
+        for name, amount in {"n": 1, "s": round(x * SCALE), "ss": round(x * x * SCALE)}.items():
+            totals[f"{kind}_{name}"] = amount
+            levels[f"{w}{SEP}{kind}_{name}"] = amount
+        member = f"{kind}:{round(x * 1_000_000)}:{record.event_id}"
+        keep = criteria.proficiency.evidence_items
+        worker_entries["evidence"] = (member, record.event_time.timestamp(), keep)
+    worker: dict[str, Mapping[str, int]] = {
+        "totals": totals,
+        "buckets": buckets,
+        "confusions": confusion_increments(record) if record.kind in KNOWN_KINDS else {},
+    }
+    project: dict[str, Mapping[str, int]] = {
+        "totals": totals,
+        "buckets": buckets,
+        "workers": {w: 1},
+        "levels": levels,
+        "pace": _pace(record, criteria),
+    }
+    if record.kind is ScoreKind.CONSENSUS and record.risk is not None:
+        project["risks"] = {str(risk_bin(record.risk)): 1}
     for label, c in record.result.labels.items():
         fields = {f"{start}:tp": c.tp, f"{start}:fp": c.fp, f"{start}:fn": c.fn}
         project[f"label:{label}"] = {k: v for k, v in fields.items() if v}
     if record.batch_id is not None:
         project[f"batch:{record.batch_id}"] = totals
     return [
-        Increment(keys.tag(record.project_id, record.worker_id), record.event_id, worker),
+        Increment(keys.tag(record.project_id, w), record.event_id, worker, worker_entries),
         Increment(keys.tag(record.project_id), record.event_id, project),
     ]
 
 
+def _evidence(record: ScoreRecord) -> tuple[str, float] | None:
+    """The record's item of evidence about its worker: ('known', score) against a known answer,
+    ('round', estimate) from a consensus round; None when it says nothing."""
+    if record.kind in KNOWN_KINDS and record.result.score is not None:
+        return "known", record.result.score
+    if record.kind is ScoreKind.CONSENSUS and record.estimate is not None:
+        return "round", record.estimate
+    return None
+
+
+def _pace(record: ScoreRecord, criteria: ProjectCriteria) -> dict[str, int]:
+    """Time-on-task histogram fields: 'a<bin>' for every annotation's first score, 'k<bin>' and
+    'b<bin>' (bad) for those scored against gold, from which `scoring.reliability.pace` learns
+    what a rushed annotation says about quality."""
+    t = record.time_on_task_s
+    if t is None or record.kind is ScoreKind.REVIEW:
+        return {}
+    b = time_bin(t)
+    out = {f"a{b}": 1}
+    if record.kind is ScoreKind.GOLD and record.result.score is not None:
+        out[f"k{b}"] = 1
+        if record.result.score < criteria.pass_threshold:
+            out[f"b{b}"] = 1
+    return out
+
+
+def confusion_increments(record: ScoreRecord) -> dict[str, int]:
+    """Per-worker label confusions against a known answer: '<true label>\t<given label>' (a
+    match counts on the diagonal, a missed object as '<label>\t', an extra one as '\t<label>';
+    a tab is never inside a label)."""
+    out: dict[str, int] = {}
+    for m in record.result.matches:
+        if m.outcome is Outcome.MATCH:
+            name = f"{m.reference_label}\t{m.reference_label}"
+        elif m.outcome is Outcome.MISMATCH:
+            name = f"{m.reference_label}\t{m.annotation_label}"
+        elif m.outcome is Outcome.MISSED:
+            name = f"{m.reference_label}\t"
+        else:
+            name = f"\t{m.annotation_label}"
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+@dataclass(frozen=True)
+class ProjectView:
+    """What a project's workers' sums say, fitted once for many decisions (`ProficiencyStore.view`)."""
+
+    model: reliability.Model
+    pace: reliability.Pace
+    risks: dict[int, int]
+    count: int  # the project's applied scores when it was read
+
+
+def level_of(model: reliability.Model, totals: Mapping[str, int]) -> reliability.Worker:
+    """A worker's level from its totals hash (its 'known_*' and 'round_*' sums)."""
+    return model.level(reliability.Sums.of_fields(totals, "known_"), reliability.Sums.of_fields(totals, "round_"))
+
+
+def project_view(
+    levels: Mapping[str, int], pace: Mapping[str, int], risks: Mapping[str, int], criteria: ProjectCriteria, count: int
+) -> ProjectView:
+    """Fit the reliability model and the pace norm from a project's hashes."""
+    known: dict[str, dict[str, int]] = {}
+    rounds: dict[str, dict[str, int]] = {}
+    for name, amount in levels.items():
+        worker, _, part = name.rpartition(SEP)
+        kind, _, stat = part.partition("_")
+        (known if kind == "known" else rounds).setdefault(worker, {})[stat] = amount
+    model = reliability.fit(
+        {w: reliability.Sums.of_fields(f, "") for w, f in known.items()},
+        {w: reliability.Sums.of_fields(f, "") for w, f in rounds.items()},
+        prior_weight=criteria.proficiency.prior_weight,
+    )
+    every = {int(k[1:]): v for k, v in pace.items() if k.startswith("a")}
+    known_bins = {int(k[1:]): (v, pace.get(f"b{k[1:]}", 0)) for k, v in pace.items() if k.startswith("k")}
+    return ProjectView(
+        model,
+        reliability.pace(every, known_bins, criteria.escalation.fast_share),
+        {int(k): v for k, v in risks.items()},
+        count,
+    )
+
+
 class ProficiencyStore:
-    """Per (project, worker) and per project proficiency, kept from ScoreRecords."""
+    """Per (project, worker) and per project standing, kept from ScoreRecords."""
+
+    REFIT_SHARE = 0.02  # refit a project's model once its applied scores grew by this share
 
     def __init__(self, state: RedisState) -> None:
         self.state = state
         self.keys = state.keys
         self.client = state.client
+        self._views: dict[str, ProjectView] = {}
 
     async def apply(self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]]) -> list[bool]:
         """Apply each score once (both slots); True where this call applied it."""
@@ -362,14 +478,37 @@ class ProficiencyStore:
         done = await self.state.apply(incs)
         return [done[2 * i] for i in range(len(records))]
 
+    async def view(self, project_id: str, criteria: ProjectCriteria, fresh: bool = False) -> ProjectView:
+        """The project's fitted model, pace and risk histogram. Refitted when its applied scores
+        grew by `REFIT_SHARE` (plus a few) since the last fit, or when `fresh`: a count, not a
+        clock, decides, so a replay refits at the same points every time."""
+        cached = self._views.get(project_id)
+        p = self.keys.project
+        if cached is not None and not fresh:
+            (count,) = await self.state.read(lambda pipe: pipe.hget(p(project_id), "items"), "count")
+            if int(count or 0) < cached.count * (1 + self.REFIT_SHARE) + 5:
+                return cached
+
+        def build(pipe: Any) -> None:
+            pipe.hget(p(project_id), "items")
+            for suffix in ("levels", "pace", "risks"):
+                pipe.hgetall(p(project_id, suffix))
+
+        count, levels, pace, risks = await self.state.read(build, "levels")
+        view = project_view(_ints(levels), _ints(pace), _ints(risks), criteria, int(count or 0))
+        self._views[project_id] = view
+        return view
+
     async def totals(self, pairs: Sequence[tuple[str, str | None]]) -> list[dict[str, int]]:
         """Totals of (project, worker) pairs; worker None: the project's. One round trip."""
         names = [self.keys.worker(p, w) if w else self.keys.project(p) for p, w in pairs]
         return await self.hashes(names)
 
     async def snapshots(self, pairs: Sequence[tuple[str, str, ProjectCriteria]]) -> list[Proficiency]:
+        """Workers' standings: their own sums, now, through their project's model."""
         totals = await self.totals([(p, w) for p, w, _ in pairs])
-        return [proficiency(t, c) for t, (_, _, c) in zip(totals, pairs, strict=True)]
+        views = {p: await self.view(p, c) for p, _, c in pairs}
+        return [proficiency(t, c, level_of(views[p].model, t)) for t, (p, _, c) in zip(totals, pairs, strict=True)]
 
     async def hashes(self, keys: Sequence[str]) -> list[dict[str, int]]:
         def build(pipe: Any) -> None:
@@ -377,6 +516,27 @@ class ProficiencyStore:
                 pipe.hgetall(k)
 
         return [_ints(r) for r in await self.state.read(build, "hashes")]
+
+    async def evidence(self, pairs: Sequence[tuple[str, str]]) -> list[list[tuple[str, float]]]:
+        """Each (project, worker)'s latest evidence in event-time order: (kind, value)."""
+
+        def build(pipe: Any) -> None:
+            for p, w in pairs:
+                pipe.zrange(self.keys.worker(p, w, "evidence"), 0, -1)
+
+        out = []
+        for members in await self.state.read(build, "evidence"):
+            seq = []
+            for m in members:
+                kind, value, _ = (m.decode() if isinstance(m, bytes) else m).split(":", 2)
+                seq.append((kind, int(value) / 1_000_000))
+            out.append(seq)
+        return out
+
+    async def confusions(self, project_id: str, worker_id: str) -> dict[tuple[str, str], int]:
+        """(true label, given label) -> count, against known answers ('' for missed / extra)."""
+        raw = await self.state.counters(self.keys.worker(project_id, worker_id, "confusions"))
+        return {tuple(k.split("\t", 1)): v for k, v in raw.items()}  # type: ignore[misc]
 
     async def workers(self, project_id: str) -> dict[str, int]:
         """Workers of a project with their number of scored annotations."""

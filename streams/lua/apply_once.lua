@@ -1,14 +1,26 @@
--- Apply a set of counter increments exactly once per event id, atomically.
+-- Apply a set of state changes exactly once per event id, atomically.
 -- Redelivered events (at-least-once Kafka delivery) find their dedup key and change nothing.
 -- KEYS[1]      dedup key of the event (SET NX with a TTL)
--- KEYS[2..]    hashes that receive increments (same hash tag as KEYS[1], so Cluster can run it)
+-- KEYS[2..]    keys that receive changes (same hash tag as KEYS[1], so Cluster can run it)
 -- ARGV[1]      dedup TTL in seconds
--- ARGV[2..]    triplets: key index (2-based into KEYS), field, integer amount (HINCRBY: exact,
---              so counters are the same whatever order the events arrive in)
+-- ARGV[2..]    triplets (op, a, b); op is
+--              "<n>":  HINCRBY KEYS[n] a b (integers: exact, so counters are the same whatever
+--                      order the events arrive in)
+--              "z<n>": ZADD KEYS[n] b a (member a at score b: event time)
+--              "t<n>": keep the a highest-scored members of KEYS[n] (the latest by event time,
+--                      whatever order they arrived in)
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return 0
 end
 for i = 2, #ARGV, 3 do
-  redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+  local op = ARGV[i]
+  local c = string.sub(op, 1, 1)
+  if c == 'z' then
+    redis.call('ZADD', KEYS[tonumber(string.sub(op, 2))], ARGV[i + 2], ARGV[i + 1])
+  elseif c == 't' then
+    redis.call('ZREMRANGEBYRANK', KEYS[tonumber(string.sub(op, 2))], 0, -(tonumber(ARGV[i + 1]) + 1))
+  else
+    redis.call('HINCRBY', KEYS[tonumber(op)], ARGV[i + 1], ARGV[i + 2])
+  end
 end
 return 1
