@@ -40,7 +40,6 @@ from goldstream.proc import WorkerProcess
 from goldstream.services import STOPS, EmbeddedServices, Endpoints, stop_process
 from goldstream.settings import Settings
 from goldstream.simulator import Simulation, envelopes, load_spec, simulate
-from scoring.policy import proficiency
 from streams.state import Keys, ProficiencyStore, RedisState
 from streams.topics import Topics, ensure_topics
 
@@ -136,12 +135,13 @@ def _view(sim: Simulation, settings: Settings, watch: Watch, published: int, sta
         f"dead letters {watch.dead}   {per_s:5.1f} scores/s"
     )
     table = Table(title="leaderboard (goldstream's view, and the simulator's truth)", expand=True)
-    for col in ("worker", "state", "items", "gold", "mean score", "lower bound", "true skill"):
+    for col in ("worker", "state", "items", "gold", "mean score", "level", "lower bound", "true skill"):
         table.add_column(col, justify="right" if col not in ("worker", "state") else "left")
     for worker, p in board:
         true = sim.truth["workers"].get(worker, {}).get("true_mean_score")
         table.add_row(worker, p.state.value, str(p.items), str(p.gold_items),
                       "-" if p.mean_score is None else f"{p.mean_score:.2f}",
+                      "-" if p.estimate is None else f"{p.estimate:.2f} ± {p.sd:.2f}",
                       "-" if p.lower_bound is None else f"{p.lower_bound:.2f}",
                       "-" if true is None else f"{true:.2f}")  # fmt: skip
     feeds = Table.grid(expand=True)
@@ -177,9 +177,9 @@ def _live(console: Console) -> Iterator[Live | None]:
 
 
 async def _board(store: ProficiencyStore, sim: Simulation, criteria: dict[str, s.ProjectCriteria]) -> list:
-    pairs = [(p, w) for p in criteria for w in sim.truth["workers"]]
-    totals = await store.totals(pairs)
-    rows = [(w, proficiency(t, criteria[p])) for (p, w), t in zip(pairs, totals, strict=True)]
+    pairs = [(p, w, criteria[p]) for p in criteria for w in sim.truth["workers"]]
+    snaps = await store.snapshots(pairs)
+    rows = [(w, snap) for (_, w, _), snap in zip(pairs, snaps, strict=True)]
     return sorted(rows, key=lambda r: -(r[1].lower_bound or 0.0))
 
 

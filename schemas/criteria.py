@@ -169,9 +169,10 @@ class EscalationPolicy(Model):
     """What goes to expert review: the riskiest work first, within a budget; plus random audits."""
 
     review_budget: Unit | None = Field(
-        0.1,
+        None,
         description="share of non-gold annotations sent to review, riskiest first (an adaptive threshold on "
-        "their risk that tracks this share); None: every annotation whose risk is above 0.5",
+        "their risk that tracks this share); None (the default): every annotation more likely bad than not "
+        "(risk at least 0.5). `goldstream report` shows the expected bad share and what a budget buys",
     )
     score_threshold: Unit | None = Field(None, description="gold score below: escalate (default: pass_threshold)")
     consensus_threshold: Unit = Field(

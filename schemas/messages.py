@@ -272,6 +272,7 @@ class ScoreRecord(Message):
         "scored: measured against a known answer, else from the reliability-weighted consensus, the "
         "worker's level and its pace",
     )
+    escalated: bool = Field(False, description="this score sent the annotation to review (risk above the budget's)")
 
     @staticmethod
     def make_id(annotation_event_id: str, kind: ScoreKind, reference_id: str) -> str:

@@ -437,6 +437,7 @@ class Engine:
         *,
         risk: float | None = None,
         estimate: float | None = None,
+        escalated: bool = False,
     ) -> Emit:
         rec = ScoreRecord(
             event_id=ScoreRecord.make_id(a.event_id, kind, reference_id),
@@ -453,6 +454,7 @@ class Engine:
             batch_id=a.batch_id,
             estimate=None if estimate is None else round(min(max(estimate, 0.0), 1.0), 6),
             risk=None if risk is None else round(risk, 6),
+            escalated=escalated,
         )
         return Emit("scores", a.worker_id, rec)
 
@@ -618,6 +620,9 @@ class Engine:
             confidence = sum(peer) / len(peer) if peer else 0.5
             result = _consensus_result(scores[i], criteria)
             risk = quality[i].risk
+            standing = proficiency(totals[i], criteria, levels[i])
+            said = view.model.calibration(float(raw[i]))
+            reasons = review_reasons(risk, threshold, said, standing, view.pace.too_fast(times[i]), criteria)
             out.append(
                 self._score_record(
                     a,
@@ -627,11 +632,9 @@ class Engine:
                     confidence=round(confidence, 6),
                     risk=risk,
                     estimate=float(raw[i]),
+                    escalated=bool(reasons),
                 )
             )
-            standing = proficiency(totals[i], criteria, levels[i])
-            said = view.model.calibration(float(raw[i]))
-            reasons = review_reasons(risk, threshold, said, standing, view.pace.too_fast(times[i]), criteria)
             if reasons:
                 detail = (
                     f"risk {risk:.2f} (review from {threshold:.2f}); estimated quality {quality[i].estimate:.2f}"

@@ -365,7 +365,7 @@ def record_increments(record: ScoreRecord, criteria: ProjectCriteria, keys: Keys
         "pace": _pace(record, criteria),
     }
     if record.kind is ScoreKind.CONSENSUS and record.risk is not None:
-        project["risks"] = {str(risk_bin(record.risk)): 1}
+        project["risks"] = {str(risk_bin(record.risk)): 1, "n": 1, "e": int(record.escalated)}
     for label, c in record.result.labels.items():
         fields = {f"{start}:tp": c.tp, f"{start}:fp": c.fp, f"{start}:fn": c.fn}
         project[f"label:{label}"] = {k: v for k, v in fields.items() if v}
@@ -427,7 +427,7 @@ class ProjectView:
 
     model: reliability.Model
     pace: reliability.Pace
-    risks: dict[int, int]
+    risks: Mapping[str, int]  # histogram of consensus risks ('<bin>'), their number 'n', escalated 'e'
     count: int  # the project's applied scores when it was read
 
 
@@ -456,7 +456,7 @@ def project_view(
     return ProjectView(
         model,
         reliability.pace(every, known_bins, criteria.escalation.fast_share),
-        {int(k): v for k, v in risks.items()},
+        risks,
         count,
     )
 
