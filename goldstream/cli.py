@@ -128,8 +128,11 @@ def _rebuild_state(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from goldstream.commands import print_json, report
+    from goldstream.commands import print_json, report, worker_report
 
+    if args.worker:
+        print_json(asyncio.run(worker_report(_settings(args), args.project, args.worker)))  # type: ignore[arg-type]
+        return 0
     data = asyncio.run(report(_settings(args), args.project, args.batch))  # type: ignore[arg-type]
     print_json(data)
     if args.batch and args.emit:
@@ -289,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(rep)
     rep.add_argument("--project", required=True)
     rep.add_argument("--batch", help="a batch id: adds an accept / reject verdict")
+    rep.add_argument("--worker", help="a worker id: its level, qualification, pace, label confusions and drift")
     rep.add_argument("--emit", action="store_true", help="with --batch: publish the verdict on `alerts`")
     rep.set_defaults(func=_report)
     return ap

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -561,13 +561,92 @@ async def report(settings: Settings, project_id: str, batch_id: str | None = Non
                 checks[name] = {"value": value, "target": target, "ok": value is not None and value >= target}
         verdict = "accept" if figures.items and all(c["ok"] for c in checks.values()) else "reject"
         workers = await store.workers(project_id)
-        return {
+        out = {
             "project_id": project_id,
             "batch_id": batch_id,
             "figures": figures.model_dump(mode="json"),
             "targets": checks,
             "verdict": verdict if batch_id else None,
             "workers": len(workers),
+        }
+        if not batch_id:
+            out["review"] = review_figures((await store.view(project_id, criteria, fresh=True)).risks, criteria)
+        return out
+    finally:
+        await redis.aclose()
+
+
+BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+
+
+def review_figures(risks: Mapping[str, int], criteria: ProjectCriteria) -> dict[str, Any]:
+    """What review costs and buys: the expected bad share of non-gold work (its mean risk), the
+    share sent to review so far, and what each budget would catch (`scoring.reliability.budget_table`)."""
+    from scoring.reliability import RISK_BINS, budget_table
+
+    hist = {int(k): v for k, v in risks.items() if k.isdigit()}
+    n = risks.get("n", 0)
+    expected = sum((b + 0.5) / RISK_BINS * c for b, c in hist.items()) / n if n else None
+    return {
+        "annotations_judged": n,
+        "expected_bad_share": None if expected is None else round(expected, 4),
+        "escalated_share": round(risks.get("e", 0) / n, 4) if n else None,
+        "review_budget": criteria.escalation.review_budget,
+        "budgets": budget_table(hist, BUDGETS) if n else [],
+    }
+
+
+async def worker_report(settings: Settings, project_id: str, worker_id: str) -> dict[str, Any]:
+    """One worker's standing: its level from all the evidence with its uncertainty, its
+    qualification, its pace against the project's, its label confusions against known answers,
+    and the drift test on its latest evidence."""
+    from scoring.policy import drift_flag, proficiency
+    from scoring.reliability import drift, evidence_value
+    from streams.state import level_of
+
+    redis = Redis.from_url(settings.redis_url)
+    keys = Keys(settings.key_prefix)
+    try:
+        store = ProficiencyStore(RedisState(redis, keys))
+        criteria = await CriteriaStore(redis, keys).get(project_id, time.monotonic()) or ProjectCriteria(
+            project_id=project_id
+        )
+        view = await store.view(project_id, criteria, fresh=True)
+        (totals,) = await store.totals([(project_id, worker_id)])
+        level = level_of(view.model, totals)
+        standing = proficiency(totals, criteria, level)
+        (seq,) = await store.evidence([(project_id, worker_id)])
+        values = [evidence_value(kind, x, view.model) for kind, x in seq]
+        found = drift([v for v, _ in values], [var for _, var in values], min_after=criteria.alerts.drift_min_items)
+        confusions = await store.confusions(project_id, worker_id)
+        matrix: dict[str, dict[str, int]] = {}
+        for (truth, given), n in sorted(confusions.items()):
+            matrix.setdefault(truth or "(extra)", {})[given or "(missed)"] = n
+        lb, ub = level.interval(criteria.proficiency.confidence)
+        return {
+            "project_id": project_id,
+            "worker_id": worker_id,
+            "state": standing.state.value,
+            "items": standing.items,
+            "known_answers": standing.known,
+            "consensus_rounds": standing.rounds,
+            "level": round(level.estimate, 4) if standing.estimate is not None else None,
+            "level_sd": round(level.sd, 4) if standing.estimate is not None else None,
+            "interval": [round(lb, 4), round(ub, 4)] if standing.estimate is not None else None,
+            "mean_score": standing.mean_score,
+            "project_median_time_on_task_s": view.pace.median_s,
+            "confusions": matrix,
+            "drift": None
+            if found is None
+            else {
+                "statistic": round(found.statistic, 2),
+                "from_item": found.at + 1,
+                "of_items": len(seq),
+                "before": round(found.before, 4),
+                "after": round(found.after, 4),
+                "recent": round(found.recent, 4),
+                "alerting": drift_flag(None, found, criteria) == "firing",
+            },
         }
     finally:
         await redis.aclose()

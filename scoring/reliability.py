@@ -398,6 +398,31 @@ def budget_threshold(hist: Mapping[int, int], budget: float, min_count: int = 50
     return 0.0
 
 
+def budget_table(hist: Mapping[int, int], budgets: Sequence[float]) -> list[dict[str, float | None]]:
+    """What each review budget buys, read from the histogram of risks: the risk it escalates
+    from, and (risks being probabilities) the expected share of the bad work it catches and the
+    expected share of its reviews that find bad work. With the expected bad share (the mean risk)
+    it lets a team choose its budget before spending it."""
+    total = sum(hist.values())
+    bad = sum((b + 0.5) / RISK_BINS * n for b, n in hist.items())
+    out: list[dict[str, float | None]] = []
+    for budget in budgets:
+        threshold = budget_threshold(hist, budget, min_count=1, default=1.0)
+        chosen = {b: n for b, n in hist.items() if b / RISK_BINS >= threshold - 1e-9}
+        n = sum(chosen.values())
+        caught = sum((b + 0.5) / RISK_BINS * k for b, k in chosen.items())
+        out.append(
+            {
+                "budget": budget,
+                "from_risk": threshold,
+                "share": round(n / total, 4) if total else None,
+                "expected_bad_caught": round(caught / bad, 4) if bad else None,
+                "expected_precision": round(caught / n, 4) if n else None,
+            }
+        )
+    return out
+
+
 __all__ = [
     "Calibration",
     "Drift",
@@ -407,6 +432,7 @@ __all__ = [
     "Sums",
     "Worker",
     "bad_probability",
+    "budget_table",
     "budget_threshold",
     "drift",
     "evidence_value",

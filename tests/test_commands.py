@@ -123,6 +123,49 @@ def test_report_gives_batch_verdicts_and_emits_them(settings: Settings, tmp_path
     assert alert.detail.startswith("reject: below target on")
 
 
+def test_the_worker_report_names_its_level_pace_confusions_and_drift(settings: Settings) -> None:
+    from tests.scenario import GOOD, annotation, boxes, criteria, gold, records
+
+    bus_for_car = boxes(("bus", 11, 10, 50, 40), ("bus", 201, 52, 118, 80))
+    msgs: list[s.Message] = [criteria()]
+    for i in range(12):
+        msgs += [gold(f"h{i}"), annotation(i, f"h{i}", "w1", bus_for_car if i % 3 else GOOD)]
+    recs = records(*msgs)
+
+    async def load() -> None:
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(settings.redis_url)
+        await replay(recs, client, Keys(settings.key_prefix))
+        await client.aclose()
+
+    asyncio.run(load())
+    res = _cli(settings, "report", "--project", "p1", "--worker", "w1")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["known_answers"] == 12 and rep["consensus_rounds"] == 0 and rep["items"] == 12
+    assert rep["confusions"]["car"] == {"bus": 8, "car": 4} and rep["confusions"]["bus"] == {"bus": 12}
+    lo, hi = rep["interval"]
+    assert lo < rep["level"] < hi and rep["state"] in ("probation", "suspended", "qualifying")
+    assert rep["drift"] is not None and rep["drift"]["of_items"] == 12
+    project = asyncio.run(report(settings, "p1"))
+    assert project["review"]["annotations_judged"] == 0 and project["review"]["budgets"] == []
+
+
+def test_review_figures_say_what_each_budget_buys() -> None:
+    from goldstream.commands import review_figures
+    from tests.scenario import criteria
+
+    risks = {"5": 60, "50": 20, "95": 20, "n": 100, "e": 20}
+    fig = review_figures(risks, criteria())
+    assert fig["expected_bad_share"] == pytest.approx((0.055 * 60 + 0.505 * 20 + 0.955 * 20) / 100)
+    assert fig["escalated_share"] == 0.2
+    by = {b["budget"]: b for b in fig["budgets"]}
+    assert by[0.2]["share"] == 0.2 and by[0.2]["expected_precision"] == pytest.approx(0.955)
+    assert by[0.4]["share"] == 0.4 and by[0.4]["expected_bad_caught"] > by[0.2]["expected_bad_caught"]
+    assert by[0.05]["share"] == 0.0  # the riskiest bin alone is over that budget
+
+
 def test_rebuild_refuses_a_prefix_that_holds_proficiency(settings: Settings, tmp_path: Path) -> None:
     main(
         [
