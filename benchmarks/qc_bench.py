@@ -152,13 +152,25 @@ def own_case(seed: int, items: int) -> Case:
     )
 
 
-def independent_case(seed: int, items: int) -> Case:
+MATCHED = {"object_metric": "f1", "weights": {"classifications": 0.0}}  # what that truth calls quality
+
+
+def independent_case(seed: int, items: int, matched: bool = False) -> Case:
+    """`matched`: the criteria say what the truth means by quality (object F1 at IoU 0.5, the
+    scene class aside) instead of the defaults (panoptic quality and the scene class, equally)."""
     from benchmarks.workforces import generate
 
     wf = generate(seed, items=items)
+    if matched:
+        wf.events = [
+            (t, s.validate(s.ProjectCriteria, {**m.model_dump(mode="json", exclude={"event_id"}), **MATCHED}))
+            if t == "projects"
+            else (t, m)
+            for t, m in wf.events
+        ]
     t = wf.truth
     case = Case(
-        family="independent",
+        family="independent-matched" if matched else "independent",
         seed=seed,
         events=wf.events,
         skill={w: v["skill"] for w, v in t["workers"].items() if v["skill"] is not None},
@@ -340,7 +352,10 @@ async def run(settings: Settings, cases: Sequence[tuple[str, int]], items: int) 
     try:
         for family, seed in cases:
             t0 = time.perf_counter()
-            case = independent_case(seed, items) if family == "independent" else own_case(seed, int(items * 0.8))
+            if family.startswith("independent"):
+                case = independent_case(seed, items, matched=family == "independent-matched")
+            else:
+                case = own_case(seed, int(items * 0.8))
             crit = next(m for t, m in case.events if t == "projects")
             assert isinstance(crit, s.ProjectCriteria)
             anns = [m for t, m in case.events if t == "annotations"]
@@ -435,10 +450,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds per family")
     args = ap.parse_args()
     settings = Settings.load()
+    families = ("independent", "independent-matched", "own")
     if args.quick:
-        cases, items = [("independent", 1), ("own", 11)], 600
+        cases, items = [("independent", 2), ("independent-matched", 2), ("own", 11)], 600
     else:
-        cases = [("independent", i + 1) for i in range(args.seeds)] + [("own", 11 + i) for i in range(args.seeds)]
+        cases = [(f, (11 if f == "own" else 1) + i) for f in families for i in range(args.seeds)]
         items = 1500
     print(f"QC effectiveness on {len(cases)} simulated workforce(s), Redis at {settings.redis_url}", flush=True)
     figures = asyncio.run(run(settings, cases, items))

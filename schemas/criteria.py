@@ -281,6 +281,12 @@ class ProjectCriteria(Message):
     line_tolerance: Pixels = 5.0
     keypoint_visibility: Literal["coco", "visible_only"] = "coco"
     empty_item_correct: bool = True
+    object_metric: Literal["pq", "f1"] = Field(
+        "pq",
+        description="the objects component of the item score: 'pq' (sum of similarities over matches / "
+        "(matches + mismatches + half the missed and extra): localisation and detection in one figure) or "
+        "'f1' (a match at the threshold counts whole, as CVAT's quality report counts it)",
+    )
     weights: Weights = Field(default_factory=Weights)
     component_minimums: ComponentMinimums = Field(default_factory=ComponentMinimums)
     pass_threshold: Unit = 0.7

@@ -525,7 +525,10 @@ def _finish(it: _Item, criteria: ProjectCriteria) -> ItemScore:
 
     metrics = metrics_of(t.m, t.x + t.ud, t.x + t.ug, t.sim_sum, empty_correct, t.x)
     pq_den = t.m + t.x + 0.5 * (t.ud + t.ug)
-    objects_component = t.sim_sum / pq_den if pq_den > 0 else (1.0 if empty_correct else None)
+    if criteria.object_metric == "f1":  # matches at the threshold count whole, as CVAT's quality report
+        objects_component = metrics.f1 if metrics.f1 is not None else (1.0 if empty_correct else None)
+    else:
+        objects_component = t.sim_sum / pq_den if pq_den > 0 else (1.0 if empty_correct else None)
     attr_compared, attr_correct = _attributes(matched, criteria)
     cls_compared, cls_correct, cls_labels = _classifications(ann, ref)
     rel_tp, rel_fp, rel_fn = _relationships(ann, ref, matched)

@@ -553,3 +553,22 @@ def test_rasterizing_into_a_mask_equals_the_dense_mask_and_costs_the_region_not_
     small = shapely.box(5000, 5000, 5010, 5004)
     r = scoring.rle.rasterize(small, (side, side))
     assert r.area == 40 and r.counts.sum() == side * side and len(r.counts) == 21
+
+
+def test_the_objects_component_can_count_matches_whole_as_cvat_does() -> None:
+    """With object_metric f1 a box matched at IoU 0.6 counts as right, as in CVAT's report;
+    the default (pq) also weighs how well it is placed."""
+    from scoring import score_items
+    from tests.scenario import annotation, boxes, criteria
+
+    truth = boxes(("car", 0, 0, 100, 100), ("bus", 300, 300, 100, 100))
+    loose = boxes(("car", 0, 0, 100, 160), ("bus", 300, 300, 100, 100))  # IoU 100/160 = 0.625
+    a = annotation(1, "i", "w", loose)
+    pq = score_items([(a, truth)], criteria())[0]
+    f1 = score_items([(a, truth)], criteria(object_metric="f1"))[0]
+    assert pq.components.objects == pytest.approx((0.625 + 1.0) / 2)
+    assert f1.components.objects == 1.0 and f1.score == 1.0
+    missed = score_items(
+        [(annotation(2, "i", "w", boxes(("car", 0, 0, 100, 100))), truth)], criteria(object_metric="f1")
+    )
+    assert missed[0].components.objects == pytest.approx(2 / 3)
