@@ -247,7 +247,7 @@ class AlertPolicy(Model):
     min_items: Annotated[int, Field(ge=1)] = 20
     window_s: Annotated[int, Field(gt=0)] = 86_400
     drift_threshold: Annotated[float, Field(gt=0)] = Field(
-        30.0, description="drift: squared z-score of the drop between before and after the change point"
+        25.0, description="drift: squared z-score of the drop between before and after the change point"
     )
     drift_min_items: Annotated[int, Field(ge=2)] = Field(6, description="drift: evidence items after the change")
     drift_drop: Unit = Field(0.1, description="drift: smallest drop of level that counts")

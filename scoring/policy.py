@@ -172,16 +172,19 @@ def review_reasons(
 
 def drift_flag(current: str | None, found: Drift | None, criteria: ProjectCriteria) -> str | None:
     """The next drift alert flag of a worker, or None when there is no news. Fires when its
-    evidence holds a significant drop (`alerts.drift_threshold`) of at least `drift_drop` to a
-    level below the target item score, and its latest items are below target too; resolves once
-    its latest items are back above target + margin."""
+    evidence holds a significant drop (`alerts.drift_threshold`) of at least `drift_drop`, and its
+    latest items are still down (not a bad patch it has left behind); resolves once its latest items
+    are back near the level before the drop (or no drop is left in its evidence) and above the
+    target item score plus the margin, so a worker that drifted and stays careless stays flagged."""
     pol, target = criteria.alerts, criteria.targets.item_score
-    if target is None or found is None:
+    if found is None:
         return None
     if current != "firing":
-        dropped = found.before - found.after >= pol.drift_drop and found.after < target and found.recent < target
+        dropped = found.before - found.after >= pol.drift_drop and found.recent <= found.before - pol.drift_drop / 2
         return "firing" if dropped and found.statistic >= pol.drift_threshold else None
-    return "resolved" if found.recent >= target + pol.margin else None
+    calm = found.statistic < pol.drift_threshold / 3 or found.recent >= found.before - pol.drift_drop / 2
+    back = found.recent >= (target if target is not None else 0.0) + pol.margin
+    return "resolved" if calm and back else None
 
 
 def gold_threshold(criteria: ProjectCriteria) -> float:

@@ -141,12 +141,13 @@ def fit(
 
 
 def _pooled_sd(n: np.ndarray, s: np.ndarray, ss: np.ndarray, mean: np.ndarray, default: float) -> float:
-    """Pooled sd of observations around their worker's mean (floored: never certain)."""
+    """Pooled sd of observations around their worker's mean, floored at 0.1: never more certain
+    of one annotation's quality than that, however alike a project's answers have been so far."""
     total = n.sum()
     if total < 10:
         return default
     resid = (ss - 2 * mean * s + n * mean * mean).sum()
-    return float(min(max(math.sqrt(max(resid, 0.0) / max(total - (n > 0).sum(), 1)), 0.05), 0.4))
+    return float(min(max(math.sqrt(max(resid, 0.0) / max(total - (n > 0).sum(), 1)), 0.1), 0.4))
 
 
 def _calibrate(
