@@ -58,6 +58,7 @@ from streams.replay import ReplayResult, replay
 from streams.state import Keys, ProficiencyStore, RedisState, level_of
 
 RESULTS = Path(__file__).parent / "results"
+BASELINES = True
 OWN_CRITERIA = {
     "pass_threshold": 0.7,
     "proficiency": {"qualification": {"min_gold_items": 5}},
@@ -377,7 +378,7 @@ async def run(settings: Settings, cases: Sequence[tuple[str, int]], items: int) 
                 "review_budget": budget,
                 "replay_s": round(took, 1),
                 "goldstream": evaluate(case, result, prof, target),
-                "baselines": evaluate_baselines(case, budget),
+                "baselines": evaluate_baselines(case, budget) if BASELINES else {},
             }
             out.append(figures)
             g = figures["goldstream"]
@@ -448,11 +449,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small workforce of each family (a smoke run)")
     ap.add_argument("--json", type=Path, default=RESULTS / "qc.json")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per family")
+    ap.add_argument("--family", action="append", help="only these families (independent, independent-matched, own)")
+    ap.add_argument("--no-baselines", action="store_true", help="goldstream only (faster)")
     args = ap.parse_args()
     settings = Settings.load()
-    families = ("independent", "independent-matched", "own")
+    families = tuple(args.family or ("independent", "independent-matched", "own"))
+    global BASELINES
+    BASELINES = not args.no_baselines
     if args.quick:
-        cases, items = [("independent", 2), ("independent-matched", 2), ("own", 11)], 600
+        cases, items = [(f, 11 if f == "own" else 2) for f in families], 600
     else:
         cases = [(f, (11 if f == "own" else 1) + i) for f in families for i in range(args.seeds)]
         items = 1500

@@ -249,7 +249,7 @@ class AlertPolicy(Model):
     drift_threshold: Annotated[float, Field(gt=0)] = Field(
         25.0, description="drift: squared z-score of the drop between before and after the change point"
     )
-    drift_min_items: Annotated[int, Field(ge=2)] = Field(6, description="drift: evidence items after the change")
+    drift_min_items: Annotated[int, Field(ge=2)] = Field(4, description="drift: evidence items after the change")
     drift_drop: Unit = Field(0.1, description="drift: smallest drop of level that counts")
 
 

@@ -130,21 +130,24 @@ def priority(
     return min(100, base + round(20 * gap) + 5 * extra)
 
 
+BUDGET_HORIZON = 600  # annotations over which the review budget makes up what it under- or overspent
+
+
 def review_threshold(risks: Mapping[str, int], criteria: ProjectCriteria) -> float:
     """The risk from which a non-gold annotation goes to review: the one that spends
     `review_budget` on the riskiest work, or 0.5 without a budget or before there are enough risks
     to place it. `risks`: the histogram of consensus risks so far ('<bin>' -> count), with their
-    number 'n' and how many were escalated 'e'. The quantile of past risks alone overspends when
-    risks run higher than they used to (a drifting team); the share actually spent corrects it,
-    as a controller would: overspent by half, the next decisions get two thirds of the budget."""
+    number 'n' and how many were escalated 'e'. The quantile of past risks alone misses the budget
+    when risks run higher or lower than they used to (a drifting team, a model still learning):
+    what was over- or underspent so far is made up over the next `BUDGET_HORIZON` annotations,
+    so the share spent converges on the budget."""
     budget = criteria.escalation.review_budget
     if budget is None:
         return 0.5
     hist = {int(k): v for k, v in risks.items() if k.isdigit()}
     n, spent = risks.get("n", 0), risks.get("e", 0)
-    if n >= 50 and spent > 0:
-        budget = min(max(budget * budget * n / spent, budget / 4), min(budget * 4, 1.0))
-    return budget_threshold(hist, budget)
+    aim = min(max(budget + (budget * n - spent) / BUDGET_HORIZON, 0.0), 1.0)
+    return budget_threshold(hist, aim) if aim > 0 else 1.0 + 1e-9
 
 
 def review_reasons(

@@ -173,6 +173,8 @@ def _calibrate(
     # the slope is pulled towards 1 with the leverage of three typical workers: a narrow spread of
     # workers cannot tell a slope, and then round estimates are taken as they are
     pull = 3 * float(np.median(w)) * sxx / w.sum()
+    if not sxx + pull > 1e-12:  # every worker alike so far: nothing to tell a slope from
+        return Calibration(yc - xc, 1.0, 0.05)
     slope = (float((w * (x - xc) * (y - yc)).sum()) + pull) / (sxx + pull)
     slope = min(max(float(slope), 0.3), 3.0)
     offset = yc - slope * xc

@@ -12,6 +12,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -62,8 +63,15 @@ async def replay(
     settings: Settings | None = None,
     close_rounds: bool = False,
     dedup_ttl_s: int = 7 * 86_400,
+    timer_s: float | None = 60.0,
 ) -> ReplayResult:
-    """Run records through a fresh engine whose proficiency lives under `keys` in `redis`."""
+    """Run records through a fresh engine whose proficiency lives under `keys` in `redis`.
+
+    The consensus timer runs on event time: every `timer_s` of annotations' `submitted_at`, the
+    rounds waiting past their project's `consensus.timeout_s` are closed, as the live worker's
+    timer closes them on its clock (a replay of history has no other clock worth using; without
+    it, a round short of its overlap waited for the end of the file). None: no timer.
+    `close_rounds`: close every round still waiting at the end."""
     engine = Engine(
         items={},
         criteria=CriteriaStore(redis, keys, ttl_s=float("inf")),
@@ -74,6 +82,21 @@ async def replay(
     )
     result = ReplayResult()
     queue: deque[Record] = deque()
+    clock: list[float] = []  # the timer's last tick, in event time (epoch seconds)
+
+    async def tick(rec: Record) -> None:
+        if timer_s is None or rec.topic != "annotations" or rec.value is None:
+            return
+        try:
+            at = datetime.fromisoformat(orjson.loads(rec.value)["submitted_at"]).timestamp()
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return  # the engine dead-letters it
+        if not clock:
+            clock.append(at)
+        elif at - clock[0] >= timer_s:
+            clock[0] = at
+            for req in await engine.timed_out(datetime.fromtimestamp(at, UTC)):
+                queue.append(Record("control", req.to_bytes(), req.item_id.encode()))
 
     async def run(rec: Record) -> None:
         if rec.topic == "replay-input":  # a line that is not an envelope at all
@@ -82,6 +105,7 @@ async def replay(
             _collect(result, dead, queue)
             return
         queue.append(rec)
+        await tick(rec)
         while queue:
             emits = await engine.handle(queue.popleft())
             for e in emits:

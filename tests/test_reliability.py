@@ -104,3 +104,10 @@ def test_budget_threshold_spends_the_budget_on_the_riskiest() -> None:
     assert budget_threshold(hist, 0.05) == pytest.approx(0.91)  # a bin alone over budget: none of it
     assert budget_threshold(hist, 1.0) == 0.0
     assert budget_threshold({90: 10}, 0.1) == 0.5  # too few risks yet: the default
+
+
+def test_workers_who_all_look_alike_do_not_break_the_calibration() -> None:
+    same = Sums(5, 4.0, 3.2)
+    model = fit({"a": same, "b": same, "c": same}, {"a": same, "b": same, "c": same})
+    assert model.calibration.slope == 1.0 and np.isfinite(model.calibration.offset)
+    assert all(np.isfinite(w.estimate) and np.isfinite(w.sd) for w in model.workers.values())
