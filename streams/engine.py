@@ -785,10 +785,10 @@ class Engine:
         out: list[Emit] = []
         workers = sorted(standing)
         sequences = await self.proficiency.evidence(workers)
+        views = {p: await self.proficiency.view(p, crit[p]) for p, _ in workers}
         for (p, w), seq in zip(workers, sequences, strict=True):
             before, after = standing[(p, w)]
-            c = crit[p]
-            view = await self.proficiency.view(p, c)
+            c, view = crit[p], views[p]
             qual = f"{AlertScope.WORKER.value}:{w}:qualification"
             flag = qualification_flag(flags[p].get(qual), after.state)
             if flag is not None and await self.alerts.change(p, qual, flag):
