@@ -48,6 +48,11 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"{summary['machine']}; {'quick' if summary['quick'] else 'full'} run, {summary['seconds']:.0f} s in all.",
         "",
+        *(
+            [f"This run: {', '.join(summary['rerun'])} only; the other sections are their last committed run.", ""]
+            if set(summary.get("rerun", BENCHMARKS)) != set(BENCHMARKS)
+            else []
+        ),
         "## Throughput (real Kafka + redis-server)",
         "",
         f"Workload: {st['workload']['annotations']} annotations, 10 boxes per item, 10 % gold, overlap 3; "
