@@ -226,6 +226,12 @@ class ProficiencyPolicy(Model):
     )
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
     qualification: QualificationPolicy = Field(default_factory=QualificationPolicy)
+    # retired with the reliability model: read and ignored, so that the criteria an earlier
+    # goldstream published (every field written out) still load from the compacted topic
+    ewma_half_life_s: Any = Field(None, exclude=True, description="retired; ignored")
+    windows_s: Any = Field(None, exclude=True, description="retired; ignored")
+    prior_passes: Any = Field(None, exclude=True, description="retired (see prior_weight); ignored")
+    prior_fails: Any = Field(None, exclude=True, description="retired (see prior_weight); ignored")
 
 
 class ConsensusPolicy(Model):
@@ -251,6 +257,7 @@ class AlertPolicy(Model):
     )
     drift_min_items: Annotated[int, Field(ge=2)] = Field(4, description="drift: evidence items after the change")
     drift_drop: Unit = Field(0.1, description="drift: smallest drop of level that counts")
+    worker_scores: Any = Field(None, exclude=True, description="retired (worker alerts are drift now); ignored")
 
 
 class LimitsSpec(Model):

@@ -531,3 +531,19 @@ def test_a_dead_letter_of_any_input_kafka_delivers_can_itself_be_published() -> 
     assert "key of 100000 bytes" in letter.error
     assert len(letter.to_bytes()) < 1_000_000  # Faust's default max_request_size
     assert s.DeadLetter.from_bytes(letter.to_bytes()) == letter
+
+
+def test_criteria_an_earlier_goldstream_published_still_load() -> None:
+    """Every criteria message of the first version carried the fields the reliability model
+    retired: on the compacted topic they must still decode (else a project silently falls back
+    to the defaults), and they are not written again."""
+    import orjson
+
+    new = orjson.loads(s.ProjectCriteria(project_id="p").to_bytes())
+    new["proficiency"].update(
+        {"ewma_half_life_s": 86400.0, "windows_s": [3600, 86400], "prior_passes": 1.0, "prior_fails": 1.0}
+    )
+    new["alerts"]["worker_scores"] = "reference"
+    old = s.decode(s.ProjectCriteria, orjson.dumps(new))
+    assert old.project_id == "p" and old.proficiency.prior_weight == 2.0
+    assert b"windows_s" not in old.to_bytes() and b"worker_scores" not in old.to_bytes()
