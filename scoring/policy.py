@@ -13,6 +13,8 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from schemas.criteria import ProjectCriteria
 from schemas.messages import EscalationReason, ItemScore, QualificationState
 from scoring.reliability import Drift, Worker, budget_threshold
@@ -131,6 +133,26 @@ def priority(
 
 
 BUDGET_HORIZON = 600  # annotations over which the review budget makes up what it under- or overspent
+
+
+def primary_reason(reasons: list[EscalationReason]) -> EscalationReason:
+    """The reason an escalation is filed under (its id derives from it): the gravest one."""
+    return max(reasons, key=lambda r: (REASON_BASE[r], r.value))
+
+
+def peer_confidence(agreement: np.ndarray, i: int) -> float:
+    """How far to trust member i's peers as its reference: their mean agreement among themselves
+    (NaN pairs left out; 0.5 when there is no pair of peers, as with two annotators)."""
+    others = [j for j in range(agreement.shape[0]) if j != i]
+    pairs = [agreement[p, q] for p in others for q in others if p < q and not np.isnan(agreement[p, q])]
+    return float(sum(pairs) / len(pairs)) if pairs else 0.5
+
+
+def alert_severity(state: str, value: float | None, target: float | None) -> str:
+    """info when resolved; critical below 80 % of the target; warning otherwise."""
+    if state == "resolved":
+        return "info"
+    return "critical" if value is not None and target and value < target * 0.8 else "warning"
 
 
 def review_threshold(risks: Mapping[str, int], criteria: ProjectCriteria) -> float:

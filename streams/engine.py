@@ -47,12 +47,15 @@ from scoring import ScoringError, check_geometry, consensus_scores, pairwise_agr
 from scoring.policy import (
     SCALE,
     Proficiency,
+    alert_severity,
     alert_transition,
     audit_draw,
     audit_rate,
     drift_flag,
     gold_escalates,
     gold_threshold,
+    peer_confidence,
+    primary_reason,
     priority,
     proficiency,
     qualification_flag,
@@ -614,10 +617,7 @@ class Engine:
         targets = [len(answers) - 1] if late else range(len(answers))
         for i in targets:
             a = answers[i]
-            # how far to trust the peers as a reference: their agreement among themselves
-            others = [j for j in range(len(answers)) if j != i]
-            peer = [agreement[p, q] for p in others for q in others if p < q and agreement[p, q] == agreement[p, q]]
-            confidence = sum(peer) / len(peer) if peer else 0.5
+            confidence = peer_confidence(agreement, i)
             result = _consensus_result(scores[i], criteria)
             risk = quality[i].risk
             standing = proficiency(totals[i], criteria, levels[i])
@@ -674,7 +674,7 @@ class Engine:
     ) -> Emit:
         if snap is None:
             (snap,) = await self.proficiency.snapshots([(a.project_id, a.worker_id, criteria)])
-        primary = max(reasons, key=lambda r: (priority([r], None, None), r.value))
+        primary = primary_reason(reasons)
         esc = Escalation(
             event_id=Escalation.make_id(a.event_id, primary),
             project_id=a.project_id,
@@ -840,11 +840,7 @@ class Engine:
         state: str,
         detail: str | None = None,
     ) -> Emit:
-        severity = (
-            "info"
-            if state == "resolved"
-            else ("critical" if value is not None and target and value < target * 0.8 else "warning")
-        )
+        severity = alert_severity(state, value, target)
         alert = QualityAlert(
             event_id=derive_id("alert", project, scope.value, scope_id, metric, state, when.isoformat()),
             project_id=project,

@@ -572,3 +572,18 @@ def test_the_objects_component_can_count_matches_whole_as_cvat_does() -> None:
         [(annotation(2, "i", "w", boxes(("car", 0, 0, 100, 100))), truth)], criteria(object_metric="f1")
     )
     assert missed[0].components.objects == pytest.approx(2 / 3)
+
+
+def test_the_small_rules_that_left_the_engine_for_the_policy_module() -> None:
+    import numpy as np
+
+    from schemas.messages import EscalationReason as R
+    from scoring.policy import alert_severity, peer_confidence, primary_reason
+
+    assert primary_reason([R.AUDIT_SAMPLE, R.LOW_PROFICIENCY, R.TOO_FAST]) is R.TOO_FAST
+    assert primary_reason([R.HIGH_RISK]) is R.HIGH_RISK
+    m = np.array([[np.nan, 0.9, 0.1], [0.9, np.nan, 0.7], [0.1, 0.7, np.nan]])
+    assert peer_confidence(m, 0) == pytest.approx(0.7) and peer_confidence(m, 2) == pytest.approx(0.9)
+    assert peer_confidence(m[:2, :2], 0) == 0.5  # two annotators: no pair of peers
+    assert alert_severity("resolved", 0.1, 0.9) == "info"
+    assert alert_severity("firing", 0.7, 0.9) == "critical" and alert_severity("firing", 0.8, 0.9) == "warning"
