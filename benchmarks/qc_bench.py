@@ -52,6 +52,7 @@ from scipy.stats import spearmanr
 
 import schemas as s
 from goldstream.settings import Settings
+from goldstream.simulator import key_of
 from scoring import score_items
 from streams.engine import Record
 from streams.replay import ReplayResult, replay
@@ -208,12 +209,6 @@ def with_budget(events: list[tuple[str, s.Message]], budget: float) -> list[tupl
                                                "escalation": esc.model_dump(mode="json")})  # fmt: skip
         out.append((topic, m))
     return out
-
-
-def key_of(topic: str, m: s.Message) -> str:
-    if isinstance(m, s.ProjectCriteria):
-        return m.project_id
-    return m.item_id  # type: ignore[attr-defined]
 
 
 async def run_goldstream(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from schemas.base import SchemaError, decode, validate
 from schemas.criteria import ProjectCriteria
 from schemas.messages import MESSAGES, DeadLetter, Message, QualityAlert, ScoreRecord
 from scoring.counters import Counters
+from scoring.reliability import Risks
 from streams.state import (
     AlertFlags,
     CriteriaStore,
@@ -535,16 +537,22 @@ async def rebuild_proficiency(
 # ----------------------------------------------------------------------------- report
 
 
-async def report(settings: Settings, project_id: str, batch_id: str | None = None) -> dict[str, Any]:
-    """Figures of a project (or one batch) against its targets, with a verdict for batches."""
+@contextlib.asynccontextmanager
+async def _project(settings: Settings, project_id: str) -> AsyncIterator[tuple[ProficiencyStore, ProjectCriteria]]:
+    """The proficiency store and a project's criteria (its defaults when it has none), for a report."""
     redis = Redis.from_url(settings.redis_url)
     keys = Keys(settings.key_prefix)
     try:
-        store = ProficiencyStore(RedisState(redis, keys))
-        criteria = await CriteriaStore(redis, keys).get(project_id, time.monotonic()) or ProjectCriteria(
-            project_id=project_id
-        )
-        key = keys.project(project_id, f"batch:{batch_id}" if batch_id else "totals")
+        criteria = await CriteriaStore(redis, keys).get(project_id, time.monotonic())
+        yield ProficiencyStore(RedisState(redis, keys)), criteria or ProjectCriteria(project_id=project_id)
+    finally:
+        await redis.aclose()
+
+
+async def report(settings: Settings, project_id: str, batch_id: str | None = None) -> dict[str, Any]:
+    """Figures of a project (or one batch) against its targets, with a verdict for batches."""
+    async with _project(settings, project_id) as (store, criteria):
+        key = store.keys.project(project_id, f"batch:{batch_id}" if batch_id else "totals")
         (fields,) = await store.hashes([key])
         figures = Counters.from_fields(fields).compute(criteria.empty_item_correct)
         targets = criteria.targets
@@ -572,27 +580,23 @@ async def report(settings: Settings, project_id: str, batch_id: str | None = Non
         if not batch_id:
             out["review"] = review_figures((await store.view(project_id, criteria, fresh=True)).risks, criteria)
         return out
-    finally:
-        await redis.aclose()
 
 
 BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 
 
-def review_figures(risks: Mapping[str, int], criteria: ProjectCriteria) -> dict[str, Any]:
+def review_figures(risks: Risks, criteria: ProjectCriteria) -> dict[str, Any]:
     """What review costs and buys: the expected bad share of non-gold work (its mean risk), the
     share sent to review so far, and what each budget would catch (`scoring.reliability.budget_table`)."""
-    from scoring.reliability import RISK_BINS, budget_table
+    from scoring.reliability import budget_table
 
-    hist = {int(k): v for k, v in risks.items() if k.isdigit()}
-    n = risks.get("n", 0)
-    expected = sum((b + 0.5) / RISK_BINS * c for b, c in hist.items()) / n if n else None
+    n, expected = risks.judged, risks.expected_bad_share
     return {
         "annotations_judged": n,
         "expected_bad_share": None if expected is None else round(expected, 4),
-        "escalated_share": round(risks.get("e", 0) / n, 4) if n else None,
+        "escalated_share": round(risks.escalated / n, 4) if n else None,
         "review_budget": criteria.escalation.review_budget,
-        "budgets": budget_table(hist, BUDGETS) if n else [],
+        "budgets": budget_table(risks.hist, BUDGETS) if n else [],
     }
 
 
@@ -600,24 +604,16 @@ async def worker_report(settings: Settings, project_id: str, worker_id: str) -> 
     """One worker's standing: its level from all the evidence with its uncertainty, its
     qualification, its pace against the project's, its label confusions against known answers,
     and the drift test on its latest evidence."""
-    from scoring.policy import drift_flag, proficiency
-    from scoring.reliability import drift, evidence_value
+    from scoring.policy import drift_flag, proficiency, worker_drift
     from streams.state import level_of
 
-    redis = Redis.from_url(settings.redis_url)
-    keys = Keys(settings.key_prefix)
-    try:
-        store = ProficiencyStore(RedisState(redis, keys))
-        criteria = await CriteriaStore(redis, keys).get(project_id, time.monotonic()) or ProjectCriteria(
-            project_id=project_id
-        )
+    async with _project(settings, project_id) as (store, criteria):
         view = await store.view(project_id, criteria, fresh=True)
         (totals,) = await store.totals([(project_id, worker_id)])
         level = level_of(view.model, totals)
         standing = proficiency(totals, criteria, level)
         (seq,) = await store.evidence([(project_id, worker_id)])
-        values = [evidence_value(kind, x, view.model) for kind, x in seq]
-        found = drift([v for v, _ in values], [var for _, var in values], min_after=criteria.alerts.drift_min_items)
+        found = worker_drift(seq, view.model, criteria)
         confusions = await store.confusions(project_id, worker_id)
         matrix: dict[str, dict[str, int]] = {}
         for (truth, given), n in sorted(confusions.items()):
@@ -648,8 +644,6 @@ async def worker_report(settings: Settings, project_id: str, worker_id: str) -> 
                 "alerting": drift_flag(None, found, criteria) == "firing",
             },
         }
-    finally:
-        await redis.aclose()
 
 
 def print_json(data: Any) -> None:

@@ -10,14 +10,14 @@ Randomness (audit sampling) is a hash of the event id and a seed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from schemas.criteria import ProjectCriteria
 from schemas.messages import EscalationReason, ItemScore, QualificationState
-from scoring.reliability import Drift, Worker, budget_threshold
+from scoring.reliability import Drift, Model, Risks, Worker, budget_threshold, drift, evidence_value
 
 SCALE = 10**9  # fixed point of sums kept in Redis (see scoring.counters)
 
@@ -155,21 +155,24 @@ def alert_severity(state: str, value: float | None, target: float | None) -> str
     return "critical" if value is not None and target and value < target * 0.8 else "warning"
 
 
-def review_threshold(risks: Mapping[str, int], criteria: ProjectCriteria) -> float:
+def review_threshold(risks: Risks, criteria: ProjectCriteria) -> float:
     """The risk from which a non-gold annotation goes to review: the one that spends
     `review_budget` on the riskiest work, or 0.5 without a budget or before there are enough risks
-    to place it. `risks`: the histogram of consensus risks so far ('<bin>' -> count), with their
-    number 'n' and how many were escalated 'e'. The quantile of past risks alone misses the budget
-    when risks run higher or lower than they used to (a drifting team, a model still learning):
-    what was over- or underspent so far is made up over the next `BUDGET_HORIZON` annotations,
-    so the share spent converges on the budget."""
+    to place it. The quantile of past risks alone misses the budget when risks run higher or lower
+    than they used to (a drifting team, a model still learning): what was over- or underspent so
+    far is made up over the next `BUDGET_HORIZON` annotations, so the share spent converges on the
+    budget."""
     budget = criteria.escalation.review_budget
     if budget is None:
         return 0.5
-    hist = {int(k): v for k, v in risks.items() if k.isdigit()}
-    n, spent = risks.get("n", 0), risks.get("e", 0)
-    aim = min(max(budget + (budget * n - spent) / BUDGET_HORIZON, 0.0), 1.0)
-    return budget_threshold(hist, aim) if aim > 0 else 1.0 + 1e-9
+    aim = min(max(budget + (budget * risks.judged - risks.escalated) / BUDGET_HORIZON, 0.0), 1.0)
+    return budget_threshold(risks.hist, aim) if aim > 0 else 1.0 + 1e-9
+
+
+def worker_drift(evidence: Sequence[tuple[str, float]], model: Model, criteria: ProjectCriteria) -> Drift | None:
+    """The drift test on a worker's evidence sequence (kind, value) in event-time order."""
+    values = [evidence_value(kind, x, model) for kind, x in evidence]
+    return drift([v for v, _ in values], [var for _, var in values], min_after=criteria.alerts.drift_min_items)
 
 
 def review_reasons(
@@ -231,11 +234,6 @@ def gold_escalates(score: ItemScore, criteria: ProjectCriteria) -> bool:
             if total and c.tp / total < spec.min_score:
                 return True
     return False
-
-
-@dataclass(frozen=True)
-class AlertChange:
-    state: str  # "firing" or "resolved"
 
 
 def alert_transition(current: str | None, value: float | None, target: float | None, margin: float) -> str | None:

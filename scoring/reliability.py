@@ -385,6 +385,27 @@ def risk_bin(risk: float) -> int:
     return min(int(risk * RISK_BINS), RISK_BINS - 1)
 
 
+@dataclass(frozen=True)
+class Risks:
+    """A project's consensus risks so far: histogram (bin of 1/RISK_BINS -> count), how many were
+    judged and how many of them were sent to review."""
+
+    hist: dict[int, int] = field(default_factory=dict)
+    judged: int = 0
+    escalated: int = 0
+
+    @property
+    def expected_bad_share(self) -> float | None:
+        """The mean risk: risks being probabilities, the share of the work expected to be bad."""
+        total = sum(self.hist.values())
+        return expected_bad(self.hist) / total if total else None
+
+
+def expected_bad(hist: Mapping[int, int]) -> float:
+    """Expected number of bad annotations in a risk histogram (each bin at its middle)."""
+    return sum((b + 0.5) / RISK_BINS * n for b, n in hist.items())
+
+
 def budget_threshold(hist: Mapping[int, int], budget: float, min_count: int = 50, default: float = 0.5) -> float:
     """The risk above which the riskiest `budget` share of annotations lies, from the histogram
     of risks seen so far (bins of 1/RISK_BINS): escalating above it spends the budget on the
@@ -407,13 +428,13 @@ def budget_table(hist: Mapping[int, int], budgets: Sequence[float]) -> list[dict
     expected share of its reviews that find bad work. With the expected bad share (the mean risk)
     it lets a team choose its budget before spending it."""
     total = sum(hist.values())
-    bad = sum((b + 0.5) / RISK_BINS * n for b, n in hist.items())
+    bad = expected_bad(hist)
     out: list[dict[str, float | None]] = []
     for budget in budgets:
         threshold = budget_threshold(hist, budget, min_count=1, default=1.0)
         chosen = {b: n for b, n in hist.items() if b / RISK_BINS >= threshold - 1e-9}
         n = sum(chosen.values())
-        caught = sum((b + 0.5) / RISK_BINS * k for b, k in chosen.items())
+        caught = expected_bad(chosen)
         out.append(
             {
                 "budget": budget,
@@ -432,6 +453,7 @@ __all__ = [
     "Model",
     "Pace",
     "Quality",
+    "Risks",
     "Sums",
     "Worker",
     "bad_probability",
@@ -439,6 +461,7 @@ __all__ = [
     "budget_threshold",
     "drift",
     "evidence_value",
+    "expected_bad",
     "fit",
     "known_risk",
     "pace",

@@ -63,8 +63,9 @@ from scoring.policy import (
     review_threshold,
     top_confusion,
     window_mean,
+    worker_drift,
 )
-from scoring.reliability import drift, evidence_value, known_risk, round_estimates, round_quality
+from scoring.reliability import known_risk, round_estimates, round_quality
 from streams.state import (
     AlertFlags,
     CriteriaStore,
@@ -799,8 +800,7 @@ class Engine:
                 target = c.proficiency.qualification.qualify_at
                 out.append(self._alert(p, AlertScope.WORKER, w, "qualification", after.estimate, target, "all",
                                        as_of[p], state, detail=detail))  # fmt: skip
-            values = [evidence_value(kind, x, view.model) for kind, x in seq]
-            found = drift([v for v, _ in values], [var for _, var in values], min_after=c.alerts.drift_min_items)
+            found = worker_drift(seq, view.model, c)
             name = f"{AlertScope.WORKER.value}:{w}:drift"
             flag = drift_flag(flags[p].get(name), found, c)
             if flag is None or found is None or not await self.alerts.change(p, name, flag):

@@ -427,7 +427,7 @@ class ProjectView:
 
     model: reliability.Model
     pace: reliability.Pace
-    risks: Mapping[str, int]  # histogram of consensus risks ('<bin>'), their number 'n', escalated 'e'
+    risks: reliability.Risks
     count: int  # the project's applied scores when it was read
 
 
@@ -456,7 +456,7 @@ def project_view(
     return ProjectView(
         model,
         reliability.pace(every, known_bins, criteria.escalation.fast_share),
-        risks,
+        reliability.Risks({int(k): v for k, v in risks.items() if k.isdigit()}, risks.get("n", 0), risks.get("e", 0)),
         count,
     )
 

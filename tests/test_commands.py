@@ -154,9 +154,10 @@ def test_the_worker_report_names_its_level_pace_confusions_and_drift(settings: S
 
 def test_review_figures_say_what_each_budget_buys() -> None:
     from goldstream.commands import review_figures
+    from scoring.reliability import Risks
     from tests.scenario import criteria
 
-    risks = {"5": 60, "50": 20, "95": 20, "n": 100, "e": 20}
+    risks = Risks({5: 60, 50: 20, 95: 20}, judged=100, escalated=20)
     fig = review_figures(risks, criteria())
     assert fig["expected_bad_share"] == pytest.approx((0.055 * 60 + 0.505 * 20 + 0.955 * 20) / 100)
     assert fig["escalated_share"] == 0.2
