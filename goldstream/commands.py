@@ -236,7 +236,7 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
     same ids). Records are taken in the order they were appended (their timestamps), which is
     the order the worker saw them in up to the interleaving of partitions; an item's records
     share one partition, so each item's history is replayed in its own order."""
-    from streams.engine import Engine, Record
+    from streams.engine import Engine, ItemState, Record
     from streams.engine import Settings as EngineSettings
     from streams.state import ItemStore
     from streams.worker import ITEM_TOPICS
@@ -248,7 +248,7 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
             for r in batch:
                 records.append((r.timestamp, r.offset, Record(logical, r.value, r.key, r.partition, r.offset, name)))
     records.sort(key=lambda x: (x[0], x[2].partition, x[1]))
-    items: dict[str, bytes] = {}
+    items: dict[str, ItemState] = {}
     engine = Engine(
         items=items,
         criteria=CriteriaStore(state.client, state.keys, ttl_s=float("inf"), state=state),
@@ -257,11 +257,12 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
         settings=EngineSettings(unknown_projects=settings.unknown_projects, stage="worker"),
     )
     partition_of: dict[str, int] = {}
-    for n, (_, _, rec) in enumerate(records):
+    for _, _, rec in records:
         if rec.key is not None:
             partition_of.setdefault(rec.key.decode(errors="replace"), rec.partition)
-        await engine.handle(rec)  # outputs discarded: the worker emitted them, with these ids
-        if keep_alive is not None and n % 500 == 499:
+    for n in range(0, len(records), 500):  # in the worker's batches; outputs discarded: it emitted them
+        await engine.process([rec for _, _, rec in records[n : n + 500]])
+        if keep_alive is not None:
             await keep_alive()
     waiting = {}
     for item in items:
@@ -271,7 +272,7 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
     names = sorted(items)
     for i in range(0, len(names), 500):
         chunk = names[i : i + 500]
-        await store.store({k: items[k] for k in chunk}, {k: waiting[k] for k in chunk})
+        await store.store({k: items[k].model_dump_json().encode() for k in chunk}, {k: waiting[k] for k in chunk})
     return len(items)
 
 

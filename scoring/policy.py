@@ -276,6 +276,30 @@ def window_mean(buckets: Mapping[int, tuple[int, int]], as_of: int, window_s: in
     return (s / SCALE / n if n else None), n
 
 
+def consensus_result(value: float | None, criteria: ProjectCriteria) -> ItemScore:
+    """A consensus score is an agreement, not a comparison with one reference: no object counts,
+    and it passes at the project's threshold."""
+    if value is None:
+        return ItemScore(score=None, passed=None)
+    return ItemScore(score=value, passed=value >= criteria.pass_threshold)
+
+
+def rejected_result() -> ItemScore:
+    """A reviewer's rejection: nothing in the annotation is right."""
+    return ItemScore(score=0.0, passed=False)
+
+
+def window_f1(buckets: Mapping[int, tuple[int, int, int]], as_of: int, window_s: int) -> tuple[float | None, int]:
+    """A label's F1 and its reference objects (tp + fn) over buckets (start -> (tp, fp, fn))
+    whose start lies within `window_s` before `as_of` (event time, seconds)."""
+    tp = fp = fn = 0
+    for start, (t, f, m) in buckets.items():
+        if as_of - window_s < start <= as_of:
+            tp, fp, fn = tp + t, fp + f, fn + m
+    den = 2 * tp + fp + fn
+    return (2 * tp / den if den else None), tp + fn
+
+
 def top_confusion(counts: Mapping[tuple[str, str], int], min_count: int = 3, min_share: float = 0.2) -> str | None:
     """The label a worker confuses most against known answers, in words ('labels car as truck:
     12 of 20 (60 %)'), when it is frequent enough to be a habit and not a slip."""

@@ -210,17 +210,45 @@ def round_estimates(
     Returns (estimates, their sd)."""
     k = agreement.shape[0]
     prior = np.full(k, NEUTRAL_PRIOR) if priors is None else np.asarray(priors, dtype=float)
-    var0 = (np.full(k, NEUTRAL_SD) if prior_sd is None else np.asarray(prior_sd, dtype=float)) ** 2
-    a = np.where(np.isnan(agreement), 0.0, agreement)
+    sd = np.full(k, NEUTRAL_SD) if prior_sd is None else np.asarray(prior_sd, dtype=float)
+    q, qsd = _estimates(agreement[None], prior[None], sd[None] ** 2)
+    return q[0], qsd[0]
+
+
+def round_estimates_many(agreements: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`round_estimates` of many rounds (neutral priors) in one vectorised pass: a batch's rounds
+    cost one set of numpy calls, not one per round."""
+    if not agreements:
+        return []
+    a, k = _stack(agreements)
+    q, _ = _estimates(a, np.full(a.shape[:2], NEUTRAL_PRIOR), np.full(a.shape[:2], NEUTRAL_SD**2))
+    return [q[i, :n] for i, n in enumerate(k)]
+
+
+def _stack(agreements: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Rounds of different sizes as one (rounds, K, K) array, padded with NaN (no agreement: a
+    padded member touches no one, and adds only zeros to the others' sums)."""
+    k = [m.shape[0] for m in agreements]
+    out = np.full((len(agreements), max(k), max(k)), np.nan)
+    for i, m in enumerate(agreements):
+        out[i, : k[i], : k[i]] = m
+    return out, k
+
+
+def _estimates(agreement: np.ndarray, prior: np.ndarray, var0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fit behind `round_estimates`, over a stack of rounds: agreement (R, K, K), prior and
+    prior variance (R, K)."""
     has = ~np.isnan(agreement)
-    np.fill_diagonal(has, False)
+    idx = np.arange(agreement.shape[1])
+    has[:, idx, idx] = False
+    a = np.where(has, agreement, 0.0)
     wn = 1 / AGREEMENT_NOISE**2
     q = prior.copy()
     for _ in range(10):
-        g = q[None, :] * has
-        q = np.clip((prior / var0 + wn * (g * a).sum(axis=1)) / (1 / var0 + wn * (g * g).sum(axis=1)), 0.0, 1.0)
-    g = q[None, :] * has
-    return q, 1 / np.sqrt(1 / var0 + wn * (g * g).sum(axis=1))
+        g = q[:, None, :] * has
+        q = np.clip((prior / var0 + wn * (g * a).sum(axis=2)) / (1 / var0 + wn * (g * g).sum(axis=2)), 0.0, 1.0)
+    g = q[:, None, :] * has
+    return q, 1 / np.sqrt(1 / var0 + wn * (g * g).sum(axis=2))
 
 
 def round_quality(
@@ -230,24 +258,48 @@ def round_quality(
     weighted by their levels (its own prior left neutral, so it is judged by the others), mapped
     by the calibration, then combined with what its own level says of it. `odds`: a likelihood
     ratio per member from other signals (time on task), applied to the risk."""
-    k = len(levels)
-    cal = model.calibration
-    raw = np.array([cal.raw(w.estimate) for w in levels])
-    raw_sd = np.array([math.sqrt(model.round_spread**2 + (w.sd / max(cal.slope, 0.3)) ** 2) for w in levels])
-    out = []
-    for i in range(k):
-        priors, sds = raw.copy(), raw_sd.copy()
-        priors[i], sds[i] = NEUTRAL_PRIOR, NEUTRAL_SD
-        q, qsd = round_estimates(agreement, priors, sds)
-        est, var = cal(float(q[i])), (cal.slope * float(qsd[i])) ** 2 + cal.error**2
+    return round_quality_many([(agreement, levels, model, threshold, odds)])[0]
+
+
+Round = tuple[np.ndarray, Sequence[Worker], Model, float, Sequence[float] | None]
+
+
+def round_quality_many(rounds: Sequence[Round]) -> list[list[Quality]]:
+    """`round_quality` of many rounds, their fits in one vectorised pass (one variant per member:
+    its own prior neutral, its peers' from their levels)."""
+    if not rounds:
+        return []
+    stacks, priors, sds, owner = [], [], [], []
+    for r, (agreement, levels, model, _, _) in enumerate(rounds):
+        cal = model.calibration
+        raw = np.array([cal.raw(w.estimate) for w in levels])
+        raw_sd = np.sqrt(model.round_spread**2 + (np.array([w.sd for w in levels]) / max(cal.slope, 0.3)) ** 2)
+        for i in range(len(levels)):
+            p, s = raw.copy(), raw_sd.copy()
+            p[i], s[i] = NEUTRAL_PRIOR, NEUTRAL_SD
+            stacks.append(agreement)
+            priors.append(p)
+            sds.append(s)
+            owner.append((r, i))
+    a, k = _stack(stacks)
+    prior = np.full(a.shape[:2], NEUTRAL_PRIOR)
+    var0 = np.full(a.shape[:2], NEUTRAL_SD**2)
+    for v, (p, s) in enumerate(zip(priors, sds, strict=True)):
+        prior[v, : k[v]], var0[v, : k[v]] = p, s**2
+    q, qsd = _estimates(a, prior, var0)
+    out: list[list[Quality]] = [[] for _ in rounds]
+    for v, (r, i) in enumerate(owner):
+        _, levels, model, threshold, odds = rounds[r]
+        cal = model.calibration
+        est, var = cal(float(q[v, i])), (cal.slope * float(qsd[v, i])) ** 2 + cal.error**2
         own = levels[i]
         var_own = model.spread**2 + own.sd**2
         mean = (est / var + own.estimate / var_own) / (1 / var + 1 / var_own)
         sd = 1 / math.sqrt(1 / var + 1 / var_own)
-        r = bad_probability(mean, sd, threshold)
+        risk = bad_probability(mean, sd, threshold)
         if odds is not None and odds[i] != 1.0:
-            r = _with_odds(r, odds[i])
-        out.append(Quality(mean, sd, r))
+            risk = _with_odds(risk, odds[i])
+        out[r].append(Quality(mean, sd, risk))
     return out
 
 

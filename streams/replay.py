@@ -9,7 +9,6 @@ same Redis state, which is how tests check the live pipeline, and how users try 
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ from streams.engine import Emit, Engine, Record, Settings
 from streams.state import AlertFlags, CriteriaStore, Keys, ProficiencyStore, RedisState
 
 OUTPUTS = ("scores", "escalations", "alerts", "deadletter", "gold")
-FEEDBACK = {"scores", "gold"}  # topics the pipeline itself consumes again
+BATCH = 500  # records per batch, as the worker reads them (`batch_max`)
 
 
 def read_envelopes(path: Path) -> Iterator[Record]:
@@ -64,13 +63,17 @@ async def replay(
     close_rounds: bool = False,
     dedup_ttl_s: int = 7 * 86_400,
     timer_s: float | None = 60.0,
+    batch: int = BATCH,
 ) -> ReplayResult:
-    """Run records through a fresh engine whose proficiency lives under `keys` in `redis`.
+    """Run records through a fresh engine whose proficiency lives under `keys` in `redis`, in
+    batches of `batch` records, as the worker does: each batch's item records, then the scores
+    they made (Redis, alerts), then the gold they promoted, before the next batch. The same
+    file and batch size give the same outputs and Redis state, byte for byte.
 
-    The consensus timer runs on event time: every `timer_s` of annotations' `submitted_at`, the
-    rounds waiting past their project's `consensus.timeout_s` are closed, as the live worker's
-    timer closes them on its clock (a replay of history has no other clock worth using; without
-    it, a round short of its overlap waited for the end of the file). None: no timer.
+    The consensus timer runs on event time: when an annotation's `submitted_at` is `timer_s`
+    past the last tick, the batch so far is processed and the rounds waiting past their
+    project's `consensus.timeout_s` are closed, as the live worker's timer closes them on its
+    clock (a replay of history has no other clock worth using). None: no timer.
     `close_rounds`: close every round still waiting at the end."""
     engine = Engine(
         items={},
@@ -81,54 +84,93 @@ async def replay(
         clock=lambda: 0.0,  # logical time: replays are byte-for-byte repeatable
     )
     result = ReplayResult()
-    queue: deque[Record] = deque()
-    clock: list[float] = []  # the timer's last tick, in event time (epoch seconds)
+    pending: list[Record] = []
+    tick: list[float] = []  # the timer's last tick, in event time (epoch seconds)
+    earliest: list[float] = []  # the earliest submission among the pending records
 
-    async def tick(rec: Record) -> None:
-        if timer_s is None or rec.topic != "annotations" or rec.value is None:
-            return
-        try:
-            at = datetime.fromisoformat(orjson.loads(rec.value)["submitted_at"]).timestamp()
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return  # the engine dead-letters it
-        if not clock:
-            clock.append(at)
-        elif at - clock[0] >= timer_s:
-            clock[0] = at
-            for req in await engine.timed_out(datetime.fromtimestamp(at, UTC)):
-                queue.append(Record("control", req.to_bytes(), req.item_id.encode()))
+    async def run(batch_: list[Record]) -> None:
+        while batch_:
+            emits = await engine.process(batch_)
+            _collect(result, emits)
+            scores = [(_fed_back(e, False), e.value) for e in emits if e.topic == "scores"]
+            for start in range(0, len(scores), batch):
+                _collect(result, await engine.proficiency_processor.apply(scores[start : start + batch]))  # type: ignore[arg-type]
+            batch_ = [_fed_back(e) for e in emits if e.topic == "gold"]
 
-    async def run(rec: Record) -> None:
-        if rec.topic == "replay-input":  # a line that is not an envelope at all
-            dead = engine.dead(rec, "undecodable", "not a replay envelope {topic, key, value}")
-            await engine.count_dead([dead])
-            _collect(result, dead, queue)
-            return
-        queue.append(rec)
-        await tick(rec)
-        while queue:
-            emits = await engine.handle(queue.popleft())
-            for e in emits:
-                _collect(result, e, queue)
+    async def flush() -> None:
+        if pending:
+            await run(pending[:])
+            pending.clear()
+            earliest.clear()
+
+    async def may_time_out(at: float) -> bool:
+        """Whether a round could have timed out by `at`: else the tick needs no stop (the batch
+        goes on filling), which gives the same rounds as stopping at every tick."""
+        due = await engine.item_processor.next_due()
+        if due is not None and due <= at:
+            return True
+        if not earliest:
+            return False
+        shortest = min((c.consensus.timeout_s for c in engine.ingress.criteria.cached() if c is not None), default=0.0)
+        return earliest[0] + shortest <= at
 
     for rec in records:
         result.inputs += 1
-        await run(rec)
+        if rec.topic == "replay-input":  # a line that is not an envelope at all
+            dead = engine.dead(rec, "undecodable", "not a replay envelope {topic, key, value}")
+            await engine.count_dead([dead])
+            _collect(result, [dead])
+            continue
+        if rec.topic == "scores":
+            await flush()
+            _collect(result, await engine.apply_scores([rec]))
+            continue
+        at = _submitted_at(rec) if timer_s is not None else None
+        if at is not None:
+            if not tick:
+                tick.append(at)
+            elif at - tick[0] >= timer_s:  # type: ignore[operator]
+                tick[0] = at  # the ticks fall where they would if each one stopped the batch
+                if await may_time_out(at):
+                    await flush()
+                requests = await engine.timed_out(datetime.fromtimestamp(at, UTC))
+                await run([Record("control", r.to_bytes(), r.item_id.encode()) for r in requests])
+        if rec.topic == "projects":
+            await flush()  # criteria apply from here on, not to the batch before them
+            await run([rec])
+            continue
+        pending.append(rec)
+        if at is not None:
+            earliest[:] = [min(earliest[0], at)] if earliest else [at]
+        if len(pending) >= batch:
+            await flush()
+    await flush()
     if close_rounds:
-        for e in await engine.close_waiting():
-            _collect(result, e, queue)
-        while queue:
-            for e in await engine.handle(queue.popleft()):
-                _collect(result, e, queue)
+        requests = await engine.timed_out(None)
+        await run([Record("control", r.to_bytes(), r.item_id.encode()) for r in requests])
     return result
 
 
-def _collect(result: ReplayResult, e: Emit, queue: deque[Record]) -> None:
-    if e.value is not None and e.topic in result.outputs:
-        result.outputs[e.topic].append(e.value)
-    if e.topic in FEEDBACK:
-        raw = None if e.value is None else e.value.to_bytes()
-        queue.append(Record(e.topic, raw, e.key.encode() if e.key else None))
+def _submitted_at(rec: Record) -> float | None:
+    if rec.topic != "annotations" or rec.value is None:
+        return None
+    try:
+        return datetime.fromisoformat(orjson.loads(rec.value)["submitted_at"]).timestamp()
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None  # the engine dead-letters it
+
+
+def _fed_back(e: Emit, encode: bool = True) -> Record:
+    """An output the pipeline consumes again (a score, promoted gold), as its consumer reads it
+    (`encode` False: without its bytes, for a step that is handed the message itself)."""
+    value = e.value.to_bytes() if encode and e.value is not None else None
+    return Record(e.topic, value, e.key.encode() if e.key else None)
+
+
+def _collect(result: ReplayResult, emits: Iterable[Emit]) -> None:
+    for e in emits:
+        if e.value is not None and e.topic in result.outputs:
+            result.outputs[e.topic].append(e.value)
 
 
 async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, int]]:

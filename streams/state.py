@@ -250,19 +250,19 @@ class RedisState:
         self.guard = guard or RedisGuard(client)
         self._apply_once: AsyncScript = client.register_script(load_script("apply_once"))
 
-    def _call_args(self, inc: Increment) -> tuple[list[str], list[str | int]]:
+    def _call_args(self, inc: Increment) -> tuple[list[str], list[str | int | bytes]]:
         keys = [self.keys.seen(inc.tag, inc.event_id)]
-        args: list[str | int] = [self.dedup_ttl_s]
+        ops: list[tuple[str, str, str]] = []
         for suffix, fields in inc.changes.items():
             if not fields:
                 continue
             keys.append(self.keys.key(inc.tag, suffix))
-            for name, amount in fields.items():
-                args += [len(keys), name, int(amount)]
+            n = str(len(keys))
+            ops += [(n, name, str(int(amount))) for name, amount in fields.items()]
         for suffix, (member, score, keep) in inc.entries.items():
             keys.append(self.keys.key(inc.tag, suffix))
-            args += [f"z{len(keys)}", member, repr(float(score)), f"t{len(keys)}", keep, 0]
-        return keys, args
+            ops += [(f"z{len(keys)}", member, repr(float(score))), (f"t{len(keys)}", str(keep), "")]
+        return keys, [self.dedup_ttl_s, orjson.dumps(ops)]
 
     async def apply(self, batch: Sequence[Increment]) -> list[bool]:
         """Apply each increment once; True where applied, False where it was a re-delivery."""
@@ -314,6 +314,16 @@ def buckets_of(fields: Mapping[str, int], what: str = "s", count: str = "n") -> 
         elif part == what:
             out[int(start)] = (out.get(int(start), (0, 0))[0], value)
     return out
+
+
+def label_buckets(fields: Mapping[str, int]) -> dict[int, tuple[int, int, int]]:
+    """A label hash's time buckets: start -> (tp, fp, fn) (fields '<start>:tp', ...)."""
+    out: dict[int, list[int]] = {}
+    for name, value in fields.items():
+        start, _, part = name.partition(":")
+        if part in ("tp", "fp", "fn") and start.lstrip("-").isdigit():
+            out.setdefault(int(start), [0, 0, 0])[("tp", "fp", "fn").index(part)] += value
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
 
 
 def high_water(fields: Mapping[str, int]) -> int | None:
@@ -648,6 +658,10 @@ class CriteriaStore:
                 criteria = None  # written by a newer goldstream: treat as unknown
         self._cache[project_id] = (now, criteria)
         return criteria
+
+    def cached(self) -> list[ProjectCriteria | None]:
+        """The criteria read so far (whatever their age)."""
+        return [c for _, c in self._cache.values()]
 
     async def set(self, criteria: ProjectCriteria, now: float) -> None:
         key, raw = self.keys.criteria(criteria.project_id), criteria.to_bytes()

@@ -35,8 +35,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from goldstream.settings import Settings
-from streams.engine import Emit, Engine, Record
+from streams.engine import Emit, Engine, ItemState, Record
 from streams.engine import Settings as EngineSettings
+from streams.items import ITEM_TOPICS
 from streams.state import (
     AlertFlags,
     CriteriaStore,
@@ -64,7 +65,6 @@ from streams.watchdog import (
 )
 
 SCORE_INPUTS = ("annotations", "gold", "reviews", "control", "projects")
-ITEM_TOPICS = ("annotations", "gold", "reviews", "control")
 BATCH_ORDER = {t: i for i, t in enumerate(("projects", "gold", "annotations", "reviews", "control"))}
 log = logging.getLogger("goldstream.worker")
 
@@ -96,6 +96,11 @@ class Fault:
         if self.kind == "stall":
             await asyncio.Event().wait()
         raise RuntimeError("injected crash")
+
+
+def parse_items(loaded: Mapping[str, bytes]) -> dict[str, ItemState]:
+    """Item states as stored in Redis, for the engine."""
+    return {k: ItemState.model_validate_json(v) for k, v in loaded.items()}
 
 
 def item_id_of(rec: Record) -> str | None:
@@ -243,11 +248,9 @@ class Worker:
             if rec.topic in ITEM_TOPICS and (item := item_id_of(rec)) is not None:
                 partition_of.setdefault(item, rec.partition)
         loaded = await self.items.load(sorted(partition_of))
-        engine.items = dict(loaded)
-        emits: list[Emit] = []
-        for rec in records:
-            emits += await engine.handle(rec)
-        changed = {k: v for k, v in engine.items.items() if loaded.get(k) != v}
+        engine.items = parse_items(loaded)
+        emits = await engine.process(records)
+        changed = {k: b for k in engine.dirty if (b := engine.items[k].model_dump_json().encode()) != loaded.get(k)}
         waiting = {}
         for item in changed:
             since = engine.waiting_since(item)
@@ -290,7 +293,7 @@ class Worker:
             candidates = await self.items.waiting(mine) if mine else []
             if not candidates:
                 continue
-            engine.items = await self.items.load([item for item, _ in candidates])
+            engine.items = parse_items(await self.items.load([item for item, _ in candidates]))
             when = [(item, datetime.fromtimestamp(t, UTC)) for item, t in candidates]
             requests = await engine.timed_out(datetime.now(UTC), when)
             await self.send([Emit("control", r.item_id, r) for r in requests])

@@ -24,13 +24,14 @@ from tests.scenario import BAD, GOLD_CONTENT, GOOD, T0, annotation, boxes, crite
 
 @pytest.fixture
 def run(services: Endpoints, keys: Keys) -> Iterator[Any]:
-    """run(records, **kw) -> (result, proficiency snapshot), on a fresh key prefix."""
+    """run(records, **kw) -> (result, proficiency snapshot), on a fresh key prefix; one record per
+    batch unless `batch` says otherwise, so that each decision sees the scores before it."""
 
     def go(recs: list[Record], **kw: Any) -> tuple[ReplayResult, dict]:
         async def main() -> tuple[ReplayResult, dict]:
             client = Redis.from_url(services.redis_url)
             try:
-                result = await replay(recs, client, keys, **kw)
+                result = await replay(recs, client, keys, **{"batch": 1, **kw})
                 return result, await proficiency_snapshot(client, keys)
             finally:
                 await client.aclose()
@@ -461,13 +462,13 @@ def test_timed_out_skips_an_item_whose_round_closed_since_it_was_listed(services
 
     class Racing(dict):
         def items(self) -> Any:  # the listing saw the stale state
-            return [("i1", stale.model_dump_json().encode())]
+            return [("i1", stale)]
 
     async def main() -> list:
         client = Redis.from_url(services.redis_url)
         try:
             engine = Engine(
-                items=Racing(i1=now.model_dump_json().encode()),
+                items=Racing(i1=now),
                 criteria=CriteriaStore(client, keys, ttl_s=float("inf")),
                 proficiency=ProficiencyStore(RedisState(client, keys)),
                 alerts=AlertFlags(client, keys),
@@ -580,21 +581,25 @@ def test_a_review_with_a_broken_correction_is_dead_lettered_on_arrival_not_parke
     assert dl.reason == reason and dl.raw == raw and (dl.source_partition, dl.source_offset) == (3, 77)
 
 
+@pytest.mark.parametrize("batch", [1, 500])
 def test_a_defect_an_input_triggers_is_dead_lettered_and_the_engine_goes_on(
-    run, monkeypatch: pytest.MonkeyPatch
+    run, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
-    import streams.engine
+    """In a batch, the comparisons of every item go through one scoring call: when it raises,
+    each input's are retried alone, and only the one that found the defect is dead-lettered."""
+    import streams.items
 
-    real = streams.engine.score_items
+    real = streams.items.score_items
 
     def fragile(pairs: Any, criteria: Any) -> Any:
         if pairs[0][0].item_id == "g1":
             raise ZeroDivisionError("a bug only this item finds")
         return real(pairs, criteria)
 
-    monkeypatch.setattr(streams.engine, "score_items", fragile)
+    monkeypatch.setattr(streams.items, "score_items", fragile)
     result, _ = run(
-        records(criteria(), gold("g1"), gold("g2"), annotation(1, "g1", "w", GOOD), annotation(2, "g2", "w", GOOD))
+        records(criteria(), gold("g1"), gold("g2"), annotation(1, "g1", "w", GOOD), annotation(2, "g2", "w", GOOD)),
+        batch=batch,
     )
     (dl,) = out(result, "deadletter")
     assert dl.reason == "internal_error" and "ZeroDivisionError: a bug only this item finds" in dl.error
@@ -658,3 +663,44 @@ def test_the_consensus_timer_does_not_ask_for_rounds_that_cannot_close(services:
         asyncio.run(drop_keys(services.redis_url, keys.prefix))
     assert lonely == []  # one annotator of min_annotators 2: close_round would refuse it
     assert [t.item_id for t in pair] == ["alone"]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_a_replay_in_batches_scores_the_same_annotations_and_sums_the_same_counters_as_one_at_a_time(
+    services: Endpoints, keys: Keys
+) -> None:
+    """The item step reads standings once per batch, so risks and escalations may differ with the
+    batch size; what each annotation is scored against (gold, rounds, reviews, timeouts) and every
+    order-free counter must not."""
+    from goldstream.simulator import ReviewSpec, key_of, sample_spec, simulate
+
+    base = sample_spec()
+    project = base.projects[0].model_copy(update={"items": 120, "review": ReviewSpec(rate=0.2, promote_rate=0.5)})
+    spec = base.model_copy(update={"projects": [project]})
+    sim = simulate(spec, 3)
+    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(sim.events)]
+
+    async def main(batch: int, prefix: str) -> tuple[ReplayResult, dict]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            result = await replay(recs, client, Keys(prefix), batch=batch, close_rounds=True)
+            return result, await proficiency_snapshot(client, Keys(prefix))
+        finally:
+            await client.aclose()
+
+    try:
+        one, one_state = asyncio.run(main(1, f"{keys.prefix}-one"))
+        many, many_state = asyncio.run(main(64, f"{keys.prefix}-many"))
+    finally:
+        for prefix in (f"{keys.prefix}-one", f"{keys.prefix}-many"):
+            asyncio.run(drop_keys(services.redis_url, prefix))
+    kinds = {r.kind for r in out(one, "scores")}
+    assert {s.ScoreKind.GOLD, s.ScoreKind.CONSENSUS, s.ScoreKind.REVIEW} <= kinds, kinds
+    assert out(one, "gold"), "some reviews promote gold, which is fed back"
+    assert sorted(r.event_id for r in out(many, "scores")) == sorted(r.event_id for r in out(one, "scores"))
+    assert [r.result for r in sorted(out(many, "scores"), key=lambda r: r.event_id)] == [
+        r.result for r in sorted(out(one, "scores"), key=lambda r: r.event_id)
+    ]
+    assert many_state == one_state and len(one_state) > 10
