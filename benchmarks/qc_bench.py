@@ -93,6 +93,13 @@ class Case:
     metric_skill: dict[str, float] = field(default_factory=dict)
 
 
+# Records per replay batch. One: every decision sees the scores before it, as a worker that keeps
+# up with its input does (its batches are what arrives within `batch_within_s`). Alerts and
+# risks are judged per batch, so a replay in batches of 500 reports them later (in tasks) than a
+# live worker would: the figures would measure the batch size, not the rules.
+BATCH = 1
+
+
 def own_workforce(seed: int, items: int, workers: int = 20) -> Any:
     """goldstream simulate's model: mostly good workers, a few poor, a few who drift to poor."""
     from goldstream.simulator import Drift, ProjectSpec, ReviewSpec, WorkerSpec, WorkforceSpec
@@ -217,7 +224,7 @@ async def run_goldstream(
     """Replay the events; each worker's final standing (level, sd, state) from Redis."""
     records = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, i) for i, (t, m) in enumerate(events)]
     keys = Keys(prefix)
-    result = await replay(records, redis, keys, close_rounds=True)
+    result = await replay(records, redis, keys, close_rounds=True, batch=BATCH)
     crit = next(m for t, m in events if t == "projects")
     assert isinstance(crit, s.ProjectCriteria)
     store = ProficiencyStore(RedisState(redis, keys))

