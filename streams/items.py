@@ -402,16 +402,26 @@ class ItemProcessor:
         if candidates is None:
             candidates = self.waiting_items()
         out = []
+        known: dict[str, ProjectCriteria | None] = {}
+
+        async def criteria_of(project: str) -> ProjectCriteria | None:
+            if project not in known:
+                known[project] = await self.ingress.project(project)
+            return known[project]
+
         for item_id, first in candidates:
-            project = self._waiting.get(item_id, (None, None, 0))[1]
-            criteria = await self.ingress.project(project) if project is not None and now is not None else None
-            if criteria is not None and (now - first).total_seconds() < criteria.consensus.timeout_s:  # type: ignore[operator]
-                continue  # not yet: decided without parsing the item
+            _, project, workers = self._waiting.get(item_id, (None, None, 0))
+            criteria = await criteria_of(project) if project is not None else None
+            if criteria is not None and (
+                workers < criteria.consensus.min_annotators
+                or (now is not None and (now - first).total_seconds() < criteria.consensus.timeout_s)
+            ):
+                continue  # not yet, or cannot close: decided from the index, without parsing the item
             st = self._item(item_id)
             if not st.waiting or st.gold is not None:
                 continue  # changed since it was listed: the score step runs between our awaits
             a = st.annotation(st.waiting[0])
-            criteria = await self.ingress.project(a.project_id) if a is not None else None
+            criteria = await criteria_of(a.project_id) if a is not None else None
             if a is None or criteria is None:
                 continue
             workers = {x.worker_id for e in st.waiting if (x := st.annotation(e)) is not None}
@@ -434,8 +444,9 @@ class ItemProcessor:
         stop its batch before then."""
         self.waiting_items()
         due = None
+        criteria = await self.ingress.projects(project for _, project, _ in self._waiting.values())
         for first, project, workers in self._waiting.values():
-            c = await self.ingress.project(project)
+            c = criteria[project]
             if c is not None and workers >= c.consensus.min_annotators:
                 at = first.timestamp() + c.consensus.timeout_s
                 due = at if due is None else min(due, at)

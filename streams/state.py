@@ -250,33 +250,48 @@ class RedisState:
         self.guard = guard or RedisGuard(client)
         self._apply_once: AsyncScript = client.register_script(load_script("apply_once"))
 
-    def _call_args(self, inc: Increment) -> tuple[list[str], list[str | int | bytes]]:
-        keys = [self.keys.seen(inc.tag, inc.event_id)]
-        ops: list[tuple[str, str, str]] = []
-        for suffix, fields in inc.changes.items():
-            if not fields:
-                continue
-            keys.append(self.keys.key(inc.tag, suffix))
-            n = str(len(keys))
-            ops += [(n, name, str(int(amount))) for name, amount in fields.items()]
-        for suffix, (member, score, keep) in inc.entries.items():
-            keys.append(self.keys.key(inc.tag, suffix))
-            ops += [(f"z{len(keys)}", member, repr(float(score))), (f"t{len(keys)}", str(keep), "")]
-        return keys, [self.dedup_ttl_s, orjson.dumps(ops)]
+    def _call_args(self, group: Sequence[Increment]) -> tuple[list[str], list[str | int | bytes]]:
+        """One script call for the increments of one slot: their dedup keys, the keys they change
+        (each once), and each one's changes as [op, a, b] triplets naming keys by position."""
+        keys = [self.keys.seen(inc.tag, inc.event_id) for inc in group]
+        index: dict[str, int] = {}
+
+        def at(tag: str, suffix: str) -> int:
+            name = self.keys.key(tag, suffix)
+            if name not in index:
+                keys.append(name)
+                index[name] = len(keys)
+            return index[name]
+
+        changes = []
+        for inc in group:
+            hincr = [(at(inc.tag, suffix), fields) for suffix, fields in inc.changes.items() if fields]
+            entries = [(at(inc.tag, suffix), m, repr(float(s)), keep) for suffix, (m, s, keep) in inc.entries.items()]
+            changes.append((hincr, entries))
+        return keys, [self.dedup_ttl_s, len(group), orjson.dumps(changes)]
 
     async def apply(self, batch: Sequence[Increment]) -> list[bool]:
-        """Apply each increment once; True where applied, False where it was a re-delivery."""
+        """Apply each increment once; True where applied, False where it was a re-delivery. One
+        script call per slot (hash tag) for the whole batch: the changes of a batch's events are
+        summed in the script and written once per field."""
         if not batch:
             return []
+        groups: dict[str, list[int]] = {}
+        for i, inc in enumerate(batch):
+            groups.setdefault(inc.tag, []).append(i)
 
         async def call() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            for inc in batch:
-                keys, args = self._call_args(inc)
+            for members in groups.values():
+                keys, args = self._call_args([batch[i] for i in members])
                 await self._apply_once(keys=keys, args=args, client=pipe)
             return await pipe.execute()
 
-        return [bool(r) for r in await self.guard.run(call, "apply")]
+        done = [False] * len(batch)
+        for members, result in zip(groups.values(), await self.guard.run(call, "apply"), strict=True):
+            for i, flag in zip(members, result, strict=True):
+                done[i] = bool(flag)
+        return done
 
     async def read(self, build: Callable[[Any], None], what: str = "read") -> list[Any]:
         """One pipelined round trip of reads, with the epoch read in it (checked before the

@@ -1,28 +1,50 @@
--- Apply a set of state changes exactly once per event id, atomically.
--- Redelivered events (at-least-once Kafka delivery) find their dedup key and change nothing.
--- KEYS[1]      dedup key of the event (SET NX with a TTL)
--- KEYS[2..]    keys that receive changes (same hash tag as KEYS[1], so Cluster can run it)
+-- Apply the state changes of a batch of events to one slot, each event exactly once, atomically.
+-- Redelivered events (at-least-once Kafka delivery) find their dedup key and change nothing; the
+-- changes of the new ones are summed here and written once per field.
+-- KEYS[1..n]   dedup keys of the n events (SET NX with a TTL)
+-- KEYS[n+1..]  keys that receive changes (all under one hash tag, so Cluster can run it)
 -- ARGV[1]      dedup TTL in seconds
--- ARGV[2]      the changes, a JSON array of string triplets [op, a, b]: one argument, so that
---              the client encodes a score's dozens of changes in one C call; op is
---              "<n>":  HINCRBY KEYS[n] a b (integers: exact, so counters are the same whatever
---                      order the events arrive in)
---              "z<n>": ZADD KEYS[n] b a (member a at score b: event time)
---              "t<n>": keep the a highest-scored members of KEYS[n] (the latest by event time,
---                      whatever order they arrived in)
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return 0
-end
-local ops = cjson.decode(ARGV[2])
-for i = 1, #ops do
-  local op, a, b = ops[i][1], ops[i][2], ops[i][3]
-  local c = string.sub(op, 1, 1)
-  if c == 'z' then
-    redis.call('ZADD', KEYS[tonumber(string.sub(op, 2))], b, a)
-  elseif c == 't' then
-    redis.call('ZREMRANGEBYRANK', KEYS[tonumber(string.sub(op, 2))], 0, -(tonumber(a) + 1))
+-- ARGV[2]      n
+-- ARGV[3]      JSON: for each event, [counters, entries]:
+--              counters: [[k, {field: amount, ...}], ...]: HINCRBY KEYS[k] field amount
+--                        (integers: exact, so counters are the same whatever order the events
+--                        arrive in)
+--              entries:  [[k, member, score, keep], ...]: ZADD KEYS[k] score member, then keep
+--                        the `keep` highest-scored members of KEYS[k] (the latest by event time,
+--                        whatever order they arrived in)
+-- Returns, for each event, 1 if this call applied it, 0 if it had been applied before.
+local n = tonumber(ARGV[2])
+local changes = cjson.decode(ARGV[3])
+local sums, order, keep, applied = {}, {}, {}, {}
+for i = 1, n do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
+    applied[i] = 1
+    for _, c in ipairs(changes[i][1]) do
+      local k = c[1]
+      local total = sums[k]
+      if not total then
+        total = {}
+        sums[k] = total
+        order[#order + 1] = k
+      end
+      for field, amount in pairs(c[2]) do
+        total[field] = (total[field] or 0) + amount
+      end
+    end
+    for _, e in ipairs(changes[i][2]) do
+      redis.call('ZADD', KEYS[e[1]], e[3], e[2])
+      keep[e[1]] = e[4]
+    end
   else
-    redis.call('HINCRBY', KEYS[tonumber(op)], a, b)
+    applied[i] = 0
   end
 end
-return 1
+for _, k in ipairs(order) do
+  for field, amount in pairs(sums[k]) do
+    redis.call('HINCRBY', KEYS[k], field, string.format('%d', amount))
+  end
+end
+for k, count in pairs(keep) do
+  redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -(count + 1))
+end
+return applied
