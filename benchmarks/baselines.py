@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from schemas.base import Message
-from schemas.content import Content
-from schemas.criteria import ProjectCriteria
-from schemas.messages import AnnotationSubmitted, GoldAnswer
-from scoring import ScoringError, score_items
+from goldstream.schemas.base import Message
+from goldstream.schemas.content import Content
+from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.messages import AnnotationSubmitted, GoldAnswer
+from goldstream.scoring import ScoringError, score_items
 
 Events = Sequence[tuple[str, Message]]
 Key = tuple[str, str]  # (project_id, item_id)

@@ -16,11 +16,11 @@ import os
 import tempfile
 
 import faust
+from goldstream.streams.settings import Settings
+from goldstream.streams.topics import Topics, ensure_topics
+from goldstream.streams.worker import ITEM_TOPICS
 
 from goldstream.commands import endpoints
-from goldstream.settings import Settings
-from streams.topics import Topics, ensure_topics
-from streams.worker import ITEM_TOPICS
 
 FORWARDED = "forwarded"  # the output topic, under the same prefix (created by the benchmark)
 

@@ -47,16 +47,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from goldstream.scoring import score_items
+from goldstream.streams.engine import Record
+from goldstream.streams.replay import ReplayResult, replay
+from goldstream.streams.settings import Settings
+from goldstream.streams.state import Keys, ProficiencyStore, RedisState, level_of
 from redis.asyncio import Redis
 from scipy.stats import spearmanr
 
-import schemas as s
-from goldstream.settings import Settings
+from goldstream import schemas as s
 from goldstream.simulator import key_of
-from scoring import score_items
-from streams.engine import Record
-from streams.replay import ReplayResult, replay
-from streams.state import Keys, ProficiencyStore, RedisState, level_of
 
 RESULTS = Path(__file__).parent / "results"
 BASELINES = True
@@ -231,7 +231,7 @@ async def run_goldstream(
     view = await store.view(crit.project_id, crit, fresh=True)
     workers = sorted(await store.workers(crit.project_id))
     totals = await store.totals([(crit.project_id, w) for w in workers])
-    from scoring.policy import proficiency
+    from goldstream.scoring.policy import proficiency
 
     return result, {w: proficiency(t, crit, level_of(view.model, t)) for w, t in zip(workers, totals, strict=True)}
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+from goldstream.scoring import box_iou, score_item, score_items
 from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
-import schemas as s
-from scoring import box_iou, score_item, score_items
+from goldstream import schemas as s
 
 SIGMAS = np.array(s.coco_person().sigmas)
 BATCH = 100

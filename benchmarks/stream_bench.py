@@ -39,15 +39,15 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
+from goldstream.streams.settings import Settings
+from goldstream.streams.topics import Topics, ensure_topics
 from redis.asyncio import Redis
 
-import schemas as s
 from benchmarks.forward_app import FORWARDED
+from goldstream import schemas as s
 from goldstream.commands import committed_to_end, endpoints, group_members, publish, set_criteria
 from goldstream.proc import WorkerProcess
-from goldstream.settings import Settings
 from goldstream.simulator import ProjectSpec, ReviewSpec, Simulation, WorkerSpec, WorkforceSpec, simulate
-from streams.topics import Topics, ensure_topics
 
 RESULTS = Path(__file__).parent / "results"
 

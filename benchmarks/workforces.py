@@ -87,7 +87,7 @@ from typing import Any
 
 import numpy as np
 
-import schemas as s
+from goldstream import schemas as s
 
 WIDTH, HEIGHT = 1280, 720
 LABELS = ("car", "truck", "bus", "person", "bike")

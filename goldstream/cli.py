@@ -12,7 +12,7 @@ from goldstream import __version__
 
 
 def _settings(args: argparse.Namespace) -> object:
-    from goldstream.settings import Settings
+    from goldstream.streams.settings import Settings
 
     return Settings.load(
         getattr(args, "config", None),
@@ -26,7 +26,7 @@ def _settings(args: argparse.Namespace) -> object:
 
 
 def _schemas_export(args: argparse.Namespace) -> int:
-    from schemas.export import export
+    from goldstream.schemas.export import export
 
     for path in export(Path(args.dir)):
         print(path)
@@ -35,7 +35,7 @@ def _schemas_export(args: argparse.Namespace) -> int:
 
 def _schemas_validate(args: argparse.Namespace) -> int:
     """Validate a JSONL file line by line, so a producer can check its output before publishing."""
-    import schemas
+    from goldstream import schemas
 
     models = {m.__name__: m for m in schemas.MESSAGES}
     model = models[args.message]
@@ -111,7 +111,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _rebuild(args: argparse.Namespace) -> int:
     from goldstream.commands import rebuild_proficiency
-    from streams.state import Keys
+    from goldstream.streams.state import Keys
 
     settings = _settings(args)
     target = Keys(args.into or settings.key_prefix)  # type: ignore[attr-defined]
@@ -151,7 +151,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import orjson
 
     from goldstream.simulator import envelopes, load_spec, simulate
-    from streams.replay import envelope
+    from goldstream.streams.replay import envelope
 
     sim = simulate(load_spec(args.spec), args.seed)
     if args.out:
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("dir")
     exp.set_defaults(func=_schemas_export)
     val = sch_sub.add_parser("validate", help="validate a JSONL file of one message type")
-    from schemas.messages import MESSAGES
+    from goldstream.schemas.messages import MESSAGES
 
     val.add_argument("message", choices=[m.__name__ for m in MESSAGES])
     val.add_argument("file")

@@ -16,14 +16,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from redis.asyncio import Redis
 
+from goldstream.schemas.base import SchemaError, decode, validate
+from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.messages import MESSAGES, DeadLetter, Message, QualityAlert, ScoreRecord
+from goldstream.scoring.counters import Counters
+from goldstream.scoring.reliability import Risks
 from goldstream.services import Endpoints
-from goldstream.settings import Settings
-from schemas.base import SchemaError, decode, validate
-from schemas.criteria import ProjectCriteria
-from schemas.messages import MESSAGES, DeadLetter, Message, QualityAlert, ScoreRecord
-from scoring.counters import Counters
-from scoring.reliability import Risks
-from streams.state import (
+from goldstream.streams.settings import Settings
+from goldstream.streams.state import (
     AlertFlags,
     CriteriaStore,
     Keys,
@@ -34,7 +34,7 @@ from streams.state import (
     connect,
     dead_letter_increment,
 )
-from streams.topics import LOGICAL, Topics, ensure_topics
+from goldstream.streams.topics import LOGICAL, Topics, ensure_topics
 
 MODEL_OF = {m.topic: m for m in MESSAGES}
 
@@ -49,7 +49,7 @@ def endpoints(settings: Settings) -> Endpoints:
 def run_worker(settings: Settings) -> None:
     """Create missing topics, make sure Redis holds the state (`ensure_state`), then run the
     worker (`streams.worker`) until it is stopped."""
-    from streams.worker import main
+    from goldstream.streams.worker import main
 
     asyncio.run(ensure_topics(endpoints(settings), Topics(settings.topic_prefix), settings.partitions))
     outcome = asyncio.run(ensure_state(settings))
@@ -131,7 +131,7 @@ async def has_committed(settings: Settings) -> bool:
     """Has the score step's group committed any offset of its inputs?"""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from streams.worker import SCORE_INPUTS
+    from goldstream.streams.worker import SCORE_INPUTS
 
     ep = endpoints(settings)
     parts = []
@@ -236,10 +236,10 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
     same ids). Records are taken in the order they were appended (their timestamps), which is
     the order the worker saw them in up to the interleaving of partitions; an item's records
     share one partition, so each item's history is replayed in its own order."""
-    from streams.engine import Engine, ItemState, Record
-    from streams.engine import Settings as EngineSettings
-    from streams.state import ItemStore
-    from streams.worker import ITEM_TOPICS
+    from goldstream.streams.engine import Engine, ItemState, Record
+    from goldstream.streams.engine import Settings as EngineSettings
+    from goldstream.streams.state import ItemStore
+    from goldstream.streams.worker import ITEM_TOPICS
 
     records: list[tuple[int, int, Record]] = []
     for logical in ITEM_TOPICS:
@@ -589,7 +589,7 @@ BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 def review_figures(risks: Risks, criteria: ProjectCriteria) -> dict[str, Any]:
     """What review costs and buys: the expected bad share of non-gold work (its mean risk), the
     share sent to review so far, and what each budget would catch (`scoring.reliability.budget_table`)."""
-    from scoring.reliability import budget_table
+    from goldstream.scoring.reliability import budget_table
 
     n, expected = risks.judged, risks.expected_bad_share
     return {
@@ -605,8 +605,8 @@ async def worker_report(settings: Settings, project_id: str, worker_id: str) -> 
     """One worker's standing: its level from all the evidence with its uncertainty, its
     qualification, its pace against the project's, its label confusions against known answers,
     and the drift test on its latest evidence."""
-    from scoring.policy import drift_flag, proficiency, worker_drift
-    from streams.state import level_of
+    from goldstream.scoring.policy import drift_flag, proficiency, worker_drift
+    from goldstream.streams.state import level_of
 
     async with _project(settings, project_id) as (store, criteria):
         view = await store.view(project_id, criteria, fresh=True)
@@ -655,7 +655,7 @@ async def emit_batch_verdict(settings: Settings, data: dict[str, Any]) -> None:
     """Publish a batch verdict as a QualityAlert (scope batch): firing = reject, resolved = accept."""
     from datetime import UTC, datetime
 
-    from schemas.messages import AlertScope, derive_id
+    from goldstream.schemas.messages import AlertScope, derive_id
 
     f1 = data["figures"].get("f1")
     reject = data["verdict"] == "reject"

@@ -34,14 +34,14 @@ from rich.panel import Panel
 from rich.table import Table
 from scipy.stats import spearmanr
 
-import schemas as s
+from goldstream import schemas as s
 from goldstream.commands import committed_to_end, publish, set_criteria, topic_partitions
 from goldstream.proc import WorkerProcess
 from goldstream.services import STOPS, EmbeddedServices, Endpoints, stop_process
-from goldstream.settings import Settings
 from goldstream.simulator import Simulation, envelopes, load_spec, simulate
-from streams.state import Keys, ProficiencyStore, RedisState
-from streams.topics import Topics, ensure_topics
+from goldstream.streams.settings import Settings
+from goldstream.streams.state import Keys, ProficiencyStore, RedisState
+from goldstream.streams.topics import Topics, ensure_topics
 
 
 @dataclass

@@ -12,9 +12,9 @@ import numpy as np
 import orjson
 import shapely
 
-import schemas as s
-from schemas.base import validate
-from scoring import rle
+from goldstream import schemas as s
+from goldstream.schemas.base import validate
+from goldstream.scoring import rle
 
 
 def gold_from_file(path: Path, project_id: str, shape: str = "auto") -> list[s.GoldAnswer]:
@@ -43,7 +43,7 @@ def gold_from_file(path: Path, project_id: str, shape: str = "auto") -> list[s.G
 
 
 def _coco_person_names() -> list[str]:
-    from schemas.criteria import COCO_PERSON_NAMES
+    from goldstream.schemas.criteria import COCO_PERSON_NAMES
 
     return list(COCO_PERSON_NAMES)
 

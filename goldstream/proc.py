@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from goldstream.services import die_with_parent
-from goldstream.settings import Settings
+from goldstream.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from streams.replay import BATCH, proficiency_snapshot, read_envelopes, replay, write_outputs
-from streams.state import Keys
+from goldstream.streams.replay import BATCH, proficiency_snapshot, read_envelopes, replay, write_outputs
+from goldstream.streams.state import Keys
 
 
 async def run_replay(

@@ -32,28 +32,12 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from goldstream.probe import wait_for_kafka
+from goldstream.streams.settings import Endpoints
 
 ENV_BOOTSTRAP = "GOLDSTREAM_KAFKA_BOOTSTRAP"
 ENV_REDIS = "GOLDSTREAM_REDIS_URL"
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """How to reach the broker and Redis; `kind` says which flavour, for client quirks."""
-
-    bootstrap_servers: str
-    redis_url: str
-    kind: str = "external"  # "external" (Apache Kafka + redis-server) or "embedded"
-
-    @property
-    def idempotent_producer(self) -> bool:
-        """Tansu (embedded) answers InitProducerId with an error, so producers skip idempotence there."""
-        return self.kind != "embedded"
-
-    def producer_options(self) -> dict[str, Any]:
-        return {"enable_idempotence": self.idempotent_producer, "acks": "all"}
 
 
 def from_env(environ: dict[str, str] | None = None) -> Endpoints | None:

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-import schemas as s
-from schemas.base import Id, Model
-from scoring import score_items
+from goldstream import schemas as s
+from goldstream.schemas.base import Id, Model
+from goldstream.scoring import score_items
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 

@@ -4,7 +4,7 @@ Models are pydantic v2 (strict, closed, no NaN), bytes are orjson, and `schemas/
 exported JSON Schema for producers in other languages (`goldstream schemas export DIR`).
 """
 
-from schemas.base import (
+from goldstream.schemas.base import (
     DEFAULT_LIMITS,
     SCHEMA_VERSION,
     FieldError,
@@ -15,7 +15,7 @@ from schemas.base import (
     encode,
     validate,
 )
-from schemas.content import (
+from goldstream.schemas.content import (
     SHAPE_TYPES,
     AnnotatedObject,
     BBox,
@@ -30,7 +30,7 @@ from schemas.content import (
     RotatedBBox,
     Shape,
 )
-from schemas.criteria import (
+from goldstream.schemas.criteria import (
     AlertPolicy,
     AttributeSpec,
     ClassificationSpec,
@@ -47,7 +47,7 @@ from schemas.criteria import (
     Weights,
     coco_person,
 )
-from schemas.messages import (
+from goldstream.schemas.messages import (
     MESSAGES,
     AlertScope,
     AnnotationSubmitted,
@@ -75,7 +75,7 @@ from schemas.messages import (
     WorkerSnapshot,
     derive_id,
 )
-from schemas.validation import check_content, content_errors
+from goldstream.schemas.validation import check_content, content_errors
 
 __all__ = [
     "DEFAULT_LIMITS",

@@ -16,10 +16,9 @@ import math
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
+from goldstream.schemas.base import Id, Label, Model, limits_of
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-
-from schemas.base import Id, Label, Model, limits_of
 
 MAX_IMAGE_SIDE = 1_000_000
 """The largest image width or height an item may declare, in pixels."""

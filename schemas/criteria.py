@@ -12,10 +12,9 @@ import hashlib
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
+from goldstream.schemas.base import Id, Label, Message, Model
+from goldstream.schemas.content import ShapeType
 from pydantic import Field, model_validator
-
-from schemas.base import Id, Label, Message, Model
-from schemas.content import ShapeType
 
 Unit = Annotated[float, Field(ge=0, le=1)]
 Pixels = Annotated[float, Field(gt=0)]

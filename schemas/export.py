@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-
-from schemas.base import SCHEMA_VERSION
-from schemas.messages import MESSAGES
+from goldstream.schemas.base import SCHEMA_VERSION
+from goldstream.schemas.messages import MESSAGES
 
 
 def json_schemas() -> dict[str, dict]:

@@ -13,11 +13,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
+from goldstream.schemas.base import Id, Label, Message, Model
+from goldstream.schemas.content import Content
+from goldstream.schemas.criteria import ProjectCriteria
 from pydantic import AwareDatetime, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
-
-from schemas.base import Id, Label, Message, Model
-from schemas.content import Content
-from schemas.criteria import ProjectCriteria
 
 OUTPUT_SIZE_LIMIT = 1024 * 1024
 """Escalations and dead letters may exceed the input limit (they embed an input): up to Kafka's

@@ -7,9 +7,9 @@ field path, so both kinds of rejection reach the dead-letter topic alike.
 
 from __future__ import annotations
 
-from schemas.base import FieldError, SchemaError
-from schemas.content import AnnotatedObject, Content, Keypoints
-from schemas.criteria import ProjectCriteria
+from goldstream.schemas.base import FieldError, SchemaError
+from goldstream.schemas.content import AnnotatedObject, Content, Keypoints
+from goldstream.schemas.criteria import ProjectCriteria
 
 
 def keypoint_schema_name(obj: AnnotatedObject, criteria: ProjectCriteria) -> str | None:

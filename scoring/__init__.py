@@ -17,10 +17,10 @@ Stable primitives other tools call:
 Bad input raises a `ScoringError` subclass with a `reason`; a score is never NaN.
 """
 
-from scoring.counters import Counters
-from scoring.errors import InvalidGeometry, KeypointMismatch, ScoringError, UnknownLabel
-from scoring.geometry import box_iou, polygon_iou, region, region_iou, rotated_box_iou
-from scoring.item import (
+from goldstream.scoring.counters import Counters
+from goldstream.scoring.errors import InvalidGeometry, KeypointMismatch, ScoringError, UnknownLabel
+from goldstream.scoring.geometry import box_iou, polygon_iou, region, region_iou, rotated_box_iou
+from goldstream.scoring.item import (
     agreement,
     check_geometry,
     consensus_scores,
@@ -31,10 +31,10 @@ from scoring.item import (
     score_item,
     score_items,
 )
-from scoring.keypoints import oks, oks_matrix
-from scoring.matching import Assignment, assign
-from scoring.points import point_similarity, polyline_similarity
-from scoring.rle import Rle, rle_iou
+from goldstream.scoring.keypoints import oks, oks_matrix
+from goldstream.scoring.matching import Assignment, assign
+from goldstream.scoring.points import point_similarity, polyline_similarity
+from goldstream.scoring.rle import Rle, rle_iou
 
 __all__ = [
     "Assignment",

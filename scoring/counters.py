@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
-from schemas.messages import Figures, ItemScore, Metrics, Outcome
-from scoring.item import keypoint_figures, metrics_of, ratio
+from goldstream.schemas.messages import Figures, ItemScore, Metrics, Outcome
+from goldstream.scoring.item import keypoint_figures, metrics_of, ratio
 
 SCALE = 10**9
 

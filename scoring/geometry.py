@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import shapely
+from goldstream.scoring.errors import InvalidGeometry
 from shapely.geometry.base import BaseGeometry
-
-from scoring.errors import InvalidGeometry
 
 
 def unit(sim: np.ndarray) -> np.ndarray:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
-
-from schemas.content import (
+from goldstream.schemas.content import (
     AnnotatedObject,
     AttributeValue,
     BBox,
@@ -26,8 +25,8 @@ from schemas.content import (
     Polygon,
     RotatedBBox,
 )
-from schemas.criteria import AttributeSpec, ProjectCriteria
-from schemas.messages import (
+from goldstream.schemas.criteria import AttributeSpec, ProjectCriteria
+from goldstream.schemas.messages import (
     AnnotationSubmitted,
     Family,
     GoldAnswer,
@@ -37,11 +36,11 @@ from schemas.messages import (
     Outcome,
     ReviewResult,
 )
-from schemas.validation import content_errors, keypoint_schema_name
-from scoring import geometry, keypoints, points, rle
-from scoring.errors import InvalidGeometry, KeypointMismatch, ScoringError, UnknownLabel
-from scoring.matching import Assignment, assign, assign_batch
-from scoring.text import normalized_edit_distance
+from goldstream.schemas.validation import content_errors, keypoint_schema_name
+from goldstream.scoring import geometry, keypoints, points, rle
+from goldstream.scoring.errors import InvalidGeometry, KeypointMismatch, ScoringError, UnknownLabel
+from goldstream.scoring.matching import Assignment, assign, assign_batch
+from goldstream.scoring.text import normalized_edit_distance
 
 FAMILY_OF = {
     "bbox": Family.BOX,

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from scoring.errors import InvalidGeometry, KeypointMismatch
+from goldstream.scoring.errors import InvalidGeometry, KeypointMismatch
 
 EPS = np.spacing(1)  # pycocotools adds it to the area, so area 0 scores 0 unless exact
 

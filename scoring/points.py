@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
-from scoring.errors import InvalidGeometry
+from goldstream.scoring.errors import InvalidGeometry
 
 
 def point_similarity(a: np.ndarray | Sequence, b: np.ndarray | Sequence, tolerance: float | np.ndarray) -> np.ndarray:

@@ -14,10 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from schemas.criteria import ProjectCriteria
-from schemas.messages import EscalationReason, ItemScore, QualificationState
-from scoring.reliability import Drift, Model, Risks, Worker, budget_threshold, drift, evidence_value
+from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.messages import EscalationReason, ItemScore, QualificationState
+from goldstream.scoring.reliability import Drift, Model, Risks, Worker, budget_threshold, drift, evidence_value
 
 SCALE = 10**9  # fixed point of sums kept in Redis (see scoring.counters)
 

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
+from goldstream.scoring.errors import InvalidGeometry
 from shapely.geometry.base import BaseGeometry
-
-from scoring.errors import InvalidGeometry
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ import time
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from datetime import datetime
 
-from schemas.messages import RoundTimeout
-from scoring.policy import SCALE
-from streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record, Settings
-from streams.items import MAX_ANNOTATIONS_PER_ITEM, ItemProcessor, ItemState
-from streams.proficiency import ProficiencyProcessor
-from streams.state import AlertFlags, CriteriaStore, ProficiencyStore
+from goldstream.schemas.messages import RoundTimeout
+from goldstream.scoring.policy import SCALE
+from goldstream.streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record, Settings
+from goldstream.streams.items import MAX_ANNOTATIONS_PER_ITEM, ItemProcessor, ItemState
+from goldstream.streams.proficiency import ProficiencyProcessor
+from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore
 
 
 class Engine:

@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from goldstream.schemas.base import SchemaError, decode, is_id
+from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.messages import DeadLetter, Message
+from goldstream.streams.state import CriteriaStore, RedisState, dead_letter_increment
 from shapely.errors import GEOSException
-
-from schemas.base import SchemaError, decode, is_id
-from schemas.criteria import ProjectCriteria
-from schemas.messages import DeadLetter, Message
-from streams.state import CriteriaStore, RedisState, dead_letter_increment
 
 # What a defect triggered by one input raises (not Redis, Kafka or OS errors, which are the
 # infrastructure's and must reach the worker): the input becomes a dead letter, the worker lives.

@@ -24,12 +24,10 @@ from datetime import datetime
 from itertools import combinations
 
 import numpy as np
-from pydantic import Field
-
-from schemas.base import Id, Model
-from schemas.content import Content
-from schemas.criteria import ProjectCriteria
-from schemas.messages import (
+from goldstream.schemas.base import Id, Model
+from goldstream.schemas.content import Content
+from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.messages import (
     AnnotationSubmitted,
     Escalation,
     EscalationReason,
@@ -43,8 +41,8 @@ from schemas.messages import (
     WorkerSnapshot,
     derive_id,
 )
-from scoring import ScoringError, check_geometry, consensus_scores, score_items
-from scoring.policy import (
+from goldstream.scoring import ScoringError, check_geometry, consensus_scores, score_items
+from goldstream.scoring.policy import (
     Proficiency,
     audit_draw,
     audit_rate,
@@ -59,9 +57,10 @@ from scoring.policy import (
     review_reasons,
     review_threshold,
 )
-from scoring.reliability import known_risk, round_estimates_many, round_quality_many
-from streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record
-from streams.state import ProficiencyStore, ProjectView, level_of
+from goldstream.scoring.reliability import known_risk, round_estimates_many, round_quality_many
+from goldstream.streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record
+from goldstream.streams.state import ProficiencyStore, ProjectView, level_of
+from pydantic import Field
 
 MAX_ANNOTATIONS_PER_ITEM = 200
 ITEM_TOPICS = ("annotations", "gold", "reviews", "control")
@@ -729,7 +728,7 @@ def _in_round(st: ItemState, event_id: str) -> bool:
 
 def content_problems(content: Content, criteria: ProjectCriteria) -> tuple[str, str] | None:
     """(reason, error) of content a project cannot score, checked once on arrival."""
-    from schemas.validation import content_errors
+    from goldstream.schemas.validation import content_errors
 
     errors = content_errors(content, criteria)
     if errors:

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from schemas.criteria import ProjectCriteria
-from schemas.messages import AlertScope, QualityAlert, ScoreRecord, derive_id
-from scoring.policy import (
+from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.messages import AlertScope, QualityAlert, ScoreRecord, derive_id
+from goldstream.scoring.policy import (
     Proficiency,
     alert_severity,
     alert_transition,
@@ -24,8 +24,8 @@ from scoring.policy import (
     window_mean,
     worker_drift,
 )
-from streams.ingress import Emit, Ingress, Record
-from streams.state import AlertFlags, ProficiencyStore, ProjectView, buckets_of, high_water, label_buckets
+from goldstream.streams.ingress import Emit, Ingress, Record
+from goldstream.streams.state import AlertFlags, ProficiencyStore, ProjectView, buckets_of, high_water, label_buckets
 
 
 @dataclass

@@ -15,11 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+from goldstream.schemas.messages import Message
+from goldstream.streams.engine import Emit, Engine, Record, Settings
+from goldstream.streams.state import AlertFlags, CriteriaStore, Keys, ProficiencyStore, RedisState
 from redis.asyncio import Redis
-
-from schemas.messages import Message
-from streams.engine import Emit, Engine, Record, Settings
-from streams.state import AlertFlags, CriteriaStore, Keys, ProficiencyStore, RedisState
 
 OUTPUTS = ("scores", "escalations", "alerts", "deadletter", "gold")
 BATCH = 500  # records per batch, as the worker reads them (`batch_max`)

@@ -28,19 +28,18 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import orjson
+from goldstream.schemas.base import SchemaError, decode
+from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.messages import DeadLetter, Outcome, QualityAlert, ScoreKind, ScoreRecord
+from goldstream.scoring import reliability
+from goldstream.scoring.counters import Counters
+from goldstream.scoring.policy import SCALE, Proficiency, proficiency
+from goldstream.scoring.reliability import risk_bin, time_bin
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.retry import Retry
-
-from schemas.base import SchemaError, decode
-from schemas.criteria import ProjectCriteria
-from schemas.messages import DeadLetter, Outcome, QualityAlert, ScoreKind, ScoreRecord
-from scoring import reliability
-from scoring.counters import Counters
-from scoring.policy import SCALE, Proficiency, proficiency
-from scoring.reliability import risk_bin, time_bin
 
 SEP = "|"  # never inside an Id (schemas.base), so joined ids cannot collide
 log = logging.getLogger(__name__)
@@ -182,7 +181,7 @@ def _brief(exc: BaseException) -> str:
 
 def load_script(name: str) -> str:
     """The source of streams/lua/NAME.lua."""
-    return resources.files("streams").joinpath("lua", f"{name}.lua").read_text()
+    return resources.files("goldstream.streams").joinpath("lua", f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-
-from goldstream.services import Endpoints
-from schemas.messages import MESSAGES
+from goldstream.schemas.messages import MESSAGES
+from goldstream.streams.settings import Endpoints
 
 COMPACTED = {"gold", "projects"}
 LOGICAL = tuple(m.topic for m in MESSAGES)

@@ -124,7 +124,7 @@ class Lifeline(threading.Thread):
 
     def verdict(self, now: float) -> tuple[int, str] | None:
         """Why the process must exit now, if it must (pure, for tests)."""
-        from streams.state import StateLost
+        from goldstream.streams.state import StateLost
 
         reason = self.crashed()
         if reason is not None:

@@ -33,12 +33,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError
-
-from goldstream.settings import Settings
-from streams.engine import Emit, Engine, ItemState, Record
-from streams.engine import Settings as EngineSettings
-from streams.items import ITEM_TOPICS
-from streams.state import (
+from goldstream.streams.engine import Emit, Engine, ItemState, Record
+from goldstream.streams.engine import Settings as EngineSettings
+from goldstream.streams.items import ITEM_TOPICS
+from goldstream.streams.settings import Settings
+from goldstream.streams.state import (
     AlertFlags,
     CriteriaStore,
     ItemStore,
@@ -49,8 +48,8 @@ from streams.state import (
     StateLost,
     connect,
 )
-from streams.topics import Topics
-from streams.watchdog import (
+from goldstream.streams.topics import Topics
+from goldstream.streams.watchdog import (
     EXIT_CRASHED,
     EXIT_STALLED,
     EXIT_STATE_LOST,

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from goldstream.streams.state import Keys
+from goldstream.streams.topics import Topics
 from redis.asyncio import Redis
 
 from goldstream.services import EmbeddedServices, Endpoints, from_env
-from streams.state import Keys
-from streams.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = REPO / "ops" / "dev"

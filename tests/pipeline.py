@@ -7,16 +7,16 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from goldstream.streams.engine import Record
+from goldstream.streams.replay import envelope, proficiency_snapshot, replay
+from goldstream.streams.settings import Settings
+from goldstream.streams.state import Keys
+from goldstream.streams.watchdog import EXIT_STALLED
 from redis.asyncio import Redis
 
-import schemas as s
+from goldstream import schemas as s
 from goldstream.commands import committed_to_end, publish, read_topic
 from goldstream.proc import WorkerProcess
-from goldstream.settings import Settings
-from streams.engine import Record
-from streams.replay import envelope, proficiency_snapshot, replay
-from streams.state import Keys
-from streams.watchdog import EXIT_STALLED
 from tests.scenario import TOPIC_OF, key_of
 
 

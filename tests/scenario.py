@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import schemas as s
-from streams.engine import Record
+from goldstream.streams.engine import Record
+
+from goldstream import schemas as s
 
 T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 

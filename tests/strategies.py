@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import strategies as st
 
-import schemas as s
+from goldstream import schemas as s
 
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:@/+\-]{0,15}\Z")
 labels = st.text(

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import goldstream
-import schemas as s
+from goldstream import schemas as s
 from goldstream.cli import main
 from tests.conftest import REPO
 

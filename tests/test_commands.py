@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from goldstream.schemas.criteria import COCO_PERSON_NAMES
+from goldstream.scoring import rle
+from goldstream.streams.replay import read_envelopes, replay
+from goldstream.streams.settings import Settings
+from goldstream.streams.state import Keys
+from goldstream.streams.topics import Topics, delete_topics
 from pycocotools import mask as mask_utils
 
-import schemas as s
+from goldstream import schemas as s
 from goldstream.cli import main
 from goldstream.commands import read_topic, report
 from goldstream.gold import from_coco, gold_from_file
 from goldstream.services import Endpoints
-from goldstream.settings import Settings
-from schemas.criteria import COCO_PERSON_NAMES
-from scoring import rle
-from streams.replay import read_envelopes, replay
-from streams.state import Keys
-from streams.topics import Topics, delete_topics
 from tests.conftest import REPO, drop_keys
 from tests.pipeline import live_snapshot, write_envelopes
 from tests.scenario import BAD, GOOD, annotation, criteria, gold
@@ -153,8 +153,9 @@ def test_the_worker_report_names_its_level_pace_confusions_and_drift(settings: S
 
 
 def test_review_figures_say_what_each_budget_buys() -> None:
+    from goldstream.scoring.reliability import Risks
+
     from goldstream.commands import review_figures
-    from scoring.reliability import Risks
     from tests.scenario import criteria
 
     risks = Risks({5: 60, 50: 20, 95: 20}, judged=100, escalated=20)

@@ -335,7 +335,7 @@ import sys, time
 from pathlib import Path
 from goldstream.demo import DemoWorker
 from goldstream.services import EmbeddedServices, Terminated
-from goldstream.settings import Settings
+from goldstream.streams.settings import Settings
 
 try:
     with EmbeddedServices() as ep:

@@ -11,13 +11,13 @@ from typing import Any
 
 import orjson
 import pytest
+from goldstream.streams.engine import Record, Settings
+from goldstream.streams.replay import ReplayResult, proficiency_snapshot, replay
+from goldstream.streams.state import Keys
 from redis.asyncio import Redis
 
-import schemas as s
+from goldstream import schemas as s
 from goldstream.services import Endpoints
-from streams.engine import Record, Settings
-from streams.replay import ReplayResult, proficiency_snapshot, replay
-from streams.state import Keys
 from tests.conftest import drop_keys
 from tests.scenario import BAD, GOLD_CONTENT, GOOD, T0, annotation, boxes, criteria, gold, record, records, review
 
@@ -330,8 +330,8 @@ def test_qualification_state_change_raises_an_alert(run) -> None:
 def test_good_workers_qualify_without_passing_through_probation(run) -> None:
     result, prof = run(records(criteria(), *_history("w1", GOOD, 25)))
     assert [a for a in out(result, "alerts") if a.metric == "qualification"] == []
-    from scoring.policy import proficiency
-    from streams.state import level_of, project_view
+    from goldstream.scoring.policy import proficiency
+    from goldstream.streams.state import level_of, project_view
 
     view = project_view(prof["{p1}:levels"], prof.get("{p1}:pace", {}), {}, criteria(), 0)
     totals = prof["{p1|w1}:totals"]
@@ -453,8 +453,8 @@ def test_timed_out_skips_an_item_whose_round_closed_since_it_was_listed(services
     """The worker's timer lists waiting items, then awaits Redis per item while the score agent
     runs: an item listed as waiting may have no waiting annotation any more (this crashed a
     worker in the throughput benchmark)."""
-    from streams.engine import Engine, ItemState
-    from streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+    from goldstream.streams.engine import Engine, ItemState
+    from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
 
     a = annotation(1, "i1", "w1", GOOD)
     stale = ItemState().with_annotation(a).model_copy(update={"waiting": [a.event_id]})
@@ -484,8 +484,9 @@ def test_timed_out_skips_an_item_whose_round_closed_since_it_was_listed(services
 
 def test_waiting_items_come_from_an_index_not_a_table_scan(services: Endpoints, keys: Keys) -> None:
     """The consensus timer runs every few seconds: it must not parse the whole item table each time."""
-    from streams.engine import Engine
-    from streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+    from goldstream.streams.engine import Engine
+    from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+
     from tests.scenario import record
 
     class Counting(dict):
@@ -587,16 +588,16 @@ def test_a_defect_an_input_triggers_is_dead_lettered_and_the_engine_goes_on(
 ) -> None:
     """In a batch, the comparisons of every item go through one scoring call: when it raises,
     each input's are retried alone, and only the one that found the defect is dead-lettered."""
-    import streams.items
+    import goldstream.streams.items
 
-    real = streams.items.score_items
+    real = goldstream.streams.items.score_items
 
     def fragile(pairs: Any, criteria: Any) -> Any:
         if pairs[0][0].item_id == "g1":
             raise ZeroDivisionError("a bug only this item finds")
         return real(pairs, criteria)
 
-    monkeypatch.setattr(streams.items, "score_items", fragile)
+    monkeypatch.setattr(goldstream.streams.items, "score_items", fragile)
     result, _ = run(
         records(criteria(), gold("g1"), gold("g2"), annotation(1, "g1", "w", GOOD), annotation(2, "g2", "w", GOOD)),
         batch=batch,
@@ -635,8 +636,8 @@ def test_a_redelivered_round_member_gets_its_round_again_not_a_gold_score_that_c
 
 
 def test_the_consensus_timer_does_not_ask_for_rounds_that_cannot_close(services: Endpoints, keys: Keys) -> None:
-    from streams.engine import Engine
-    from streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+    from goldstream.streams.engine import Engine
+    from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
 
     async def main() -> tuple[list, list]:
         client = Redis.from_url(services.redis_url)

@@ -24,14 +24,14 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from goldstream.streams.settings import Settings
+from goldstream.streams.topics import Topics, delete_topics, ensure_topics
+from goldstream.streams.watchdog import EXIT_CRASHED, EXIT_STATE_LOST
 from redis import Redis
 
-import schemas as s
+from goldstream import schemas as s
 from goldstream.commands import set_criteria
 from goldstream.services import Endpoints
-from goldstream.settings import Settings
-from streams.topics import Topics, delete_topics, ensure_topics
-from streams.watchdog import EXIT_CRASHED, EXIT_STATE_LOST
 from tests.conftest import OPS, drop_keys
 from tests.pipeline import (
     Worker,

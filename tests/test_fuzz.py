@@ -27,13 +27,13 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from goldstream.schemas.messages import RAW_KEPT_MAX
+from goldstream.streams.settings import Settings
+from goldstream.streams.topics import Topics, delete_topics, ensure_topics
 
-import schemas as s
+from goldstream import schemas as s
 from goldstream.commands import read_topic, set_criteria
 from goldstream.services import Endpoints
-from goldstream.settings import Settings
-from schemas.messages import RAW_KEPT_MAX
-from streams.topics import Topics, delete_topics, ensure_topics
 from tests.conftest import drop_keys
 from tests.pipeline import Worker, live_snapshot, messages_of, replay_snapshot, send, wait_consumed, wait_for
 from tests.scenario import BAD, GOOD, T0, annotation, criteria, gold, review

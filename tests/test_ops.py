@@ -106,6 +106,30 @@ def test_docker_compose_restarts_whatever_exits_and_probes_the_workers_health() 
     assert f"127.0.0.1:{port}/healthz" in " ".join(worker["healthcheck"]["test"])
     assert f"{port}:{port}" in worker["ports"]
     grace = int(worker["stop_grace_period"].rstrip("s"))
-    from goldstream.settings import Settings
+    from goldstream.streams.settings import Settings
 
     assert grace > Settings().shutdown_timeout_s  # compose must not SIGKILL before the worker's own deadline
+
+
+def test_the_wheel_installs_everything_under_one_goldstream_namespace(tmp_path: Path) -> None:
+    """`schemas` and `scoring` are names of unrelated distributions on PyPI: installed as top-level
+    packages, goldstream would shadow them (or be shadowed). The wheel holds only `goldstream/`,
+    with the folders mapped below it and their data (JSON Schemas, Lua scripts) inside."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), REPO],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("goldstream-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"goldstream"}
+    for inside in ("goldstream/schemas/messages.py", "goldstream/scoring/item.py", "goldstream/streams/worker.py",
+                   "goldstream/streams/settings.py", "goldstream/streams/lua/apply_once.lua",
+                   "goldstream/schemas/json/AnnotationSubmitted.json"):  # fmt: skip
+        assert inside in names, inside

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from goldstream.streams.settings import Settings
+from goldstream.streams.state import Keys
+from goldstream.streams.topics import Topics, delete_topics, ensure_topics
 
-import schemas as s
+from goldstream import schemas as s
 from goldstream.commands import group_members, rebuild_proficiency, report, set_criteria
 from goldstream.services import Endpoints
-from goldstream.settings import Settings
-from streams.state import Keys
-from streams.topics import Topics, delete_topics, ensure_topics
 from tests.conftest import drop_keys
 from tests.pipeline import (
     Worker,

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from scoring.reliability import (
+from goldstream.scoring.reliability import (
     Model,
     Sums,
     Worker,

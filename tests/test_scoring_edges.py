@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import shapely
+from goldstream.scoring import Counters, score_item
 
-import schemas as s
-import scoring
-from scoring import Counters, score_item
+from goldstream import schemas as s
+from goldstream import scoring
 
 
 def obj(i: str, label: str, shape: Any, **kw: Any) -> s.AnnotatedObject:
@@ -502,7 +502,7 @@ def test_rotated_boxes_sharing_collinear_edges_overlap_in_both_orders() -> None:
 
 
 def test_qualification_flag_has_hysteresis() -> None:
-    from scoring.policy import qualification_flag
+    from goldstream.scoring.policy import qualification_flag
 
     q = s.QualificationState
     assert qualification_flag(None, q.QUALIFYING) is None
@@ -521,7 +521,7 @@ def test_shapes_at_the_schemas_coordinate_bounds_score_without_overflow() -> Non
     """Before the schema bounded coordinates, a box at 1e308 overflowed numpy (an infinite area,
     a NaN similarity) and scored 0 against itself, counted against its worker; at the bounds
     themselves every product stays finite."""
-    from schemas.content import COORD_MAX, COORD_MIN, SIZE_MAX
+    from goldstream.schemas.content import COORD_MAX, COORD_MIN, SIZE_MAX
 
     far = content(box("a", "car", COORD_MIN, COORD_MIN, SIZE_MAX, SIZE_MAX), box("b", "car", COORD_MAX, 0, 0, 0))
     near = content(box("A", "car", COORD_MIN, COORD_MIN, SIZE_MAX, SIZE_MAX - 1), box("B", "car", COORD_MAX, 0, 0, 0))
@@ -558,7 +558,8 @@ def test_rasterizing_into_a_mask_equals_the_dense_mask_and_costs_the_region_not_
 def test_the_objects_component_can_count_matches_whole_as_cvat_does() -> None:
     """With object_metric f1 a box matched at IoU 0.6 counts as right, as in CVAT's report;
     the default (pq) also weighs how well it is placed."""
-    from scoring import score_items
+    from goldstream.scoring import score_items
+
     from tests.scenario import annotation, boxes, criteria
 
     truth = boxes(("car", 0, 0, 100, 100), ("bus", 300, 300, 100, 100))
@@ -576,9 +577,8 @@ def test_the_objects_component_can_count_matches_whole_as_cvat_does() -> None:
 
 def test_the_small_rules_that_left_the_engine_for_the_policy_module() -> None:
     import numpy as np
-
-    from schemas.messages import EscalationReason as R
-    from scoring.policy import alert_severity, peer_confidence, primary_reason
+    from goldstream.schemas.messages import EscalationReason as R
+    from goldstream.scoring.policy import alert_severity, peer_confidence, primary_reason
 
     assert primary_reason([R.AUDIT_SAMPLE, R.LOW_PROFICIENCY, R.TOO_FAST]) is R.TOO_FAST
     assert primary_reason([R.HIGH_RISK]) is R.HIGH_RISK

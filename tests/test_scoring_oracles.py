@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import shapely
+from goldstream.scoring import rle as R
+from goldstream.scoring.geometry import region
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval, Params
 from shapely import affinity
 
-import scoring
-from scoring import rle as R
-from scoring.geometry import region
+from goldstream import scoring
 
 RNG_SEEDS = range(5)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from goldstream.scoring import Counters, score_item
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import schemas as s
-import scoring
-from scoring import Counters, score_item
+from goldstream import schemas as s
+from goldstream import scoring
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -177,8 +177,8 @@ dense_boxes = st.lists(
 @given(st.lists(st.tuples(dense_boxes, dense_boxes), min_size=1, max_size=8), st.sampled_from([0.1, 0.3, 0.5]))
 def test_batch_assignment_equals_item_by_item_hungarian(items: list, threshold: float) -> None:
     """Crowded boxes make conflicting pairs common, so both paths of assign_batch are exercised."""
-    from scoring.geometry import box_iou_pairs
-    from scoring.matching import assign, assign_batch
+    from goldstream.scoring.geometry import box_iou_pairs
+    from goldstream.scoring.matching import assign, assign_batch
 
     codes = {"a": 0, "b": 1}
     n = np.array([len(a) for a, _ in items])

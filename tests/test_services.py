@@ -11,12 +11,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from goldstream.streams.state import Increment, Keys, RedisState
+from goldstream.streams.topics import Topics, delete_topics, ensure_topics
 from redis.asyncio import Redis
 
-import schemas as s
+from goldstream import schemas as s
 from goldstream.services import Endpoints
-from streams.state import Increment, Keys, RedisState
-from streams.topics import Topics, delete_topics, ensure_topics
 from tests.conftest import OPS
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

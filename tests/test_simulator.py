@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import schemas as s
+from goldstream.scoring import score_item
+
+from goldstream import schemas as s
 from goldstream.simulator import Drift, ProjectSpec, WorkerSpec, WorkforceSpec, sample_spec, simulate
-from scoring import score_item
 
 
 def _spec() -> WorkforceSpec:

@@ -13,12 +13,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from redis import exceptions as redis_errors
-from redis.asyncio import Redis
-
-from goldstream.services import Endpoints
-from streams.state import Keys, RedisGuard, RedisState, StateLost
-from streams.watchdog import (
+from goldstream.streams.state import Keys, RedisGuard, RedisState, StateLost
+from goldstream.streams.watchdog import (
     EXIT_CRASHED,
     EXIT_HUNG,
     EXIT_STATE_LOST,
@@ -28,6 +24,10 @@ from streams.watchdog import (
     Progress,
     total_lag,
 )
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from goldstream.services import Endpoints
 from tests.conftest import drop_keys
 
 
@@ -175,7 +175,7 @@ def test_reads_refuse_a_redis_whose_epoch_is_gone_instead_of_reading_zeros(servi
 
 @pytest.mark.services
 def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(services: Endpoints, keys: Keys) -> None:
-    from streams.state import ItemConflict, ItemStore
+    from goldstream.streams.state import ItemConflict, ItemStore
 
     async def main() -> None:
         client = Redis.from_url(services.redis_url)

@@ -82,3 +82,20 @@ def _coerce(kind: Any, value: Any) -> Any:
     if kind == "float":
         return float(value)
     return value
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """How to reach the broker and Redis; `kind` says which flavour, for client quirks."""
+
+    bootstrap_servers: str
+    redis_url: str
+    kind: str = "external"  # "external" (Apache Kafka + redis-server) or "embedded"
+
+    @property
+    def idempotent_producer(self) -> bool:
+        """Tansu (embedded) answers InitProducerId with an error, so producers skip idempotence there."""
+        return self.kind != "embedded"
+
+    def producer_options(self) -> dict[str, Any]:
+        return {"enable_idempotence": self.idempotent_producer, "acks": "all"}
