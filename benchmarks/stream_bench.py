@@ -166,7 +166,8 @@ class Follower:
 
     def __init__(self, settings: Settings, topic: str) -> None:
         self.settings, self.topic = settings, topic
-        self.arrivals: list[tuple[float, bytes]] = []  # (time.time() on arrival, value)
+        # (time.time() on arrival, the record's CreateTime in s (when the worker produced it), value)
+        self.arrivals: list[tuple[float, float, bytes]] = []
         self._task: asyncio.Task | None = None
         self.consumer: AIOKafkaConsumer | None = None
 
@@ -188,7 +189,7 @@ class Follower:
             batch = await consumer.getmany(timeout_ms=50)
             now = time.time()
             for records in batch.values():
-                self.arrivals.extend((now, r.value) for r in records if r.value is not None)
+                self.arrivals.extend((now, r.timestamp / 1000, r.value) for r in records if r.value is not None)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -319,9 +320,13 @@ def percentiles(values: Sequence[float]) -> dict[str, float | int | None]:
 
 
 def latencies(
-    stamps: dict[str, tuple[str, float]], arrivals: Sequence[tuple[float, bytes]], overlap: int, project: str
+    stamps: dict[str, tuple[str, float]], arrivals: Sequence[tuple[float, float, bytes]], overlap: int, project: str
 ) -> dict[str, list[float]]:
-    """Seconds from the submission a score waited for to its arrival, by score kind.
+    """Seconds from the submission a score waited for to its arrival, by score kind, and for
+    both kinds split in two at the moment the worker produced the score (the record's
+    CreateTime): `worker` (submission to produced: the annotation's trip to the broker, the
+    worker's fetch and its batch) and `delivery` (produced to arrived: the acknowledgement, the
+    follower's fetch).
 
     `stamps`: annotation event_id -> (item_id, submitted_at as epoch seconds). A consensus score
     waits for the annotation that completes its round (the `overlap`-th on the item); a round
@@ -332,22 +337,28 @@ def latencies(
         per_item.setdefault(item, []).append(t)
     for ts in per_item.values():
         ts.sort()
-    out: dict[str, list[float]] = {"gold": [], "consensus": [], "timeout_closed": []}
+    out: dict[str, list[float]] = {"gold": [], "consensus": [], "timeout_closed": [], "worker": [], "delivery": []}
     seen: set[str] = set()
-    for arrived, value in arrivals:
+    for arrived, produced, value in arrivals:
         rec = orjson.loads(value)
         if rec["project_id"] != project or rec["event_id"] in seen or rec["annotation_event_id"] not in stamps:
             continue
         seen.add(rec["event_id"])
         item, submitted = stamps[rec["annotation_event_id"]]
         if rec["kind"] == "gold":
-            out["gold"].append(arrived - submitted)
+            start = submitted
+            out["gold"].append(arrived - start)
         elif rec["kind"] == "consensus":
             ts = per_item[item]
-            if len(ts) >= overlap:
-                out["consensus"].append(arrived - ts[overlap - 1])
-            else:
+            if len(ts) < overlap:
                 out["timeout_closed"].append(arrived - submitted)
+                continue
+            start = ts[overlap - 1]
+            out["consensus"].append(arrived - start)
+        else:
+            continue
+        out["worker"].append(produced - start)
+        out["delivery"].append(arrived - produced)
     return out
 
 
@@ -431,6 +442,8 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
                     "all": percentiles(lat["gold"] + lat["consensus"]),
                     "gold": percentiles(lat["gold"]),
                     "consensus": percentiles(lat["consensus"]),
+                    "worker": percentiles(lat["worker"]),
+                    "delivery": percentiles(lat["delivery"]),
                 }
             )
     finally:
@@ -463,7 +476,9 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
         a = row["all"]
         print(
             f"  latency at {row['fraction_of_max']:.0%} ({row['offered_per_s']}/s): "
-            f"p50 {a['p50_ms']} ms, p95 {a['p95_ms']} ms, p99 {a['p99_ms']} ms (n={a['n']})"
+            f"p50 {a['p50_ms']} ms, p95 {a['p95_ms']} ms, p99 {a['p99_ms']} ms (n={a['n']}); "
+            f"until produced p50 {row['worker']['p50_ms']} / p99 {row['worker']['p99_ms']} ms, "
+            f"then delivered p50 {row['delivery']['p50_ms']} / p99 {row['delivery']['p99_ms']} ms"
         )
     return {
         "workload": {

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -97,9 +98,29 @@ class Fault:
         raise RuntimeError("injected crash")
 
 
-def parse_items(loaded: Mapping[str, bytes]) -> dict[str, ItemState]:
-    """Item states as stored in Redis, for the engine."""
-    return {k: ItemState.model_validate_json(v) for k, v in loaded.items()}
+class ParsedItems:
+    """Item states as stored in Redis, parsed, with the latest few thousand kept by their bytes:
+    an item's next annotation usually finds its state as this worker wrote it, and parsing it
+    again (every annotation of the item, validated) was a large share of the score step. The
+    bytes decide, so a state another worker wrote is parsed afresh."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self.size = size
+        self._kept: OrderedDict[str, tuple[bytes, ItemState]] = OrderedDict()
+
+    def parse(self, loaded: Mapping[str, bytes]) -> dict[str, ItemState]:
+        out = {}
+        for item_id, raw in loaded.items():
+            kept = self._kept.get(item_id)
+            out[item_id] = kept[1] if kept is not None and kept[0] == raw else ItemState.model_validate_json(raw)
+        return out
+
+    def keep(self, states: Mapping[str, tuple[bytes, ItemState]]) -> None:
+        for item_id, entry in states.items():
+            self._kept[item_id] = entry
+            self._kept.move_to_end(item_id)
+        while len(self._kept) > self.size:
+            self._kept.popitem(last=False)
 
 
 def item_id_of(rec: Record) -> str | None:
@@ -152,6 +173,7 @@ class Worker:
         self.guard = RedisGuard(self.redis, epoch_key=self.keys.epoch())
         self.state = RedisState(self.redis, self.keys, settings.dedup_ttl_s, self.guard)
         self.items = ItemStore(self.state)
+        self.parsed = ParsedItems()
         self.health = Health()
         self.stopping = asyncio.Event()
         self.fault = Fault.parse(settings.fault)
@@ -247,9 +269,10 @@ class Worker:
             if rec.topic in ITEM_TOPICS and (item := item_id_of(rec)) is not None:
                 partition_of.setdefault(item, rec.partition)
         loaded = await self.items.load(sorted(partition_of))
-        engine.items = parse_items(loaded)
+        engine.items = self.parsed.parse(loaded)
         emits = await engine.process(records)
         changed = {k: b for k in engine.dirty if (b := engine.items[k].model_dump_json().encode()) != loaded.get(k)}
+        kept = {k: (b, engine.items[k]) for k, b in changed.items()}
         waiting = {}
         for item in changed:
             since = engine.waiting_since(item)
@@ -260,6 +283,7 @@ class Worker:
         # as it was before, e.g. a round closed by a timeout or a parked review)
         await self.send(emits)
         await self.items.store(changed, waiting, loaded)
+        self.parsed.keep(kept)
 
     async def proficiency_step(self) -> None:
         lock = asyncio.Lock()
@@ -292,7 +316,7 @@ class Worker:
             candidates = await self.items.waiting(mine) if mine else []
             if not candidates:
                 continue
-            engine.items = parse_items(await self.items.load([item for item, _ in candidates]))
+            engine.items = self.parsed.parse(await self.items.load([item for item, _ in candidates]))
             when = [(item, datetime.fromtimestamp(t, UTC)) for item, t in candidates]
             requests = await engine.timed_out(datetime.now(UTC), when)
             await self.send([Emit("control", r.item_id, r) for r in requests])
@@ -427,4 +451,4 @@ def main(settings: Settings) -> None:
         lifeline.finish()
 
 
-__all__ = ["SCORE_INPUTS", "Fault", "Worker", "item_id_of", "main"]
+__all__ = ["SCORE_INPUTS", "Fault", "ParsedItems", "Worker", "item_id_of", "main"]

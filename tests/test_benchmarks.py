@@ -20,19 +20,21 @@ def _score(project: str, ann: str, kind: str, n: int) -> bytes:
 
 def test_latencies_wait_for_the_annotation_that_completes_the_round() -> None:
     stamps = {"a1": ("i1", 100.0), "a2": ("i1", 101.0), "a3": ("i1", 103.0), "g1": ("i2", 102.0), "x": ("i3", 50.0)}
-    arrivals = [
-        (102.5, _score("p", "g1", "gold", 1)),
-        (103.2, _score("p", "a1", "consensus", 2)),
-        (103.2, _score("p", "a2", "consensus", 3)),
-        (103.2, _score("p", "a3", "consensus", 4)),
-        (103.3, _score("p", "a3", "consensus", 4)),  # a re-delivery counts once
-        (104.0, _score("other", "a1", "consensus", 5)),  # another project's annotation with the same id
-        (130.0, _score("p", "x", "consensus", 6)),  # a round short of overlap, closed by timeout
+    arrivals = [  # (arrived, produced by the worker, score)
+        (102.5, 102.4, _score("p", "g1", "gold", 1)),
+        (103.2, 103.05, _score("p", "a1", "consensus", 2)),
+        (103.2, 103.05, _score("p", "a2", "consensus", 3)),
+        (103.2, 103.05, _score("p", "a3", "consensus", 4)),
+        (103.3, 103.05, _score("p", "a3", "consensus", 4)),  # a re-delivery counts once
+        (104.0, 103.9, _score("other", "a1", "consensus", 5)),  # another project's annotation with the same id
+        (130.0, 129.0, _score("p", "x", "consensus", 6)),  # a round short of overlap, closed by timeout
     ]
     lat = latencies(stamps, arrivals, overlap=3, project="p")
     assert lat["gold"] == pytest.approx([0.5])
     assert lat["consensus"] == pytest.approx([0.2, 0.2, 0.2])
     assert lat["timeout_closed"] == pytest.approx([80.0])
+    assert lat["worker"] == pytest.approx([0.4, 0.05, 0.05, 0.05])  # where the time went: in the worker,
+    assert lat["delivery"] == pytest.approx([0.1, 0.15, 0.15, 0.15])  # and after it produced the score
     p = percentiles([0.010, 0.020, 0.030, 0.040, 1.0])
     assert p["n"] == 5 and p["p50_ms"] == 30.0 and p["max_ms"] == 1000.0 and p["p50_ms"] < p["p95_ms"] < p["p99_ms"]
     assert percentiles([])["p50_ms"] is None

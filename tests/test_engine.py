@@ -705,3 +705,19 @@ def test_a_replay_in_batches_scores_the_same_annotations_and_sums_the_same_count
         r.result for r in sorted(out(one, "scores"), key=lambda r: r.event_id)
     ]
     assert many_state == one_state and len(one_state) > 10
+
+
+def test_the_worker_reuses_an_item_state_it_wrote_and_parses_one_another_worker_wrote() -> None:
+    from goldstream.streams.engine import ItemState
+    from goldstream.streams.worker import ParsedItems
+
+    mine = ItemState().with_annotation(annotation(1, "i1", "w1", GOOD))
+    raw = mine.model_dump_json().encode()
+    parsed = ParsedItems(size=2)
+    parsed.keep({"i1": (raw, mine)})
+    assert parsed.parse({"i1": raw})["i1"] is mine  # as this worker wrote it: not parsed again
+    theirs = mine.with_annotation(annotation(2, "i1", "w2", GOOD))
+    again = parsed.parse({"i1": theirs.model_dump_json().encode()})["i1"]
+    assert again is not mine and again == theirs  # another worker wrote it since: parsed afresh
+    parsed.keep({"i2": (b"{}", ItemState()), "i3": (b"{}", ItemState())})
+    assert parsed.parse({"i1": raw})["i1"] is not mine  # the oldest was let go: memory stays bounded
