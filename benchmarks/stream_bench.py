@@ -267,11 +267,11 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
         async def outputs_done() -> bool:
             if kind == "forward":
                 return len(follower.arrivals) >= expected
-            ids = {orjson.loads(v)["event_id"] for _, v in follower.arrivals}
+            ids = {orjson.loads(v)["event_id"] for _, _, v in follower.arrivals}
             return len(ids) >= expected
 
         await wait_until(outputs_done, 600, f"{expected} outputs on {out_topic}", workers)
-        t_out = max(t for t, _ in follower.arrivals)
+        t_out = max(t for t, _, _ in follower.arrivals)
         t_end = t_out
         if kind == "goldstream":
             await wait_until(
@@ -426,7 +426,7 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
             async def done(stamps: dict = stamps, expected: int = expected, project: str = crit.project_id) -> bool:
                 got = {
                     r["annotation_event_id"]
-                    for _, v in follower.arrivals
+                    for _, _, v in follower.arrivals
                     if (r := orjson.loads(v))["project_id"] == project
                 }
                 return len(got & set(stamps)) >= expected

@@ -135,7 +135,7 @@ class ProficiencyProcessor:
         out: list[Emit] = []
         workers = sorted(standing)
         sequences = await self.store.evidence(workers)
-        views = {p: await self.store.view(p, crit[p]) for p, _ in workers}
+        views = {p: await self.store.view(p, crit[p]) for p in sorted({p for p, _ in workers})}
         for (p, w), seq in zip(workers, sequences, strict=True):
             before, after = standing[(p, w)]
             c, view = crit[p], views[p]

@@ -531,7 +531,7 @@ class ProficiencyStore:
     async def snapshots(self, pairs: Sequence[tuple[str, str, ProjectCriteria]]) -> list[Proficiency]:
         """Workers' standings: their own sums, now, through their project's model."""
         totals = await self.totals([(p, w) for p, w, _ in pairs])
-        views = {p: await self.view(p, c) for p, _, c in pairs}
+        views = {p: await self.view(p, c) for p, c in {p: c for p, _, c in pairs}.items()}  # once per project
         return [proficiency(t, c, level_of(views[p].model, t)) for t, (p, _, c) in zip(totals, pairs, strict=True)]
 
     async def hashes(self, keys: Sequence[str]) -> list[dict[str, int]]:
