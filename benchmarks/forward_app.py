@@ -39,8 +39,7 @@ def base_app(settings: Settings) -> faust.App:
         topic_replication_factor=1,
         processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",
-        web_enabled=settings.web_enabled,
-        web_port=settings.web_port,
+        web_enabled=False,  # the bare agent of the baseline serves no web pages
         producer_acks=-1,
         producer_enable_idempotence=not embedded,
         broker_commit_every=settings.batch_max,

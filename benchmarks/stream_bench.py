@@ -103,7 +103,7 @@ def split(sim: Simulation) -> tuple[s.ProjectCriteria, list[s.GoldAnswer], list[
 
 def fresh_settings(base: Settings, name: str) -> Settings:
     run = f"bench-{name}-{uuid.uuid4().hex[:8]}"
-    return replace(base, topic_prefix=f"{run}.", key_prefix=run, app_id=run, web_enabled=False)
+    return replace(base, topic_prefix=f"{run}.", key_prefix=run, app_id=run)
 
 
 async def create_topic(settings: Settings, name: str) -> None:

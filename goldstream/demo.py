@@ -315,7 +315,7 @@ def main(duration: float = 90.0, bootstrap: str | None = None, redis_url: str | 
     console = Console()
     run = f"{int(time.time())}"
     base = Settings(topic_prefix=f"demo-{run}.", key_prefix=f"demo-{run}", app_id=f"goldstream-demo-{run}",
-                    partitions=2, web_enabled=False)  # fmt: skip
+                    partitions=2)  # fmt: skip
     with STOPS:
         try:
             if bootstrap and redis_url:

@@ -13,6 +13,10 @@ from typing import Any
 ENV_PREFIX = "GOLDSTREAM_"
 
 
+# settings an earlier version read and this one does not (Faust's web view): accepted, ignored
+RETIRED = frozenset({"web_enabled", "web_port"})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker needs beyond the projects' criteria (which live on `projects`)."""
@@ -24,8 +28,6 @@ class Settings:
     key_prefix: str = "gs"
     app_id: str = "goldstream"
     partitions: int = 4
-    web_enabled: bool = True
-    web_port: int = 6066
     unknown_projects: str = "default"  # or "deadletter"
     dedup_ttl_s: int = 7 * 86_400
     batch_max: int = 500
@@ -67,6 +69,8 @@ class Settings:
             if name in names:
                 values[name] = value
         values.update({k: v for k, v in overrides.items() if v is not None})
+        for name in RETIRED:  # a settings file written for an earlier version still loads
+            values.pop(name, None)
         unknown = set(values) - names
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")

@@ -8,6 +8,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 import goldstream
 from goldstream import schemas as s
 from goldstream.cli import main
@@ -49,3 +51,14 @@ def test_schemas_validate_reports_bad_lines(tmp_path: Path, capsys) -> None:
     assert f"{f}:2: invalid GoldAnswer: project_id: Field required" in err
     f.write_bytes(good.to_bytes() + b"\n")
     assert main(["schemas", "validate", "GoldAnswer", str(f)]) == 0
+
+
+def test_a_settings_file_of_the_faust_era_still_loads_and_a_typo_is_refused(tmp_path: Path) -> None:
+    from goldstream.streams.settings import Settings
+
+    f = tmp_path / "settings.yaml"
+    f.write_text("web_enabled: false\nweb_port: 6066\nbatch_max: 50\n")
+    assert Settings.load(f, environ={}).batch_max == 50
+    f.write_text("batch_maxx: 50\n")
+    with pytest.raises(ValueError, match="unknown settings: batch_maxx"):
+        Settings.load(f, environ={})

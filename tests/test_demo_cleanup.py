@@ -340,7 +340,7 @@ from goldstream.streams.settings import Settings
 try:
     with EmbeddedServices() as ep:
         settings = Settings(kafka_bootstrap=ep.bootstrap_servers, redis_url=ep.redis_url, services_kind="embedded",
-                            app_id="cleanup-test", topic_prefix="cleanup-test.", web_enabled=False)
+                            app_id="cleanup-test", topic_prefix="cleanup-test.")
         worker = DemoWorker(settings, Path(sys.argv[1]))
         try:
             worker.start()

@@ -93,7 +93,6 @@ def settings(private: Private, run_id: str) -> Iterator[Settings]:
         key_prefix=f"fault-{run_id}",
         app_id=f"gs-{run_id}",
         partitions=4,
-        web_enabled=False,
         consensus_check_s=2.0,
         health_port=0,
         stall_timeout_s=20.0,

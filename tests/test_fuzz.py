@@ -59,7 +59,6 @@ def settings(services: Endpoints, run_id: str, monkeypatch: pytest.MonkeyPatch) 
         key_prefix=f"fuzz-{run_id}",
         app_id=f"gs-fuzz-{run_id}",
         partitions=4,
-        web_enabled=False,
         unknown_projects="deadletter",
         consensus_check_s=2.0,
     )

@@ -115,15 +115,21 @@ def test_the_wheel_installs_everything_under_one_goldstream_namespace(tmp_path: 
     """`schemas` and `scoring` are names of unrelated distributions on PyPI: installed as top-level
     packages, goldstream would shadow them (or be shadowed). The wheel holds only `goldstream/`,
     with the folders mapped below it and their data (JSON Schemas, Lua scripts) inside."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
+    source = tmp_path / "source"  # a copy: an in-tree build would leave build/ in the checkout
+    for part in ("goldstream", "schemas", "scoring", "streams"):
+        shutil.copytree(REPO / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), REPO],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
         check=True,
         capture_output=True,
-        cwd=tmp_path,
+        cwd=source,
     )
     (wheel,) = tmp_path.glob("goldstream-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -43,7 +43,6 @@ def settings(services: Endpoints, run_id: str) -> Iterator[Settings]:
         key_prefix=f"pipe-{run_id}",
         app_id=f"gs-{run_id}",
         partitions=4,
-        web_enabled=False,
         consensus_check_s=2.0,
         health_port=0,
         stall_timeout_s=30.0,  # the watchdog, not the test, notices a stalled worker
