@@ -32,6 +32,10 @@ class Settings:
     dedup_ttl_s: int = 7 * 86_400
     batch_max: int = 500
     batch_within_s: float = 0.2
+    # the broker may hold the proficiency step's fetch this long to fill a batch: alerts may wait
+    # that long, and a batch's fixed cost (reads before and after, alerts) is then shared by
+    # more scores, which leaves the CPU to the score step whose latency reviewers see
+    proficiency_linger_ms: int = 50
     consensus_check_s: float = 30.0
     session_timeout_s: float = 10.0
     log_level: str = "warning"

@@ -192,8 +192,13 @@ class Worker:
             settings=EngineSettings(unknown_projects=self.settings.unknown_projects, stage="worker"),
         )
 
-    def consumer(self, name: str, group: str, topics: Sequence[str], lock: asyncio.Lock) -> AIOKafkaConsumer:
+    def consumer(
+        self, name: str, group: str, topics: Sequence[str], lock: asyncio.Lock, linger_ms: int = 0
+    ) -> AIOKafkaConsumer:
+        """A consumer that commits only what was applied; `linger_ms`: how long the broker may hold
+        a fetch to fill it (up to 1 MiB), for a step whose batches have a fixed cost."""
         s = self.settings
+        linger = {"fetch_min_bytes": 1 << 20, "fetch_max_wait_ms": linger_ms} if linger_ms > 0 else {}
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
             group_id=group,
@@ -203,6 +208,7 @@ class Worker:
             heartbeat_interval_ms=int(max(s.session_timeout_s / 5, 1.0) * 1000),
             rebalance_timeout_ms=int(max(2 * s.session_timeout_s, 8.0) * 1000),
             max_poll_records=s.batch_max,
+            **linger,
         )
         consumer.subscribe([self.topics.name(t) for t in topics], listener=_Revoke(lock, self.health, name))
         self.consumers[name] = consumer
@@ -287,7 +293,9 @@ class Worker:
 
     async def proficiency_step(self) -> None:
         lock = asyncio.Lock()
-        consumer = self.consumer("proficiency", f"{self.settings.app_id}-proficiency", ("scores",), lock)
+        consumer = self.consumer(
+            "proficiency", f"{self.settings.app_id}-proficiency", ("scores",), lock, self.settings.proficiency_linger_ms
+        )
         await consumer.start()
         engine = self.engine()
         while not self.stopping.is_set():
