@@ -65,9 +65,7 @@ class ProficiencyProcessor:
             return out
         workers = sorted({(s.project_id, s.worker_id) for s, _ in scored})
         crit = {s.project_id: c for s, c in scored}
-        before = await self.store.snapshots([(p, w, crit[p]) for p, w in workers])
-        applied = await self.store.apply(scored)
-        after = await self.store.snapshots([(p, w, crit[p]) for p, w in workers])
+        applied, before, after = await self.store.apply_standing(scored, [(p, w, crit[p]) for p, w in workers])
         latest = {}
         for (s, _), done in zip(scored, applied, strict=True):
             if done:

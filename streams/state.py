@@ -502,6 +502,33 @@ class ProficiencyStore:
         done = await self.state.apply(incs)
         return [done[2 * i] for i in range(len(records))]
 
+    async def apply_standing(
+        self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]], pairs: Sequence[tuple[str, str, ProjectCriteria]]
+    ) -> tuple[list[bool], list[Proficiency], list[Proficiency]]:
+        """Apply each score once, with the standings of `pairs` (project, worker, criteria) before
+        and after. After is before plus what this call applied, not a second read: a worker's
+        hashes are written only by the consumer of its scores partition."""
+        before = await self.totals([(p, w) for p, w, _ in pairs])
+        views = {p: await self.view(p, c) for p, c in {p: c for p, _, c in pairs}.items()}
+        incs = [inc for rec, crit in records for inc in record_increments(rec, crit, self.keys)]
+        done = await self.state.apply(incs)
+        applied = [done[2 * i] for i in range(len(records))]
+        after = {(p, w): dict(t) for (p, w, _), t in zip(pairs, before, strict=True)}
+        for i, ((rec, _), ok) in enumerate(zip(records, applied, strict=True)):
+            totals = after.get((rec.project_id, rec.worker_id))
+            if ok and totals is not None:
+                for name, amount in incs[2 * i].changes["totals"].items():
+                    totals[name] = totals.get(name, 0) + amount
+
+        def standing(t: Mapping[str, int], p: str, c: ProjectCriteria) -> Proficiency:
+            return proficiency(t, c, level_of(views[p].model, t))
+
+        return (
+            applied,
+            [standing(t, p, c) for t, (p, _, c) in zip(before, pairs, strict=True)],
+            [standing(after[(p, w)], p, c) for p, w, c in pairs],
+        )
+
     async def view(self, project_id: str, criteria: ProjectCriteria, fresh: bool = False) -> ProjectView:
         """The project's fitted model, pace and risk histogram. Refitted when its applied scores
         grew by `REFIT_SHARE` (plus a few) since the last fit, or when `fresh`: a count, not a

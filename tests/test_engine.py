@@ -721,3 +721,37 @@ def test_the_worker_reuses_an_item_state_it_wrote_and_parses_one_another_worker_
     assert again is not mine and again == theirs  # another worker wrote it since: parsed afresh
     parsed.keep({"i2": (b"{}", ItemState()), "i3": (b"{}", ItemState())})
     assert parsed.parse({"i1": raw})["i1"] is not mine  # the oldest was let go: memory stays bounded
+
+
+def test_standings_after_a_batch_equal_what_redis_holds_after_it(services: Endpoints, keys: Keys) -> None:
+    """The proficiency step adds what it applied to the standings it read before, instead of
+    reading again: the sum must be what Redis then holds, and a redelivered batch changes none."""
+    from goldstream.scoring.item import score_items
+    from goldstream.streams.items import score_record
+    from goldstream.streams.state import ProficiencyStore, RedisState
+
+    c = criteria()
+    anns = [annotation(n, f"i{n}", f"w{n % 3}", GOOD if n % 2 else BAD) for n in range(12)]
+    results = score_items([(a, gold(a.item_id)) for a in anns], c)
+    scores = [
+        score_record(a, s.ScoreKind.GOLD, f"g-{a.item_id}", r, 1.0).value for a, r in zip(anns, results, strict=True)
+    ]
+    pairs = [("p1", f"w{k}", c) for k in range(3)]
+
+    async def main() -> tuple:
+        client = Redis.from_url(services.redis_url)
+        try:
+            store = ProficiencyStore(RedisState(client, keys))
+            first = await store.apply_standing([(x, c) for x in scores[:7]], pairs)
+            again = await store.apply_standing([(x, c) for x in scores], pairs)  # 7 redelivered, 5 new
+            return first, again, await store.snapshots(pairs)
+        finally:
+            await client.aclose()
+
+    try:
+        (applied1, _, after1), (applied2, before2, after2), fresh = asyncio.run(main())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    assert applied1 == [True] * 7 and applied2 == [False] * 7 + [True] * 5
+    assert before2 == after1 and after2 == fresh
+    assert [p.items for p in fresh] == [4, 4, 4]
