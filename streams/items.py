@@ -487,9 +487,9 @@ class ItemProcessor:
         """Standings for every job in one read, then each slot's outputs in order."""
         need = [j for j in jobs if j.failed is None and not isinstance(j, _Review)]
         projects = {j.criteria.project_id: j.criteria for j in need}
-        views = {p: await self.proficiency.view(p, c) for p, c in sorted(projects.items())}
         pairs = sorted({(x.project_id, x.worker_id) for j in need for x in _workers_of(j)})
-        totals = dict(zip(pairs, await self.proficiency.totals(pairs) if pairs else [], strict=True))
+        views, found = await self.proficiency.views_and_totals(projects, pairs)
+        totals = dict(zip(pairs, found, strict=True))
         _fit_rounds([j for j in need if isinstance(j, _Round)], views, totals)
         out: list[Emit] = []
         for slot in slots:

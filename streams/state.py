@@ -508,8 +508,7 @@ class ProficiencyStore:
         """Apply each score once, with the standings of `pairs` (project, worker, criteria) before
         and after. After is before plus what this call applied, not a second read: a worker's
         hashes are written only by the consumer of its scores partition."""
-        before = await self.totals([(p, w) for p, w, _ in pairs])
-        views = {p: await self.view(p, c) for p, c in {p: c for p, _, c in pairs}.items()}
+        views, before = await self.views_and_totals({p: c for p, _, c in pairs}, [(p, w) for p, w, _ in pairs])
         incs = [inc for rec, crit in records for inc in record_increments(rec, crit, self.keys)]
         done = await self.state.apply(incs)
         applied = [done[2 * i] for i in range(len(records))]
@@ -549,6 +548,28 @@ class ProficiencyStore:
         view = project_view(_ints(levels), _ints(pace), _ints(risks), criteria, int(count or 0))
         self._views[project_id] = view
         return view
+
+    async def views_and_totals(
+        self, projects: Mapping[str, ProjectCriteria], pairs: Sequence[tuple[str, str]]
+    ) -> tuple[dict[str, ProjectView], list[dict[str, int]]]:
+        """The projects' views and the (project, worker) pairs' totals in one round trip (and one
+        more for a project whose model is due a refit): what a batch needs to judge its workers."""
+        order = sorted(projects)
+        names = [self.keys.worker(p, w) for p, w in pairs]
+
+        def build(pipe: Any) -> None:
+            for p in order:
+                pipe.hget(self.keys.project(p), "items")
+            for name in names:
+                pipe.hgetall(name)
+
+        found = await self.state.read(build, "standing") if order or names else []
+        views = {}
+        for p, count in zip(order, found[: len(order)], strict=True):
+            cached = self._views.get(p)
+            fresh = cached is None or int(count or 0) >= cached.count * (1 + self.REFIT_SHARE) + 5
+            views[p] = await self.view(p, projects[p], fresh=True) if fresh else cached  # type: ignore[assignment]
+        return views, [_ints(r) for r in found[len(order) :]]
 
     async def totals(self, pairs: Sequence[tuple[str, str | None]]) -> list[dict[str, int]]:
         """Totals of (project, worker) pairs; worker None: the project's. One round trip."""
