@@ -76,10 +76,11 @@ def markdown(summary: dict[str, Any]) -> str:
         "| offered rate | p50 ms | p95 ms | p99 ms | gold p50 / p99 | consensus p50 / p99 | n |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in st["latency"]:
+    rows = [("", r) for r in st["latency"]] + [(", steps split", r) for r in st.get("latency_split_steps", [])]
+    for label, r in rows:
         a, g, c = r["all"], r["gold"], r["consensus"]
         lines.append(
-            f"| {r['fraction_of_max']:.0%} of max ({r['offered_per_s']:.0f}/s) | {_fmt(a['p50_ms'])} | "
+            f"| {r['fraction_of_max']:.0%} of max ({r['offered_per_s']:.0f}/s){label} | {_fmt(a['p50_ms'])} | "
             f"{_fmt(a['p95_ms'])} | {_fmt(a['p99_ms'])} | {_fmt(g['p50_ms'])} / {_fmt(g['p99_ms'])} | "
             f"{_fmt(c['p50_ms'])} / {_fmt(c['p99_ms'])} | {a['n']} |"
         )

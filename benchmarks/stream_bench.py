@@ -386,12 +386,18 @@ async def offer(settings: Settings, anns: Sequence[s.AnnotationSubmitted], rate:
     return stamps
 
 
-async def latency(base: Settings, max_rate: float, fractions: Sequence[float], seconds: float, logs: Path) -> list:
-    """One worker; for each offered rate a workload of its own (own project), gold loaded first."""
-    settings = fresh_settings(base, "latency")
+async def latency(
+    base: Settings, max_rate: float, fractions: Sequence[float], seconds: float, logs: Path, split: bool = False
+) -> list:
+    """One worker; for each offered rate a workload of its own (own project), gold loaded first.
+    `split`: the worker's two steps in two processes (`--steps score`, `--steps proficiency`)."""
+    settings = fresh_settings(base, "latency-split" if split else "latency")
     topics = Topics(settings.topic_prefix)
     await ensure_topics(endpoints(settings), topics, settings.partitions)
-    worker = WorkerProcess(settings, logs / f"{settings.app_id}.log").start()
+    steps = ("score", "proficiency") if split else ("score,proficiency",)
+    workers = [
+        WorkerProcess(replace(settings, steps=step), logs / f"{settings.app_id}-{step}.log").start() for step in steps
+    ]
     follower = Follower(settings, topics.name("scores"))
     rows = []
     try:
@@ -410,9 +416,9 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
             anns = sorted(anns, key=lambda a: (first[a.item_id], a.submitted_at))[:n]
             await set_criteria(settings, crit, wait_s=120)
             if k == 0:
-                await wait_stable(settings, [settings.app_id, f"{settings.app_id}-proficiency"], 1, [worker])
+                await wait_stable(settings, [settings.app_id, f"{settings.app_id}-proficiency"], 1, workers)
             await publish(settings, envelopes_of(gold))
-            await wait_until(lambda: committed_to_end(settings, settings.app_id, "gold"), 120, "gold", [worker])
+            await wait_until(lambda: committed_to_end(settings, settings.app_id, "gold"), 120, "gold", workers)
             t0 = time.monotonic()
             stamps = await offer(settings, anns, rate)
             offered_s = time.monotonic() - t0
@@ -431,7 +437,7 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
                 }
                 return len(got & set(stamps)) >= expected
 
-            await wait_until(done, 300, f"{expected} scores at {f:.0%}", [worker])
+            await wait_until(done, 300, f"{expected} scores at {f:.0%}", workers)
             lat = latencies(stamps, follower.arrivals, crit.consensus.overlap, crit.project_id)
             rows.append(
                 {
@@ -448,7 +454,8 @@ async def latency(base: Settings, max_rate: float, fractions: Sequence[float], s
             )
     finally:
         await follower.stop()
-        worker.stop()
+        for worker in workers:
+            worker.stop()
         await cleanup(settings)
     return rows
 
@@ -472,10 +479,12 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
     by = {(r.name, r.processes): r for r in runs}
     one = by[("goldstream", 1)].rate
     lat = await latency(base, one, (0.25, 0.5, 0.75), 6.0 if quick else 25.0, logs)
-    for row in lat:
+    # the same rates with the worker's two steps in two processes (`goldstream worker --steps`)
+    lat_split = await latency(base, one, (0.25, 0.5, 0.75), 6.0 if quick else 25.0, logs, split=True)
+    for label, row in [("", r) for r in lat] + [(" split", r) for r in lat_split]:
         a = row["all"]
         print(
-            f"  latency at {row['fraction_of_max']:.0%} ({row['offered_per_s']}/s): "
+            f"  latency{label} at {row['fraction_of_max']:.0%} ({row['offered_per_s']}/s): "
             f"p50 {a['p50_ms']} ms, p95 {a['p95_ms']} ms, p99 {a['p99_ms']} ms (n={a['n']}); "
             f"until produced p50 {row['worker']['p50_ms']} / p99 {row['worker']['p99_ms']} ms, "
             f"then delivered p50 {row['delivery']['p50_ms']} / p99 {row['delivery']['p99_ms']} ms"
@@ -496,6 +505,7 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
             "forward_2_vs_1": round(by[("forward", 2)].rate / by[("forward", 1)].rate, 3),
         },
         "latency": lat,
+        "latency_split_steps": lat_split,
         "partitions": base.partitions,
     }
 

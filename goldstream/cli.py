@@ -54,13 +54,16 @@ def _schemas_validate(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from goldstream.commands import run_worker
 
     settings = _settings(args)
     if args.health_port is not None:
-        import dataclasses
-
         settings = dataclasses.replace(settings, health_port=args.health_port)  # type: ignore[type-var]
+    if args.steps is not None:
+        settings = dataclasses.replace(settings, steps=args.steps)  # type: ignore[type-var]
+        settings.step_names()
     run_worker(settings)  # type: ignore[arg-type]
     return 0
 
@@ -218,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(w)
     w.add_argument(
         "--app-id", help="consumer group of the score step, '<id>-proficiency' of the other (default 'goldstream')"
+    )
+    w.add_argument(
+        "--steps",
+        help="steps this process runs: score, proficiency or both (default); "
+        "separate processes keep a busy proficiency step off the score step's event loop",
     )
     w.add_argument(
         "--health-port",

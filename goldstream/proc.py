@@ -37,6 +37,7 @@ def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
         "GOLDSTREAM_HEALTH_PORT": str(settings.health_port),
         "GOLDSTREAM_SHUTDOWN_TIMEOUT_S": str(settings.shutdown_timeout_s),
         "GOLDSTREAM_REDIS_LOST_STATE": settings.redis_lost_state,
+        "GOLDSTREAM_STEPS": settings.steps,
         "GOLDSTREAM_FAULT": settings.fault,
         "GOLDSTREAM_UNKNOWN_PROJECTS": settings.unknown_projects,
         "GOLDSTREAM_SESSION_TIMEOUT_S": str(settings.session_timeout_s),

@@ -15,6 +15,7 @@ ENV_PREFIX = "GOLDSTREAM_"
 
 # settings an earlier version read and this one does not (Faust's web view): accepted, ignored
 RETIRED = frozenset({"web_enabled", "web_port"})
+STEPS = frozenset({"score", "proficiency"})
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class Settings:
     # that long, and a batch's fixed cost (reads before and after, alerts) is then shared by
     # more scores, which leaves the CPU to the score step whose latency reviewers see
     proficiency_linger_ms: int = 50
+    # which steps this process runs: "score" (with its consensus timer), "proficiency", or both;
+    # in separate processes a busy proficiency step cannot hold the score step's event loop
+    steps: str = "score,proficiency"
     consensus_check_s: float = 30.0
     session_timeout_s: float = 10.0
     log_level: str = "warning"
@@ -78,7 +82,16 @@ class Settings:
         unknown = set(values) - names
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-        return cls(**{f.name: _coerce(f.type, values[f.name]) for f in dataclasses.fields(cls) if f.name in values})
+        settings = cls(**{f.name: _coerce(f.type, values[f.name]) for f in dataclasses.fields(cls) if f.name in values})
+        settings.step_names()  # a typo in `steps` fails here, not in a worker that runs nothing
+        return settings
+
+    def step_names(self) -> set[str]:
+        """The steps this process runs (`steps`), checked."""
+        names = {x.strip() for x in self.steps.split(",") if x.strip()}
+        if not names or names - STEPS:
+            raise ValueError(f"steps must name some of {', '.join(sorted(STEPS))}, not {self.steps!r}")
+        return names
 
 
 def _coerce(kind: Any, value: Any) -> Any:

@@ -342,7 +342,8 @@ class Worker:
         await probe.start()
         progress = Progress(s.stall_timeout_s)
         loop = asyncio.get_running_loop()
-        groups = {"score": s.app_id, "proficiency": f"{s.app_id}-proficiency"}
+        groups = {k: v for k, v in {"score": s.app_id, "proficiency": f"{s.app_id}-proficiency"}.items()
+                  if k in s.step_names()}  # fmt: skip
         try:
             while not await self.pause(s.watch_every_s):
                 self.health.redis_down = self.guard.down
@@ -395,16 +396,16 @@ class Worker:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
-        steps: dict[str, Callable[[], Awaitable[None]]] = {
-            "the score step": self.score_step,
-            "the proficiency step": self.proficiency_step,
-            "the consensus timer": self.consensus_timer,
-            "the watchdog": self.watchdog,
-        }
+        mine = s.step_names()
+        steps: dict[str, Callable[[], Awaitable[None]]] = {"the watchdog": self.watchdog}
+        if "score" in mine:
+            steps |= {"the score step": self.score_step, "the consensus timer": self.consensus_timer}
+        if "proficiency" in mine:
+            steps["the proficiency step"] = self.proficiency_step
         tasks = {asyncio.create_task(fn(), name=name): name for name, fn in steps.items()}
         beat = asyncio.create_task(heartbeat(self.health))
         stop = asyncio.create_task(self.stopping.wait())
-        log.info("worker started: group %s, topics %s*", s.app_id, s.topic_prefix)
+        log.info("worker started: group %s, topics %s*, steps %s", s.app_id, s.topic_prefix, ",".join(sorted(mine)))
         try:
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
             for task in done:

@@ -299,3 +299,36 @@ async def _missing(settings: Settings) -> str:
         await admin.close()
     committed = {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == name}
     return f"missing at (partition, offset) {sorted(missing)[:40]}; committed {committed}"
+
+
+def test_the_score_and_proficiency_steps_run_in_separate_processes(settings: Settings, tmp_path: Path) -> None:
+    """`goldstream worker --steps score` and `--steps proficiency` together do what one worker
+    does (a busy proficiency step then cannot hold the score step's event loop): every
+    annotation scored, Redis equal to a replay."""
+    from dataclasses import replace
+
+    c = criteria()
+    asyncio.run(set_criteria(settings, c, wait_s=0))
+    score = Worker(replace(settings, steps="score"), tmp_path / "score.log").start()
+    prof = Worker(replace(settings, steps="proficiency"), tmp_path / "proficiency.log").start()
+    try:
+        items = [f"g{i}" for i in range(6)]
+        # each item's gold scores its annotations whichever topic the worker reads first
+        msgs: list[s.Message] = [gold(i) for i in items]
+        msgs += [annotation(n, item, f"w{n % 3}", GOOD if n % 3 else BAD) for n, item in enumerate(items * 2)]
+        send(settings, msgs)
+        wait_for(
+            lambda: live_snapshot(settings).get("{p1}:totals", {}).get("items") == 12, 120, "12 scores", [score, prof]
+        )
+        assert "steps score" in score.log.read_text() and "steps proficiency" in prof.log.read_text()
+        assert "assigned proficiency" not in score.log.read_text()
+        assert "assigned score" not in prof.log.read_text()
+        assert live_snapshot(settings) == replay_snapshot(settings, [c, *msgs], f"{settings.key_prefix}-replay")
+    finally:
+        score.stop()
+        prof.stop()
+
+
+def test_a_worker_refuses_steps_it_does_not_know() -> None:
+    with pytest.raises(ValueError, match="steps must name some of proficiency, score"):
+        Settings.load(environ={"GOLDSTREAM_STEPS": "score,proficency"})
