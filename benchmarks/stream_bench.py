@@ -387,14 +387,14 @@ async def offer(settings: Settings, anns: Sequence[s.AnnotationSubmitted], rate:
 
 
 async def latency(
-    base: Settings, max_rate: float, fractions: Sequence[float], seconds: float, logs: Path, split: bool = False
+    base: Settings, max_rate: float, fractions: Sequence[float], seconds: float, logs: Path, split_steps: bool = False
 ) -> list:
     """One worker; for each offered rate a workload of its own (own project), gold loaded first.
-    `split`: the worker's two steps in two processes (`--steps score`, `--steps proficiency`)."""
-    settings = fresh_settings(base, "latency-split" if split else "latency")
+    `split_steps`: the worker's two steps in two processes (`--steps score`, `--steps proficiency`)."""
+    settings = fresh_settings(base, "latency-split" if split_steps else "latency")
     topics = Topics(settings.topic_prefix)
     await ensure_topics(endpoints(settings), topics, settings.partitions)
-    steps = ("score", "proficiency") if split else ("score,proficiency",)
+    steps = ("score", "proficiency") if split_steps else ("score,proficiency",)
     workers = [
         WorkerProcess(replace(settings, steps=step), logs / f"{settings.app_id}-{step}.log").start() for step in steps
     ]
@@ -480,7 +480,7 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
     one = by[("goldstream", 1)].rate
     lat = await latency(base, one, (0.25, 0.5, 0.75), 6.0 if quick else 25.0, logs)
     # the same rates with the worker's two steps in two processes (`goldstream worker --steps`)
-    lat_split = await latency(base, one, (0.25, 0.5, 0.75), 6.0 if quick else 25.0, logs, split=True)
+    lat_split = await latency(base, one, (0.25, 0.5, 0.75), 6.0 if quick else 25.0, logs, split_steps=True)
     for label, row in [("", r) for r in lat] + [(" split", r) for r in lat_split]:
         a = row["all"]
         print(

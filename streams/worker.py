@@ -382,7 +382,7 @@ class Worker:
             bootstrap_servers=s.kafka_bootstrap,
             acks="all",
             enable_idempotence=s.services_kind != "embedded",  # Tansu takes no idempotent producer
-            linger_ms=5,
+            linger_ms=0,  # a batch's outputs are all sent before the sender runs: lingering only adds latency
         )
         await self.producer.start()
         loop = asyncio.get_running_loop()
