@@ -308,10 +308,12 @@ def test_the_score_and_proficiency_steps_run_in_separate_processes(settings: Set
     from dataclasses import replace
 
     c = criteria()
-    asyncio.run(set_criteria(settings, c, wait_s=0))
     score = Worker(replace(settings, steps="score"), tmp_path / "score.log").start()
     prof = Worker(replace(settings, steps="proficiency"), tmp_path / "proficiency.log").start()
     try:
+        # returns once the score step applied the criteria: an annotation read before them would
+        # be scored with the defaults, and the replay applies them first
+        asyncio.run(set_criteria(settings, c, wait_s=90))
         items = [f"g{i}" for i in range(6)]
         # each item's gold scores its annotations whichever topic the worker reads first
         msgs: list[s.Message] = [gold(i) for i in items]
