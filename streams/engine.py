@@ -87,11 +87,6 @@ class Engine:
     ) -> list[RoundTimeout]:
         return await self.item_processor.timed_out(now, candidates)
 
-    async def close_waiting(self, now: datetime | None = None) -> list[Emit]:
-        """Close every round `timed_out` asks for, here and now (replay has no other agent)."""
-        requests = await self.timed_out(now)
-        return await self.process([Record("control", r.to_bytes(), r.item_id.encode()) for r in requests])
-
     def waiting_items(self) -> list[tuple[str, datetime]]:
         return self.item_processor.waiting_items()
 

@@ -106,25 +106,28 @@ class _Job:
     rec: Record  # the input that asked for it: its dead letter if the comparison fails
     criteria: ProjectCriteria
     pairs: list[tuple[AnnotationSubmitted, object]] = field(default_factory=list)
+    answers: list[AnnotationSubmitted] = field(default_factory=list)  # whose workers it judges
     results: list[ItemScore] | None = None
     failed: str | None = None
+
+    @property
+    def a(self) -> AnnotationSubmitted:
+        """The annotation a job of one annotation is about."""
+        return self.answers[0]
 
 
 @dataclass
 class _Gold(_Job):
-    a: AnnotationSubmitted | None = None
     gold: GoldAnswer | None = None
 
 
 @dataclass
 class _Review(_Job):
-    a: AnnotationSubmitted | None = None
     review: ReviewResult | None = None
 
 
 @dataclass
 class _Round(_Job):
-    answers: list[AnnotationSubmitted] = field(default_factory=list)
     round_id: str = ""
     late: bool = False
     fit: _Fit | None = None
@@ -143,12 +146,11 @@ class _Fit:
 
 @dataclass
 class _Audit(_Job):
-    a: AnnotationSubmitted | None = None
+    pass
 
 
 @dataclass
 class _Invalid(_Job):
-    a: AnnotationSubmitted | None = None
     detail: str = ""
 
 
@@ -265,7 +267,7 @@ class ItemProcessor:
         st = st.model_copy(update={"gold": g, "waiting": [], "gold_scored": targets})
         self._save(g.item_id, st)
         return [
-            _Gold(rec, c, [(a, g)], a=a, gold=g)
+            _Gold(rec, c, [(a, g)], answers=[a], gold=g)
             for e in targets
             if (a := st.annotation(e)) is not None and a.project_id == g.project_id
         ]
@@ -276,7 +278,7 @@ class ItemProcessor:
         if problems:
             out: list[Slot] = [self.ingress.dead(rec, *problems)]
             if problems[0] == "invalid_geometry":
-                out.append(_Invalid(rec, c, a=a, detail=problems[1]))
+                out.append(_Invalid(rec, c, answers=[a], detail=problems[1]))
             return out
         seen = self._item(a.item_id)
         st = seen.with_annotation(a)
@@ -286,13 +288,13 @@ class ItemProcessor:
             if a.event_id not in st.gold_scored:
                 st = st.model_copy(update={"gold_scored": [*st.gold_scored, a.event_id][-MAX_ANNOTATIONS_PER_ITEM:]})
             self._save(a.item_id, st)
-            return [_Gold(rec, c, [(a, st.gold)], a=a, gold=st.gold), *self._parked_reviews(a, seen, c)]
+            return [_Gold(rec, c, [(a, st.gold)], answers=[a], gold=st.gold), *self._parked_reviews(a, seen, c)]
         if a.event_id not in st.waiting:
             st = st.model_copy(update={"waiting": [*st.waiting, a.event_id]})
         self._save(a.item_id, st)
         # an item without gold: audit a random sample at a rate that falls as the worker proves
         # itself (the rest waits for its round, where its risk decides)
-        out = [_Audit(rec, c, a=a)]
+        out = [_Audit(rec, c, answers=[a])]
         return out + self._consensus(rec, a, st, c) + self._parked_reviews(a, seen, c)
 
     def _parked_reviews(self, a: AnnotationSubmitted, seen: ItemState, c: ProjectCriteria) -> list[Slot]:
@@ -341,7 +343,7 @@ class ItemProcessor:
             pairs = [(a, r.corrected)]
         elif r.verdict is Verdict.APPROVE:
             pairs = [(a, a)]
-        return [_Review(rec, c, pairs, a=a, review=r)]
+        return [_Review(rec, c, pairs, answers=[a], review=r)]
 
     def _consensus(self, rec: Record, a: AnnotationSubmitted, st: ItemState, c: ProjectCriteria) -> list[Slot]:
         """A round once the item has its overlap; the same round again when a member is re-delivered."""
@@ -487,7 +489,7 @@ class ItemProcessor:
         """Standings for every job in one read, then each slot's outputs in order."""
         need = [j for j in jobs if j.failed is None and not isinstance(j, _Review)]
         projects = {j.criteria.project_id: j.criteria for j in need}
-        pairs = sorted({(x.project_id, x.worker_id) for j in need for x in _workers_of(j)})
+        pairs = sorted({(x.project_id, x.worker_id) for j in need for x in j.answers})
         views, found = await self.proficiency.views_and_totals(projects, pairs)
         totals = dict(zip(pairs, found, strict=True))
         _fit_rounds([j for j in need if isinstance(j, _Round)], views, totals)
@@ -503,13 +505,6 @@ class ItemProcessor:
 
 
 # ---------------------------------------------------------------------------- passes (pure)
-
-
-def _workers_of(job: _Job) -> list[AnnotationSubmitted]:
-    if isinstance(job, _Round):
-        return job.answers
-    a = getattr(job, "a", None)
-    return [a] if a is not None else []
 
 
 def _score(jobs: Sequence[_Job]) -> None:
@@ -557,7 +552,7 @@ def _outputs(job: _Job, view: ProjectView | None, totals: dict) -> list[Emit]:
 
     c = job.criteria
     if isinstance(job, _Gold):
-        assert job.a is not None and job.gold is not None and job.results is not None
+        assert job.gold is not None and job.results is not None
         result = job.results[0]
         risk = None if result.score is None else known_risk(result.score, c.pass_threshold)
         out = [score_record(job.a, ScoreKind.GOLD, job.gold.event_id, result, 1.0, risk=risk)]
@@ -568,13 +563,11 @@ def _outputs(job: _Job, view: ProjectView | None, totals: dict) -> list[Emit]:
     if isinstance(job, _Review):
         return _review_outputs(job)
     if isinstance(job, _Audit):
-        assert job.a is not None
         snap = standing(job.a)
         if audit_draw(job.a.event_id, c.escalation.audit_seed) >= audit_rate(snap.lower_bound, c):
             return []
         return [escalation(job.a, [EscalationReason.AUDIT_SAMPLE], snap)]
     if isinstance(job, _Invalid):
-        assert job.a is not None
         return [escalation(job.a, [EscalationReason.INVALID_GEOMETRY], standing(job.a), detail=job.detail)]
     assert isinstance(job, _Round) and view is not None
     return _round_outputs(job, view, [totals[(x.project_id, x.worker_id)] for x in job.answers])
@@ -582,7 +575,7 @@ def _outputs(job: _Job, view: ProjectView | None, totals: dict) -> list[Emit]:
 
 def _review_outputs(job: _Review) -> list[Emit]:
     r, a = job.review, job.a
-    assert r is not None and a is not None
+    assert r is not None
     result = job.results[0] if job.results else rejected_result()
     risk = None if result.score is None else known_risk(result.score, job.criteria.pass_threshold)
     out = [score_record(a, ScoreKind.REVIEW, r.event_id, result, 1.0, risk=risk)]

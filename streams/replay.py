@@ -102,6 +102,11 @@ async def replay(
             pending.clear()
             earliest.clear()
 
+    async def close(now: datetime | None) -> None:
+        """Close the rounds waiting past their timeout at `now` (None: every waiting round)."""
+        requests = await engine.timed_out(now)
+        await run([Record("control", r.to_bytes(), r.item_id.encode()) for r in requests])
+
     async def may_time_out(at: float) -> bool:
         """Whether a round could have timed out by `at`: else the tick needs no stop (the batch
         goes on filling), which gives the same rounds as stopping at every tick."""
@@ -132,8 +137,7 @@ async def replay(
                 tick[0] = at  # the ticks fall where they would if each one stopped the batch
                 if await may_time_out(at):
                     await flush()
-                requests = await engine.timed_out(datetime.fromtimestamp(at, UTC))
-                await run([Record("control", r.to_bytes(), r.item_id.encode()) for r in requests])
+                    await close(datetime.fromtimestamp(at, UTC))
         if rec.topic == "projects":
             await flush()  # criteria apply from here on, not to the batch before them
             await run([rec])
@@ -145,8 +149,7 @@ async def replay(
             await flush()
     await flush()
     if close_rounds:
-        requests = await engine.timed_out(None)
-        await run([Record("control", r.to_bytes(), r.item_id.encode()) for r in requests])
+        await close(None)
     return result
 
 

@@ -498,9 +498,16 @@ class ProficiencyStore:
 
     async def apply(self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]]) -> list[bool]:
         """Apply each score once (both slots); True where this call applied it."""
-        incs = [inc for rec, crit in records for inc in record_increments(rec, crit, self.keys)]
-        done = await self.state.apply(incs)
-        return [done[2 * i] for i in range(len(records))]
+        applied, _ = await self._apply(records)
+        return applied
+
+    async def _apply(
+        self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]]
+    ) -> tuple[list[bool], list[Mapping[str, int]]]:
+        """Apply each score once; (applied, each score's change to its worker's totals)."""
+        incs = [record_increments(rec, crit, self.keys) for rec, crit in records]
+        done = await self.state.apply([inc for pair in incs for inc in pair])
+        return [done[2 * i] for i in range(len(records))], [pair[0].changes["totals"] for pair in incs]
 
     async def apply_standing(
         self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]], pairs: Sequence[tuple[str, str, ProjectCriteria]]
@@ -509,14 +516,12 @@ class ProficiencyStore:
         and after. After is before plus what this call applied, not a second read: a worker's
         hashes are written only by the consumer of its scores partition."""
         views, before = await self.views_and_totals({p: c for p, _, c in pairs}, [(p, w) for p, w, _ in pairs])
-        incs = [inc for rec, crit in records for inc in record_increments(rec, crit, self.keys)]
-        done = await self.state.apply(incs)
-        applied = [done[2 * i] for i in range(len(records))]
+        applied, changes = await self._apply(records)
         after = {(p, w): dict(t) for (p, w, _), t in zip(pairs, before, strict=True)}
-        for i, ((rec, _), ok) in enumerate(zip(records, applied, strict=True)):
+        for (rec, _), ok, change in zip(records, applied, changes, strict=True):
             totals = after.get((rec.project_id, rec.worker_id))
             if ok and totals is not None:
-                for name, amount in incs[2 * i].changes["totals"].items():
+                for name, amount in change.items():
                     totals[name] = totals.get(name, 0) + amount
 
         def standing(t: Mapping[str, int], p: str, c: ProjectCriteria) -> Proficiency:
@@ -532,12 +537,13 @@ class ProficiencyStore:
         """The project's fitted model, pace and risk histogram. Refitted when its applied scores
         grew by `REFIT_SHARE` (plus a few) since the last fit, or when `fresh`: a count, not a
         clock, decides, so a replay refits at the same points every time."""
-        cached = self._views.get(project_id)
+        if fresh:
+            return await self._fit(project_id, criteria)
+        views, _ = await self.views_and_totals({project_id: criteria}, [])
+        return views[project_id]
+
+    async def _fit(self, project_id: str, criteria: ProjectCriteria) -> ProjectView:
         p = self.keys.project
-        if cached is not None and not fresh:
-            (count,) = await self.state.read(lambda pipe: pipe.hget(p(project_id), "items"), "count")
-            if int(count or 0) < cached.count * (1 + self.REFIT_SHARE) + 5:
-                return cached
 
         def build(pipe: Any) -> None:
             pipe.hget(p(project_id), "items")
@@ -567,8 +573,9 @@ class ProficiencyStore:
         views = {}
         for p, count in zip(order, found[: len(order)], strict=True):
             cached = self._views.get(p)
-            fresh = cached is None or int(count or 0) >= cached.count * (1 + self.REFIT_SHARE) + 5
-            views[p] = await self.view(p, projects[p], fresh=True) if fresh else cached  # type: ignore[assignment]
+            if cached is None or int(count or 0) >= cached.count * (1 + self.REFIT_SHARE) + 5:
+                cached = await self._fit(p, projects[p])
+            views[p] = cached
         return views, [_ints(r) for r in found[len(order) :]]
 
     async def totals(self, pairs: Sequence[tuple[str, str | None]]) -> list[dict[str, int]]:
@@ -578,8 +585,7 @@ class ProficiencyStore:
 
     async def snapshots(self, pairs: Sequence[tuple[str, str, ProjectCriteria]]) -> list[Proficiency]:
         """Workers' standings: their own sums, now, through their project's model."""
-        totals = await self.totals([(p, w) for p, w, _ in pairs])
-        views = {p: await self.view(p, c) for p, c in {p: c for p, _, c in pairs}.items()}  # once per project
+        views, totals = await self.views_and_totals({p: c for p, _, c in pairs}, [(p, w) for p, w, _ in pairs])
         return [proficiency(t, c, level_of(views[p].model, t)) for t, (p, _, c) in zip(totals, pairs, strict=True)]
 
     async def hashes(self, keys: Sequence[str]) -> list[dict[str, int]]:

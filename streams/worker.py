@@ -342,8 +342,8 @@ class Worker:
         await probe.start()
         progress = Progress(s.stall_timeout_s)
         loop = asyncio.get_running_loop()
-        groups = {k: v for k, v in {"score": s.app_id, "proficiency": f"{s.app_id}-proficiency"}.items()
-                  if k in s.step_names()}  # fmt: skip
+        groups = {"score": s.app_id, "proficiency": f"{s.app_id}-proficiency"}
+        groups = {step: group for step, group in groups.items() if step in s.step_names()}
         try:
             while not await self.pause(s.watch_every_s):
                 self.health.redis_down = self.guard.down
