@@ -89,9 +89,10 @@ def _table() -> dict[int, ProcInfo]:
     return out
 
 
-def _alive(info: ProcInfo) -> bool:
+def _now(info: ProcInfo) -> ProcInfo | None:
+    """The same process as it is now (None once it ended): its command line changes on exec."""
     now = _read_proc(info.pid)
-    return now is not None and now.start == info.start and now.state != "Z"  # a zombie has ended
+    return now if now is not None and now.start == info.start and now.state != "Z" else None  # a zombie has ended
 
 
 class Tree:
@@ -124,7 +125,9 @@ class Tree:
         return [table[p] for p in found]
 
     def alive(self) -> list[ProcInfo]:
-        return [p for p in self.seen.values() if _alive(p)]
+        """Every recorded process still running, as it is now: a scan may have caught one between
+        fork and exec, still showing its parent's command line (the worker as `goldstream demo`)."""
+        return [now for p in self.seen.values() if (now := _now(p)) is not None]
 
     def marked(self) -> list[ProcInfo]:
         return [p for p in _table().values() if p.state != "Z" and self.marks.on(p)]
@@ -370,3 +373,30 @@ def test_embedded_services_and_worker_end_with_their_parent(sig: signal.Signals,
         _stop_and_check(run, tree, lambda: os.kill(run.proc.pid, sig), -sig if sig == signal.SIGKILL else 128 + sig)
     finally:
         run.close()
+
+
+FORKER = """
+import os, subprocess, sys, time
+def hold():  # between fork and exec: the child still shows this script's command line
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", os.environ["WHAT"]], preexec_fn=hold).wait()
+"""
+
+
+def test_the_tree_reports_a_process_by_what_it_runs_now_not_when_first_seen(marks: Marks) -> None:
+    """A scan can catch the demo's worker between fork and exec (CI did): it is then recorded with
+    the demo's command line, and the stop check must still find it as the worker."""
+    gate = Path(marks.path) / "exec"
+    env = {**os.environ, MARKER: marks.env, "WHAT": "goldstream.cli worker"}
+    root = subprocess.Popen([sys.executable, "-c", FORKER, str(gate)], env=env, start_new_session=True)
+    tree = Tree(root.pid, marks)
+    try:
+        _wait(lambda: len(tree.scan()) == 1, 60, lambda: "the forked child")
+        assert _parts(tree.alive())["worker"] == []  # not exec'd yet
+        gate.touch()
+        _wait(lambda: bool(_parts(tree.scan())["worker"]), 60, lambda: "the child's exec")
+        assert [p.ppid for p in _parts(tree.alive())["worker"]] == [root.pid]
+    finally:
+        os.killpg(root.pid, signal.SIGKILL)
+        root.wait()
