@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-BENCHMARKS = ("scoring_bench", "stream_bench", "qc_bench")
+BENCHMARKS = ("scoring_bench", "stream_bench", "replay_bench", "qc_bench")
 
 
 def run(name: str, out: Path, quick: bool) -> tuple[dict[str, Any], float]:
@@ -84,6 +84,19 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{_fmt(a['p95_ms'])} | {_fmt(a['p99_ms'])} | {_fmt(g['p50_ms'])} / {_fmt(g['p99_ms'])} | "
             f"{_fmt(c['p50_ms'])} / {_fmt(c['p99_ms'])} | {a['n']} |"
         )
+    if "replay" in summary:
+        lines += [
+            "",
+            "## Replay (`goldstream replay` into redis-server; annotations/s)",
+            "",
+            "| workforce | annotations | batches of 500 | one at a time | ratio | target |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in summary["replay"]["replay"]:
+            lines.append(
+                f"| {r['workforce']} | {r['annotations']} | {r['annotations_per_s']:.0f} | "
+                f"{r['batch_1_annotations_per_s']:.0f} | {r['ratio_vs_batch_1']:.1f}x | {r['target_per_s']:.0f} |"
+            )
     lines += ["", *qc_markdown(summary["qc"]), ""]
     lines += [
         "## Scoring library (items/s, no I/O)",

@@ -6,9 +6,11 @@ import asyncio
 
 import orjson
 import pytest
+from goldstream.streams.settings import Settings
 from redis.asyncio import Redis
 
 from benchmarks.qc_bench import evaluate, independent_case, own_case, run_goldstream
+from benchmarks.replay_bench import run as replay_bench
 from benchmarks.stream_bench import latencies, percentiles
 from goldstream.services import Endpoints
 from tests.conftest import drop_keys
@@ -60,3 +62,21 @@ def test_qc_figures_on_a_small_workforce(services: Endpoints, family: str) -> No
     assert g["precision"] > 0.5 and g["risk_auc"] > 0.75
     assert g["spearman_level"] > 0.7
     assert int(g["drift_detected"].split("/")[0]) >= 1
+
+
+def test_the_replay_benchmark_times_both_ways_on_every_workforce_and_leaves_no_keys(services: Endpoints) -> None:
+    figures = asyncio.run(replay_bench(Settings.load(redis_url=services.redis_url), items=40, repeats=1))
+    rows = figures["replay"]
+    assert [r["workforce"] for r in rows] == ["independent", "independent-matched", "own"]
+    for r in rows:
+        assert r["scores"] == r["scores_batch_1"] > 0  # the same history scored either way
+        assert r["annotations_per_s"] > 0 and r["batch_1_annotations_per_s"] > 0
+
+    async def left() -> list:
+        redis = Redis.from_url(services.redis_url)
+        try:
+            return [k async for k in redis.scan_iter(match="bench-replay-*")]
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(left()) == []
