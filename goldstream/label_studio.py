@@ -1,0 +1,178 @@
+"""Label Studio annotation results -> goldstream `Content`, with exact geometry (issue #12).
+
+Label Studio stores an image region in percent of the image's `original_width` and
+`original_height`, anchored at the region's top-left corner, and a rectangle's `rotation` in
+degrees clockwise on screen about that same corner. goldstream stores pixels, and a rotated box
+by its centre (`RotatedBBox`), so the corner's rotation has to be carried to the centre here, once;
+a reviewer comparing the two tools must see the same box. Keypoints are one region per point in
+Label Studio, tied into an instance by `relation` results; goldstream wants one keypoint set per
+instance in the order of the project's keypoint schema. Per-region classifications (a `choices`,
+`textarea`, `number` or `rating` result carrying a region's id) become that object's attributes;
+the others become the item's classifications.
+
+Anything this cannot convert faithfully raises `Unsupported`, naming the result: the bridge
+answers 4xx and dead-letters the delivery with its raw body rather than score something else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from goldstream import schemas as s
+
+REGION_TYPES = ("rectanglelabels", "polygonlabels", "keypointlabels")
+ATTRIBUTE_TYPES = ("choices", "textarea", "number", "rating")
+
+
+class Unsupported(ValueError):
+    """A result that cannot be converted faithfully; the message says which and why."""
+
+
+def _size(results: Sequence[Mapping[str, Any]]) -> tuple[float, float] | None:
+    sizes = {(r["original_width"], r["original_height"]) for r in results if "original_width" in r}
+    if len(sizes) > 1:
+        raise Unsupported(f"results give different image sizes: {sorted(sizes)}")
+    if not sizes:
+        return None
+    ((w, h),) = sizes
+    if not (isinstance(w, int | float) and isinstance(h, int | float) and w > 0 and h > 0):
+        raise Unsupported(f"image size {w} x {h} is not positive")
+    return float(w), float(h)
+
+
+def _label(r: Mapping[str, Any]) -> str:
+    labels = r.get("value", {}).get(r["type"])
+    if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
+        raise Unsupported(f"region {r.get('id')!r} ({r['type']}) must carry exactly one label, not {labels!r}")
+    return labels[0]
+
+
+def rectangle(value: Mapping[str, Any], width: float, height: float) -> s.BBox | s.RotatedBBox:
+    """A Label Studio rectangle in pixels: rotated about its top-left corner there, about its
+    centre here (the same box on screen)."""
+    x, y = value["x"] / 100 * width, value["y"] / 100 * height
+    w, h = value["width"] / 100 * width, value["height"] / 100 * height
+    angle = float(value.get("rotation") or 0.0) % 360
+    if angle == 0:
+        return s.BBox(x=x, y=y, w=w, h=h)
+    t = math.radians(angle)  # clockwise on screen (y down): (dx, dy) -> (dx cos - dy sin, dx sin + dy cos)
+    cx = x + w / 2 * math.cos(t) - h / 2 * math.sin(t)
+    cy = y + w / 2 * math.sin(t) + h / 2 * math.cos(t)
+    return s.RotatedBBox(cx=cx, cy=cy, w=w, h=h, angle=angle if angle <= 180 else angle - 360)
+
+
+def polygon(value: Mapping[str, Any], width: float, height: float) -> s.Polygon:
+    return s.Polygon(points=[(px / 100 * width, py / 100 * height) for px, py in value["points"]])
+
+
+def _attribute(r: Mapping[str, Any]) -> s.AttributeValue:
+    v = r.get("value", {})
+    kind = r["type"]
+    if kind == "choices":
+        choices = v.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise Unsupported(f"result {r.get('id')!r}: choices must be a non-empty list")
+        return choices[0] if len(choices) == 1 else list(choices)
+    if kind == "textarea":
+        text = v.get("text")
+        return text[0] if isinstance(text, list) and len(text) == 1 else list(text or [])
+    return v[kind]  # number, rating
+
+
+def _keypoint_sets(
+    points: Sequence[Mapping[str, Any]],
+    links: Sequence[tuple[str, str]],
+    criteria: s.ProjectCriteria,
+    width: float,
+    height: float,
+) -> list[s.AnnotatedObject]:
+    """Group keypoint regions joined by relations into instances, each laid out in the order of
+    the keypoint schema holding all its names; unlabeled schema points are (0, 0, 0)."""
+    parent = {p["id"]: p["id"] for p in points}
+
+    def root(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for p in points:
+        groups.setdefault(root(p["id"]), []).append(p)
+    out = []
+    for members in groups.values():
+        names = [_label(p) for p in members]
+        if len(set(names)) != len(names):
+            raise Unsupported(f"keypoint instance {sorted(p['id'] for p in members)} names a point twice: {names}")
+        schema = next((k for k, sch in sorted(criteria.keypoint_schemas.items()) if set(names) <= set(sch.names)), None)
+        if schema is None:
+            raise Unsupported(f"no keypoint schema of the project holds all of {sorted(names)}")
+        spec = next((lab for lab in criteria.labels if lab.keypoint_schema == schema), None)
+        at = {n: p for n, p in zip(names, members, strict=True)}
+        xyv = [
+            (at[n]["value"]["x"] / 100 * width, at[n]["value"]["y"] / 100 * height, 2) if n in at else (0.0, 0.0, 0)
+            for n in criteria.keypoint_schemas[schema].names
+        ]
+        first = min(p["id"] for p in members)
+        out.append(
+            s.AnnotatedObject(
+                id=first, label=spec.name if spec else schema, shape=s.Keypoints(points=xyv, schema_name=schema)
+            )
+        )
+    return out
+
+
+def content_of(results: Sequence[Mapping[str, Any]], criteria: s.ProjectCriteria | None = None) -> s.Content:
+    """The `Content` of a Label Studio annotation's (or prediction's) `result` list."""
+    criteria = criteria or s.ProjectCriteria(project_id="label-studio")
+    size = _size(results)
+    regions = {r["id"]: r for r in results if r.get("type") in REGION_TYPES and "id" in r}
+    if regions and size is None:
+        raise Unsupported("regions without original_width / original_height cannot be placed in pixels")
+    width, height = size or (1.0, 1.0)
+    objects: dict[str, s.AnnotatedObject] = {}
+    attributes: dict[str, dict[str, s.AttributeValue]] = {}
+    classifications: dict[str, list[str]] = {}
+    relations: list[tuple[str, str, str]] = []
+    keypoints = []
+    for r in results:
+        kind = r.get("type")
+        if kind == "rectanglelabels":
+            shape: s.BBox | s.RotatedBBox | s.Polygon = rectangle(r["value"], width, height)
+            objects[r["id"]] = s.AnnotatedObject(id=r["id"], label=_label(r), shape=shape)
+        elif kind == "polygonlabels":
+            objects[r["id"]] = s.AnnotatedObject(id=r["id"], label=_label(r), shape=polygon(r["value"], width, height))
+        elif kind == "keypointlabels":
+            keypoints.append(r)
+        elif kind in ATTRIBUTE_TYPES and r.get("id") in regions:
+            attributes.setdefault(r["id"], {})[r["from_name"]] = _attribute(r)
+        elif kind == "choices":
+            value = _attribute(r)
+            classifications[r["from_name"]] = value if isinstance(value, list) else [value]  # type: ignore[list-item]
+        elif kind == "relation":
+            labels = r.get("labels") or []
+            relations.append((r["from_id"], r["to_id"], labels[0] if labels else "related"))
+        else:
+            raise Unsupported(f"result {r.get('id')!r} of type {kind!r} is not supported")
+    kp_ids = {p["id"] for p in keypoints}
+    links = [(a, b) for a, b, _ in relations if a in kp_ids and b in kp_ids]
+    kept = [obj.model_copy(update={"attributes": attributes.get(i, {})}) for i, obj in objects.items()]
+    kept += _keypoint_sets(keypoints, links, criteria, width, height)
+    rels = [s.Relationship(subject=a, predicate=p, object=b) for a, b, p in relations if a in objects and b in objects]
+    image = s.ImageSize(width=round(width), height=round(height)) if size else None
+    return s.validate(
+        s.Content,
+        {
+            "objects": [o.model_dump(mode="json", by_alias=True) for o in kept],
+            "classifications": classifications,
+            "relationships": [x.model_dump(mode="json") for x in rels],
+            "image": image.model_dump(mode="json") if image else None,
+        },
+    )
+
+
+__all__ = ["Unsupported", "content_of", "polygon", "rectangle"]
