@@ -68,9 +68,10 @@ class Engine:
     async def count_dead(self, emits: Sequence[Emit]) -> None:
         await self.ingress.count_dead(emits)
 
-    async def process(self, records: Sequence[Record]) -> list[Emit]:
-        """A batch of item-keyed records (annotations, gold, reviews, control, projects)."""
-        return await self.item_processor.process(records)
+    async def process(self, records: Sequence[Record], ticks: Sequence[tuple[int, datetime]] = ()) -> list[Emit]:
+        """A batch of item-keyed records (annotations, gold, reviews, control, projects);
+        `ticks`: consensus-timer ticks inside it (`ItemProcessor.process`)."""
+        return await self.item_processor.process(records, ticks)
 
     async def apply_scores(self, records: Sequence[Record]) -> list[Emit]:
         """A batch of ScoreRecords: applied to Redis once each, with the alerts they cause."""

@@ -18,7 +18,7 @@ record that asked for it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import combinations
@@ -175,14 +175,19 @@ class ItemProcessor:
 
     # ------------------------------------------------------------------ batch
 
-    async def process(self, records: Sequence[Record]) -> list[Emit]:
-        """One batch of item-keyed records (criteria records first: they apply to the batch)."""
+    async def process(self, records: Sequence[Record], ticks: Sequence[tuple[int, datetime]] = ()) -> list[Emit]:
+        """One batch of item-keyed records (criteria records first: they apply to the batch).
+
+        `ticks`: (position, moment) of consensus-timer ticks inside the batch: before the record at
+        that position, the rounds waiting past their timeout at that moment close, as a batch cut
+        at the tick and followed by the timer's requests would close them. A replay's timer runs
+        on event time and ticks often; cutting its batches at every tick left them small."""
         slots: list[Slot] = []
         for rec in records:
             if rec.topic == "projects":
                 slots += await self.ingress.on_criteria(rec)
-        decoded: list[tuple[Record, object]] = []
-        for rec in records:
+        decoded: list[tuple[int, Record, object]] = []
+        for i, rec in enumerate(records):
             if rec.topic == "projects":
                 continue
             model = MODELS.get(rec.topic)
@@ -191,9 +196,15 @@ class ItemProcessor:
             elif rec.value is None and rec.topic == "gold":
                 slots += self._retract_gold(rec)
             else:
-                decoded.append((rec, self.ingress.decode(rec, model)))
-        criteria = await self.ingress.projects(m.project_id for _, m in decoded if not isinstance(m, Emit))
-        for rec, msg in decoded:
+                decoded.append((i, rec, self.ingress.decode(rec, model)))
+        named = {m.project_id for _, _, m in decoded if not isinstance(m, Emit)}  # type: ignore[attr-defined]
+        if ticks:
+            named |= self._timeout_projects(self.waiting_items())
+        criteria = await self.ingress.projects(named)
+        pending = sorted(ticks, key=lambda t: t[0])
+        for i, rec, msg in decoded:
+            while pending and pending[0][0] <= i:
+                slots += self._on_tick(pending.pop(0)[1], criteria)
             if isinstance(msg, Emit):
                 slots.append(msg)
                 continue
@@ -207,6 +218,8 @@ class ItemProcessor:
                 slots.append(self.ingress.dead(rec, exc.reason, str(exc)))
             except INPUT_DEFECTS as exc:
                 slots.append(self._defect(rec, exc))
+        for _, at in pending:
+            slots += self._on_tick(at, criteria)
         jobs = [s for s in slots if isinstance(s, _Job)]
         _score(jobs)
         out = await self._finish(slots, jobs)
@@ -402,17 +415,39 @@ class ItemProcessor:
         this processor's own index of its items."""
         if candidates is None:
             candidates = self.waiting_items()
+        return self._due(now, candidates, await self.ingress.projects(self._timeout_projects(candidates)))
+
+    def _timeout_projects(self, candidates: Sequence[tuple[str, datetime]]) -> set[str]:
+        """The projects whose criteria decide whether the candidates' rounds are due."""
+        out = set()
+        for item_id, _ in candidates:
+            _, project, _ = self._waiting.get(item_id, (None, None, 0))
+            if project is not None:
+                out.add(project)
+            st = self._item(item_id)
+            if st.waiting and (a := st.annotation(st.waiting[0])) is not None:
+                out.add(a.project_id)
+        return out
+
+    def _on_tick(self, now: datetime, criteria: Mapping[str, ProjectCriteria | None]) -> list[Slot]:
+        """Close the rounds due at a timer tick inside a batch, as the timer's requests would."""
+        slots: list[Slot] = []
+        for r in self._due(now, self.waiting_items(), criteria):
+            c = criteria.get(r.project_id)
+            if c is not None:
+                slots += self.close_round(r.item_id, c, Record("control", r.to_bytes(), r.item_id.encode()))
+        return slots
+
+    def _due(
+        self,
+        now: datetime | None,
+        candidates: Sequence[tuple[str, datetime]],
+        known: Mapping[str, ProjectCriteria | None],
+    ) -> list[RoundTimeout]:
         out = []
-        known: dict[str, ProjectCriteria | None] = {}
-
-        async def criteria_of(project: str) -> ProjectCriteria | None:
-            if project not in known:
-                known[project] = await self.ingress.project(project)
-            return known[project]
-
         for item_id, first in candidates:
             _, project, workers = self._waiting.get(item_id, (None, None, 0))
-            criteria = await criteria_of(project) if project is not None else None
+            criteria = known.get(project) if project is not None else None
             if criteria is not None and (
                 workers < criteria.consensus.min_annotators
                 or (now is not None and (now - first).total_seconds() < criteria.consensus.timeout_s)
@@ -420,9 +455,9 @@ class ItemProcessor:
                 continue  # not yet, or cannot close: decided from the index, without parsing the item
             st = self._item(item_id)
             if not st.waiting or st.gold is not None:
-                continue  # changed since it was listed: the score step runs between our awaits
+                continue  # changed since it was listed
             a = st.annotation(st.waiting[0])
-            criteria = await criteria_of(a.project_id) if a is not None else None
+            criteria = known.get(a.project_id) if a is not None else None
             if a is None or criteria is None:
                 continue
             workers = {x.worker_id for e in st.waiting if (x := st.annotation(e)) is not None}

@@ -9,7 +9,7 @@ same Redis state, which is how tests check the live pipeline, and how users try 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,12 +84,14 @@ async def replay(
     )
     result = ReplayResult()
     pending: list[Record] = []
+    ticks: list[tuple[int, datetime]] = []  # timer ticks inside the pending batch: (position, moment)
     tick: list[float] = []  # the timer's last tick, in event time (epoch seconds)
     earliest: list[float] = []  # the earliest submission among the pending records
 
-    async def run(batch_: list[Record]) -> None:
-        while batch_:
-            emits = await engine.process(batch_)
+    async def run(batch_: list[Record], ticks_: Sequence[tuple[int, datetime]] = ()) -> None:
+        while batch_ or ticks_:
+            emits = await engine.process(batch_, ticks_)
+            ticks_ = ()
             _collect(result, emits)
             scores = [(_fed_back(e, False), e.value) for e in emits if e.topic == "scores"]
             for start in range(0, len(scores), batch):
@@ -97,15 +99,26 @@ async def replay(
             batch_ = [_fed_back(e) for e in emits if e.topic == "gold"]
 
     async def flush() -> None:
-        if pending:
-            await run(pending[:])
+        if pending or ticks:
+            await run(pending[:], ticks[:])
             pending.clear()
+            ticks.clear()
             earliest.clear()
 
     async def close(now: datetime | None) -> None:
         """Close the rounds waiting past their timeout at `now` (None: every waiting round)."""
         requests = await engine.timed_out(now)
         await run([Record("control", r.to_bytes(), r.item_id.encode()) for r in requests])
+
+    def gold_may_race() -> bool:
+        """Whether a pending review is of an item whose round the next tick could close: gold it
+        promotes would stop that round from closing, had the batch ended at the tick."""
+        reviewed = {r.key for r in pending if r.topic == "reviews"}
+        if not reviewed:
+            return False
+        waiting = {r.key for r in pending if r.topic == "annotations"}
+        waiting |= {item.encode() for item, _ in engine.waiting_items()}
+        return bool(reviewed & waiting)
 
     async def may_time_out(at: float) -> bool:
         """Whether a round could have timed out by `at`: else the tick needs no stop (the batch
@@ -136,8 +149,14 @@ async def replay(
             elif at - tick[0] >= timer_s:  # type: ignore[operator]
                 tick[0] = at  # the ticks fall where they would if each one stopped the batch
                 if await may_time_out(at):
-                    await flush()
-                    await close(datetime.fromtimestamp(at, UTC))
+                    now = datetime.fromtimestamp(at, UTC)
+                    if gold_may_race():
+                        # a review may promote gold, which is fed back after its batch and before
+                        # the timer's requests: the batch must end at the tick to keep that order
+                        await flush()
+                        await close(now)
+                    else:
+                        ticks.append((len(pending), now))  # closed in the batch, in record order
         if rec.topic == "projects":
             await flush()  # criteria apply from here on, not to the batch before them
             await run([rec])

@@ -755,3 +755,51 @@ def test_standings_after_a_batch_equal_what_redis_holds_after_it(services: Endpo
     assert applied1 == [True] * 7 and applied2 == [False] * 7 + [True] * 5
     assert before2 == after1 and after2 == fresh
     assert [p.items for p in fresh] == [4, 4, 4]
+
+
+def test_a_replay_closes_timed_out_rounds_inside_its_batches_as_if_it_had_stopped_at_each_tick(
+    services: Endpoints, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds short of their overlap close on the event-time timer. In batches, the timer's ticks
+    fall inside a batch and close the rounds due there in record order: the same rounds, scores and
+    counters as one record at a time, and batches that stay full instead of ending at each tick."""
+    from goldstream.streams.engine import Engine
+
+    from benchmarks.qc_bench import independent_case
+    from goldstream.simulator import key_of
+
+    case = independent_case(5, 150)
+    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(case.events)]
+    assert not any(r.topic == "reviews" for r in recs)
+    calls: list[tuple[int, int]] = []
+    process = Engine.process
+
+    async def counted(self: Engine, records: Any, ticks: Any = ()) -> Any:
+        calls.append((len(records), len(ticks)))
+        return await process(self, records, ticks)
+
+    monkeypatch.setattr(Engine, "process", counted)
+
+    async def main(batch: int, prefix: str) -> tuple[ReplayResult, dict]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            result = await replay(recs, client, Keys(prefix), batch=batch, close_rounds=True)
+            return result, await proficiency_snapshot(client, Keys(prefix))
+        finally:
+            await client.aclose()
+
+    try:
+        one, one_state = asyncio.run(main(1, f"{keys.prefix}-one"))
+        calls.clear()
+        many, many_state = asyncio.run(main(500, f"{keys.prefix}-many"))
+    finally:
+        for prefix in (f"{keys.prefix}-one", f"{keys.prefix}-many"):
+            asyncio.run(drop_keys(services.redis_url, prefix))
+    timeouts = [r for r in out(one, "scores") if r.kind is s.ScoreKind.CONSENSUS]
+    assert timeouts and sum(t for _, t in calls) > 10  # rounds did wait, and ticks fell inside batches
+    assert sorted(r.event_id for r in out(many, "scores")) == sorted(r.event_id for r in out(one, "scores"))
+    assert [r.result for r in sorted(out(many, "scores"), key=lambda r: r.event_id)] == [
+        r.result for r in sorted(out(one, "scores"), key=lambda r: r.event_id)
+    ]
+    assert many_state == one_state
+    assert len([n for n, _ in calls if n > 0]) <= -(-len(recs) // 500) + 3  # full batches, not cut at ticks
