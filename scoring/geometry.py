@@ -180,20 +180,32 @@ def region(
     `image` is (width, height); a region outside the image becomes empty (area 0).
     """
     ring = _finite(np.asarray(points, dtype=np.float64).reshape(-1, 2), "polygon")
-    if len(np.unique(ring, axis=0)) < 3:
-        raise InvalidGeometry(f"polygon has {len(np.unique(ring, axis=0))} distinct vertices, needs 3")
+    if (distinct := _distinct(ring)) < 3:
+        raise InvalidGeometry(f"polygon has {distinct} distinct vertices, needs 3")
     hole_rings = []
     for h in holes:
         hr = _finite(np.asarray(h, dtype=np.float64).reshape(-1, 2), "polygon hole")
-        if len(np.unique(hr, axis=0)) < 3:
+        if _distinct(hr) < 3:
             raise InvalidGeometry("polygon hole has fewer than 3 distinct vertices")
         hole_rings.append(hr)
     geom = shapely.Polygon(ring, hole_rings)
     if not geom.is_valid:
         geom = _polygonal(shapely.make_valid(geom))
-    if image is not None:
+    if image is not None and _outside(geom.bounds, image):
+        # only a region reaching outside the image needs the clip (an overlay per region otherwise)
         geom = _polygonal(shapely.intersection(geom, shapely.box(0, 0, image[0], image[1])))
     return geom
+
+
+def _outside(bounds: tuple[float, ...], image: tuple[float, float]) -> bool:
+    """Whether bounds (x0, y0, x1, y1) reach past the image (NaN bounds, an empty region: no)."""
+    x0, y0, x1, y1 = bounds
+    return bool(x0 < 0 or y0 < 0 or x1 > image[0] or y1 > image[1])
+
+
+def _distinct(ring: np.ndarray) -> int:
+    """Distinct vertices of a small ring (a set of tuples: np.unique(axis=0) costs more here)."""
+    return len(set(map(tuple, ring.tolist())))
 
 
 def polygon_iou(a: np.ndarray | Sequence, b: np.ndarray | Sequence) -> float:

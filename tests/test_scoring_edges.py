@@ -587,3 +587,14 @@ def test_the_small_rules_that_left_the_engine_for_the_policy_module() -> None:
     assert peer_confidence(m[:2, :2], 0) == 0.5  # two annotators: no pair of peers
     assert alert_severity("resolved", 0.1, 0.9) == "info"
     assert alert_severity("firing", 0.7, 0.9) == "critical" and alert_severity("firing", 0.8, 0.9) == "warning"
+
+
+def test_a_region_reaching_past_the_image_is_clipped_to_it_and_one_inside_is_kept_as_drawn() -> None:
+    from goldstream.scoring.geometry import region
+
+    assert region([(-50, 0), (50, 0), (50, 100), (-50, 100)], image=(200, 200)).area == pytest.approx(5000)
+    assert region([(150, 150), (250, 150), (250, 250)], image=(200, 200)).area == pytest.approx(1250)
+    assert region([(10, 10), (60, 10), (60, 60)], image=(200, 200)).area == pytest.approx(1250)
+    bowtie = region([(-20, 0), (20, 40), (20, 0), (-20, 40)], image=(200, 200))  # repaired, then clipped
+    assert bowtie.area == pytest.approx(400)
+    assert region([(300, 300), (400, 300), (400, 400)], image=(200, 200)).area == 0
