@@ -83,6 +83,10 @@ async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
         if not (ends["scores"] or ends["deadletter"]) and not await has_committed(settings):
             await guard.run(lambda: redis.set(keys.epoch(), _new_epoch(), nx=True), "epoch")
             return "created"
+        if await guard.run(lambda: redis.get(keys.epoch()), "epoch") is not None:
+            # another worker of a new deployment created it while this one read the topics: what
+            # it consumed since is the activity seen there, not a sign of lost state
+            return "present"
         where = f"Redis {settings.redis_url.split('@')[-1]} (prefix {keys.prefix!r})"
         if settings.redis_lost_state == "stop":
             raise SystemExit(

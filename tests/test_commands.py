@@ -285,3 +285,40 @@ def test_gold_load_command_publishes_coco_gold(settings: Settings, tmp_path: Pat
     got = asyncio.run(read_topic(settings, "gold", until_idle_s=0.5))
     assert sorted(k for k, _ in got) == [b"1", b"2"]
     assert all(s.GoldAnswer.from_bytes(v).source == "import" for _, v in got)
+
+
+def test_a_worker_that_finds_the_state_created_while_it_read_the_topics_does_not_rebuild_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers of a new deployment start together: the first creates the state and consumes;
+    the second, which saw no state a moment before, then sees that activity on the topics. It
+    must find the state the first created, not take the activity for lost state and rebuild."""
+    from redis.asyncio import Redis
+
+    import goldstream.commands as commands
+
+    keys = Keys(settings.key_prefix)
+    bounds = commands.topic_bounds
+
+    async def meanwhile(*args: object, **kwargs: object) -> tuple[dict, dict]:
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            await redis.set(keys.epoch(), "the-other-worker", nx=True)  # the first worker created it
+        finally:
+            await redis.aclose()
+        begins, ends = await bounds(*args, **kwargs)  # type: ignore[arg-type]
+        return begins, {**ends, "scores": 3}  # and scored since
+
+    rebuilt: list[bool] = []
+
+    async def rebuild(*args: object, **kwargs: object) -> dict:
+        rebuilt.append(True)
+        return {}
+
+    monkeypatch.setattr(commands, "topic_bounds", meanwhile)
+    monkeypatch.setattr(commands, "rebuild_state", rebuild)
+    try:
+        assert asyncio.run(commands.ensure_state(settings)) == "present"
+        assert not rebuilt
+    finally:
+        asyncio.run(drop_keys(settings.redis_url, settings.key_prefix))
