@@ -150,9 +150,11 @@ async def replay(
                 tick[0] = at  # the ticks fall where they would if each one stopped the batch
                 if await may_time_out(at):
                     now = datetime.fromtimestamp(at, UTC)
-                    if gold_may_race():
-                        # a review may promote gold, which is fed back after its batch and before
-                        # the timer's requests: the batch must end at the tick to keep that order
+                    if not pending or gold_may_race():
+                        # nothing pending (a replay one record at a time): the timer's requests go
+                        # alone, so the next record sees the scores they make. A pending review may
+                        # promote gold, which is fed back after its batch and before the timer's
+                        # requests: the batch must end at the tick to keep that order
                         await flush()
                         await close(now)
                     else:
