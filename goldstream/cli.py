@@ -252,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gold = sub.add_parser("gold", help="gold answers")
     gold_sub = gold.add_subparsers(dest="gold_command", metavar="ACTION", required=True)
-    gl = gold_sub.add_parser("load", help="publish gold from COCO instances / keypoints JSON or GoldAnswer JSONL")
+    gl = gold_sub.add_parser(
+        "load",
+        help="publish gold from COCO instances / keypoints JSON, a Label Studio JSON export or GoldAnswer JSONL",
+    )
     _connection_options(gl)
     gl.add_argument("file")
     gl.add_argument("--project", required=True, help="project of the gold answers")

@@ -1,4 +1,4 @@
-"""Gold answers from files: COCO instances / person-keypoints JSON, or GoldAnswer JSONL."""
+"""Gold answers from files: COCO instances / person-keypoints JSON, a Label Studio JSON export, or\nGoldAnswer JSONL."""
 
 from __future__ import annotations
 
@@ -13,13 +13,29 @@ import orjson
 import shapely
 
 from goldstream import schemas as s
+from goldstream.label_studio import Unsupported, gold_from_export, is_export
 from goldstream.schemas.base import validate
 from goldstream.scoring import rle
 
 
 def gold_from_file(path: Path, project_id: str, shape: str = "auto") -> list[s.GoldAnswer]:
-    """Gold answers in a file: a COCO JSON (by its keys), else JSONL of GoldAnswer or envelopes."""
+    """Gold answers in a file: a COCO JSON (by its keys), a Label Studio JSON export (a list of
+    tasks: their ground-truth annotations), else JSONL of GoldAnswer or envelopes."""
     raw = path.read_bytes()
+    if raw.lstrip().startswith(b"["):
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise SystemExit(f"{path}: not JSON: {exc}") from None
+        if not is_export(doc):
+            raise SystemExit(f"{path}: a JSON list, but not a Label Studio export (tasks with data and annotations)")
+        try:
+            golds = list(gold_from_export(doc, project_id))
+        except Unsupported as exc:
+            raise SystemExit(f"{path}: {exc}") from None
+        if not golds:
+            raise SystemExit(f"{path}: no task has a ground-truth annotation (mark them with the star in Label Studio)")
+        return golds
     if raw.lstrip().startswith(b"{"):
         try:
             doc = orjson.loads(raw)

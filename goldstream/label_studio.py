@@ -17,7 +17,8 @@ answers 4xx and dead-letters the delivery with its raw body rather than score so
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from goldstream import schemas as s
@@ -175,4 +176,55 @@ def content_of(results: Sequence[Mapping[str, Any]], criteria: s.ProjectCriteria
     )
 
 
-__all__ = ["Unsupported", "content_of", "polygon", "rectangle"]
+def task_item_id(task_id: int | str) -> str:
+    """goldstream's item id of a Label Studio task: the bridge and the gold loader must agree."""
+    return f"ls-{task_id}"
+
+
+def is_export(doc: object) -> bool:
+    """Whether parsed JSON looks like a Label Studio JSON export (a list of tasks)."""
+    return (
+        isinstance(doc, list)
+        and bool(doc)
+        and all(isinstance(t, dict) and "data" in t and "annotations" in t for t in doc)
+    )
+
+
+def _when(annotation: Mapping[str, Any]) -> datetime:
+    for key in ("updated_at", "created_at"):
+        value = annotation.get(key)
+        if isinstance(value, str):
+            try:
+                at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return datetime.now(UTC)
+
+
+def gold_from_export(
+    tasks: Sequence[Mapping[str, Any]], project_id: str, criteria: s.ProjectCriteria | None = None
+) -> Iterator[s.GoldAnswer]:
+    """Gold answers from a Label Studio JSON export: each task's ground-truth annotation (the
+    star in Label Studio), the latest one where a task has several. Cancelled (skipped)
+    annotations are never gold."""
+    for task in tasks:
+        truths = [a for a in task.get("annotations", []) if a.get("ground_truth") and not a.get("was_cancelled")]
+        if not truths:
+            continue
+        a = max(truths, key=_when)
+        try:
+            content = content_of(a.get("result", []), criteria)
+        except (Unsupported, KeyError, TypeError, s.SchemaError) as exc:
+            raise Unsupported(f"task {task.get('id')} annotation {a.get('id')}: {exc}") from None
+        yield s.GoldAnswer(
+            event_id=s.derive_id("label-studio-gold", project_id, str(task.get("id")), str(a.get("id"))),
+            project_id=project_id,
+            item_id=task_item_id(task["id"]),
+            content=content,
+            created_at=_when(a),
+            source="import",
+        )
+
+
+__all__ = ["Unsupported", "content_of", "gold_from_export", "is_export", "polygon", "rectangle", "task_item_id"]

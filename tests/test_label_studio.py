@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import orjson
 import pytest
 import shapely
 
 from goldstream import schemas as s
-from goldstream.label_studio import Unsupported, content_of
+from goldstream.gold import gold_from_file
+from goldstream.label_studio import Unsupported, content_of, task_item_id
 
 W, H = 1280, 720
 
@@ -120,3 +123,36 @@ def test_per_region_choices_are_attributes_others_classifications_and_relations_
 def test_what_cannot_be_converted_faithfully_is_refused_with_the_reason(result: dict, says: str) -> None:
     with pytest.raises(Unsupported, match=says):
         content_of([result])
+
+
+def test_gold_loads_from_a_label_studio_export_taking_each_tasks_latest_ground_truth(tmp_path: Path) -> None:
+    def ann(aid: int, x: float, truth: bool, at: str, cancelled: bool = False) -> dict:
+        return {
+            "id": aid, "ground_truth": truth, "was_cancelled": cancelled, "updated_at": at,
+            "result": [] if cancelled else [_rect(f"r{aid}", x, 10, 10, 10)],
+        }  # fmt: skip
+
+    export = [
+        {"id": 7, "data": {"image": "a.jpg"}, "annotations": [
+            ann(1, 10, True, "2026-11-01T10:00:00Z"), ann(2, 20, True, "2026-11-02T10:00:00Z"),
+            ann(3, 30, False, "2026-11-03T10:00:00Z")]},
+        {"id": 8, "data": {"image": "b.jpg"},
+         "annotations": [ann(4, 40, True, "2026-11-01T10:00:00Z", cancelled=True)]},
+        {"id": 9, "data": {"image": "c.jpg"}, "annotations": []},
+    ]  # fmt: skip
+    path = tmp_path / "export.json"
+    path.write_bytes(orjson.dumps(export))
+    (g,) = gold_from_file(path, "p1")
+    assert (g.item_id, g.project_id, g.source) == (task_item_id(7), "p1", "import")
+    assert g.content.objects[0].shape == s.BBox(x=256, y=72, w=128, h=72)  # the later ground truth
+    assert g.created_at.isoformat() == "2026-11-02T10:00:00+00:00"
+    assert [x.event_id for x in gold_from_file(path, "p1")] == [g.event_id]  # a reload publishes the same id
+
+    none = tmp_path / "none.json"
+    none.write_bytes(orjson.dumps([export[2]]))
+    with pytest.raises(SystemExit, match="no task has a ground-truth annotation"):
+        gold_from_file(none, "p1")
+    other = tmp_path / "other.json"
+    other.write_bytes(orjson.dumps([{"a": 1}]))
+    with pytest.raises(SystemExit, match="not a Label Studio export"):
+        gold_from_file(other, "p1")
