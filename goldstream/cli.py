@@ -95,6 +95,24 @@ def _gold_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bridge(args: argparse.Namespace) -> int:
+    import os
+
+    from goldstream.bridge import LabelStudioProjects, serve
+
+    mapping = {}
+    for pair in args.label_studio_project or []:
+        ls_id, sep, project = pair.partition("=")
+        if not sep or not ls_id or not project:
+            raise SystemExit(f"--label-studio-project wants LS_ID=PROJECT, not {pair!r}")
+        mapping[ls_id] = project
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("GOLDSTREAM_BRIDGE_TOKEN")
+    if not token and not args.no_auth:
+        raise SystemExit("give the webhook token (GOLDSTREAM_BRIDGE_TOKEN or --token-file), or --no-auth")
+    asyncio.run(serve(_settings(args), args.host, args.port, LabelStudioProjects(mapping), token or None))  # type: ignore[arg-type]
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
     from goldstream.replay_cli import run_replay
 
@@ -260,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("file")
     gl.add_argument("--project", required=True, help="project of the gold answers")
     gl.set_defaults(func=_gold_load)
+
+    br = sub.add_parser("bridge", help="receive labeling tools' webhooks (Label Studio) and publish to Kafka")
+    _connection_options(br)
+    br.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    br.add_argument("--port", type=int, default=8090, help="port (default 8090)")
+    br.add_argument(
+        "--label-studio-project",
+        action="append",
+        metavar="LS_ID=PROJECT",
+        help="the goldstream project a Label Studio project feeds (default ls-<id>); repeat for more",
+    )
+    br.add_argument("--token-file", help="file holding the X-Goldstream-Token value (else GOLDSTREAM_BRIDGE_TOKEN)")
+    br.add_argument("--no-auth", action="store_true", help="accept deliveries without a token (a closed network)")
+    br.set_defaults(func=_bridge)
 
     rp = sub.add_parser("replay", help="run the engine over an events file: outputs as JSONL, no Kafka")
     rp.add_argument("events", help="JSONL of envelopes {topic, key, value}")

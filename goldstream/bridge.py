@@ -1,0 +1,229 @@
+"""`goldstream bridge`: labeling tools' webhooks in, goldstream messages on Kafka out (issue #12).
+
+Label Studio posts every annotation event to `POST /label-studio/webhook`. It waits about a
+second for the answer and never retries, so the bridge converts, publishes, waits for Kafka's
+acknowledgement and answers at once; what it missed while down, `goldstream sync label-studio`
+pulls over Label Studio's API (the same ids, so nothing is counted twice). Ids are derived from
+the delivery: a redelivery publishes the same event id, an update (a new `updated_at`) a
+resubmission. A delivery that cannot be converted is answered 4xx with what is wrong, and its raw
+body goes to the dead-letter topic.
+
+Label Studio authenticates only through custom headers it sends with each delivery: configure the
+webhook with `X-Goldstream-Token: <token>` and give the bridge the same token
+(`GOLDSTREAM_BRIDGE_TOKEN` or `--token-file`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from goldstream import schemas as s
+from goldstream.commands import endpoints
+from goldstream.label_studio import Unsupported, content_of, task_item_id
+from goldstream.streams.settings import Settings
+from goldstream.streams.topics import Topics, ensure_topics
+
+TOKEN_HEADER = "X-Goldstream-Token"
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+WEBHOOK_SOURCE = "label-studio-webhook"
+
+Published = tuple[str, str | None, s.Message]  # (logical topic, key, message)
+
+
+class BadDelivery(ValueError):
+    """A delivery that cannot become goldstream messages; `reason` is the dead letter's."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LabelStudioProjects:
+    """Which goldstream project a Label Studio project feeds: mapped, else `ls-<id>`."""
+
+    mapping: Mapping[str, str] = field(default_factory=dict)
+
+    def __call__(self, ls_project: object) -> str:
+        return self.mapping.get(str(ls_project), f"ls-{ls_project}")
+
+
+def _time(value: object, what: str) -> datetime:
+    if not isinstance(value, str):
+        raise BadDelivery("schema", f"annotation.{what} is missing")
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadDelivery("schema", f"annotation.{what} {value!r} is not an ISO 8601 time") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _id_of(value: object, what: str) -> str:
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+        raise BadDelivery("schema", f"{what} is missing")
+    return str(value)
+
+
+def label_studio_messages(
+    payload: Mapping[str, Any], projects: LabelStudioProjects, criteria: s.ProjectCriteria | None = None
+) -> tuple[list[Published], str | None]:
+    """The messages a Label Studio delivery stands for, or none and why it is ignored.
+
+    A submitted annotation becomes an `AnnotationSubmitted`; one marked ground truth (the star)
+    a `GoldAnswer` of its task; a skipped task (`was_cancelled`) and other actions nothing."""
+    action = payload.get("action")
+    if action not in ANNOTATION_ACTIONS:
+        return [], f"action {action!r} carries no annotation to score"
+    a = payload.get("annotation")
+    if not isinstance(a, dict):
+        raise BadDelivery("schema", f"{action} without an annotation object")
+    if a.get("was_cancelled"):
+        return [], "a skipped task (was_cancelled)"
+    task = _id_of(a.get("task", payload.get("task")), "annotation.task")
+    ls_project = _id_of(a.get("project", payload.get("project")), "annotation.project")
+    ann_id = _id_of(a.get("id"), "annotation.id")
+    updated = _time(a.get("updated_at") or a.get("created_at"), "updated_at")
+    result = a.get("result")
+    if not isinstance(result, list):
+        raise BadDelivery("schema", "annotation.result is not a list")
+    try:
+        content = content_of(result, criteria)
+    except Unsupported as exc:
+        raise BadDelivery("unsupported", str(exc)) from None
+    except s.SchemaError as exc:
+        raise BadDelivery("schema", str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadDelivery("schema", f"annotation.result: {type(exc).__name__}: {exc}") from None
+    try:
+        return _messages(a, projects(ls_project), task, ann_id, updated, content)
+    except ValidationError as exc:  # a mapped project id or a user id that is not an id
+        raise BadDelivery("schema", str(s.SchemaError.from_validation(exc, "message"))) from None
+
+
+def _messages(
+    a: Mapping[str, Any], project: str, task: str, ann_id: str, updated: datetime, content: s.Content
+) -> tuple[list[Published], str | None]:
+    item = task_item_id(task)
+    if a.get("ground_truth"):
+        gold = s.GoldAnswer(
+            event_id=s.derive_id("label-studio-gold", project, task, ann_id, updated.isoformat()),
+            project_id=project,
+            item_id=item,
+            content=content,
+            created_at=updated,
+            source="import",
+        )
+        return [("gold", item, gold)], None
+    lead = a.get("lead_time")
+    started = updated - timedelta(seconds=lead) if isinstance(lead, int | float) and 0 <= lead < 1e7 else None
+    ann = s.AnnotationSubmitted(
+        event_id=s.derive_id("label-studio", project, ann_id, updated.isoformat()),
+        project_id=project,
+        item_id=item,
+        worker_id=f"ls-user-{_id_of(a.get('completed_by'), 'annotation.completed_by')}",
+        content=content,
+        submitted_at=updated,
+        started_at=started,
+        source="label_studio",
+        external_id=ann_id,
+    )
+    return [("annotations", item, ann)], None
+
+
+def dead_letter(body: bytes, reason: str, error: str, source: str = WEBHOOK_SOURCE) -> s.DeadLetter:
+    """The raw body of a refused delivery, with why; its id depends on the body only, so a
+    redelivery of the same bad body is one dead letter."""
+    letter = s.DeadLetter.of(
+        body, topic=source, partition=-1, offset=-1, reason=reason, error=error, stage="bridge",
+        received_at=datetime.now(UTC),
+    )  # fmt: skip
+    return letter.model_copy(update={"event_id": s.derive_id("deadletter", source, hashlib.sha256(body).hexdigest())})
+
+
+Send = Callable[[Sequence[Published]], Awaitable[None]]
+
+
+def app(send: Send, projects: LabelStudioProjects, token: str | None) -> web.Application:
+    """The bridge's HTTP application; `send` publishes and returns once Kafka acknowledged."""
+
+    async def label_studio(request: web.Request) -> web.Response:
+        if token is not None and not hmac.compare_digest(request.headers.get(TOKEN_HEADER, ""), token):
+            return _error(401, f"missing or wrong {TOKEN_HEADER} header")
+        body = await request.read()
+        try:
+            payload = orjson.loads(body)
+            if not isinstance(payload, dict):
+                raise BadDelivery("schema", "the body is JSON but not an object")
+            messages, ignored = label_studio_messages(payload, projects)
+        except orjson.JSONDecodeError as exc:
+            return await _refuse(send, body, BadDelivery("undecodable", f"the body is not JSON: {exc}"), 400)
+        except BadDelivery as exc:
+            return await _refuse(send, body, exc, 422)
+        if ignored is not None:
+            return web.json_response({"published": [], "ignored": ignored})
+        await send(messages)
+        return web.json_response(
+            {"published": [{"topic": t, "event_id": m.event_id} for t, _, m in messages], "ignored": None}
+        )
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    application = web.Application(client_max_size=s.DEFAULT_LIMITS.max_message_bytes)
+    application.add_routes([web.post("/label-studio/webhook", label_studio), web.get("/healthz", health)])
+    return application
+
+
+def _error(status: int, message: str, reason: str | None = None) -> web.Response:
+    return web.json_response({"error": message, **({"reason": reason} if reason else {})}, status=status)
+
+
+async def _refuse(send: Send, body: bytes, exc: BadDelivery, status: int) -> web.Response:
+    await send([("deadletter", None, dead_letter(body, exc.reason, str(exc)))])
+    return _error(status, str(exc), exc.reason)
+
+
+async def serve(settings: Settings, host: str, port: int, projects: LabelStudioProjects, token: str | None) -> None:
+    """Run the bridge until SIGTERM / SIGINT: one producer (acks from all in-sync replicas)."""
+    ep = endpoints(settings)
+    topics = Topics(settings.topic_prefix)
+    await ensure_topics(ep, topics, settings.partitions)
+    producer = AIOKafkaProducer(bootstrap_servers=ep.bootstrap_servers, **ep.producer_options())
+    await producer.start()
+
+    async def send(messages: Sequence[Published]) -> None:
+        pending = [
+            await producer.send(topics.name(t), m.to_bytes(), key=k.encode() if k else None) for t, k, m in messages
+        ]
+        await asyncio.gather(*pending)
+
+    runner = web.AppRunner(app(send, projects, token), handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"goldstream bridge on http://{host}:{port} (POST /label-studio/webhook)", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await producer.stop()
+
+
+__all__ = ["TOKEN_HEADER", "BadDelivery", "LabelStudioProjects", "app", "dead_letter", "label_studio_messages", "serve"]

@@ -1,0 +1,161 @@
+"""`goldstream bridge`: Label Studio deliveries become goldstream messages on Kafka (issue #12)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from goldstream.streams.settings import Settings
+from goldstream.streams.topics import Topics, delete_topics
+
+from goldstream import schemas as s
+from goldstream.bridge import BadDelivery, LabelStudioProjects, label_studio_messages
+from goldstream.commands import read_topic
+from goldstream.label_studio import task_item_id
+from goldstream.services import Endpoints
+from tests.conftest import REPO
+
+PROJECTS = LabelStudioProjects({"3": "cars"})
+
+
+def delivery(action: str = "ANNOTATION_CREATED", **annotation: object) -> dict:
+    """A delivery shaped as Label Studio 1.23 sends it (docs: ../shared/notes/label-studio.md)."""
+    a = {
+        "id": 41, "task": 17, "project": 3, "completed_by": 5, "was_cancelled": False, "ground_truth": False,
+        "created_at": "2026-11-30T10:00:00.000000Z", "updated_at": "2026-11-30T10:00:12.500000Z",
+        "lead_time": 12.5,
+        "result": [{
+            "id": "r1", "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+            "original_width": 1280, "original_height": 720, "image_rotation": 0,
+            "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 0, "rectanglelabels": ["car"]},
+        }],
+    }  # fmt: skip
+    a.update(annotation)
+    return {"action": action, "annotation": a, "project": {"id": 3}, "task": {"id": 17}}
+
+
+def test_a_submitted_annotation_becomes_an_annotation_with_the_tools_ids_and_times() -> None:
+    (topic, key, msg), = label_studio_messages(delivery(), PROJECTS)[0]  # fmt: skip
+    assert topic == "annotations" and key == task_item_id(17) == msg.item_id
+    assert isinstance(msg, s.AnnotationSubmitted)
+    assert (msg.project_id, msg.worker_id, msg.source, msg.external_id) == ("cars", "ls-user-5", "label_studio", "41")
+    assert msg.submitted_at.isoformat() == "2026-11-30T10:00:12.500000+00:00"
+    assert msg.started_at is not None and msg.started_at.isoformat() == "2026-11-30T10:00:00+00:00"
+    assert msg.content.objects[0].shape == s.BBox(x=128, y=144, w=384, h=288)
+    again, _ = label_studio_messages(delivery(), PROJECTS)
+    assert again[0][2].event_id == msg.event_id  # a redelivery: the same event
+    updated, _ = label_studio_messages(delivery("ANNOTATION_UPDATED", updated_at="2026-11-30T11:00:00Z"), PROJECTS)
+    assert updated[0][2].event_id != msg.event_id  # an update: a resubmission
+    other, _ = label_studio_messages(delivery(project=9), PROJECTS)
+    assert other[0][2].project_id == "ls-9"  # unmapped projects keep Label Studio's id
+
+
+def test_ground_truth_becomes_gold_and_skips_and_other_actions_publish_nothing() -> None:
+    (topic, key, gold), = label_studio_messages(delivery(ground_truth=True), PROJECTS)[0]  # fmt: skip
+    assert topic == "gold" and isinstance(gold, s.GoldAnswer) and gold.item_id == key == "ls-17"
+    assert label_studio_messages(delivery(was_cancelled=True), PROJECTS) == ([], "a skipped task (was_cancelled)")
+    assert label_studio_messages({"action": "TASKS_CREATED"}, PROJECTS)[0] == []
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"result": None}, "annotation.result is not a list"),
+        ({"completed_by": None}, "annotation.completed_by is missing"),
+        ({"updated_at": "yesterday"}, "not an ISO 8601 time"),
+        ({"result": [{"id": "m", "type": "brushlabels", "value": {}}]}, "'brushlabels' is not supported"),
+    ],
+)
+def test_a_delivery_that_cannot_be_converted_says_what_is_wrong(change: dict, says: str) -> None:
+    with pytest.raises(BadDelivery, match=says):
+        label_studio_messages(delivery(**change), PROJECTS)
+
+
+# ----------------------------------------------------------------------------- over HTTP, on Kafka
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def bridge(services: Endpoints, run_id: str, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
+    settings = Settings(
+        kafka_bootstrap=services.bootstrap_servers, redis_url=services.redis_url,
+        topic_prefix=f"bridge-{run_id}.", key_prefix=f"bridge-{run_id}", partitions=1,
+    )  # fmt: skip
+    port = _free_port()
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    env = {**os.environ, "GOLDSTREAM_KAFKA_BOOTSTRAP": services.bootstrap_servers,
+           "GOLDSTREAM_TOPIC_PREFIX": settings.topic_prefix, "GOLDSTREAM_PARTITIONS": "1"}  # fmt: skip
+    argv = [sys.executable, "-m", "goldstream.cli", "bridge", "--port", str(port), "--token-file", str(token),
+            "--label-studio-project", "3=cars"]  # fmt: skip
+    log = open(tmp_path / "bridge.log", "wb")
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # ready when it answers (it creates the topics first)
+            assert proc.poll() is None, (tmp_path / "bridge.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline, "the bridge did not answer within 120 s"
+                time.sleep(0.2)
+        yield url, settings
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        asyncio.run(delete_topics(services, Topics(settings.topic_prefix)))
+
+
+def _post(url: str, body: bytes, token: str | None = "s3cret-token") -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"X-Goldstream-Token": token} if token else {})}
+    request = urllib.request.Request(f"{url}/label-studio/webhook", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def test_the_bridge_publishes_deliveries_refuses_strangers_and_dead_letters_what_it_cannot_convert(
+    bridge: tuple[str, Settings],
+) -> None:
+    url, settings = bridge
+    good = orjson.dumps(delivery())
+    assert _post(url, good, token=None)[0] == 401
+    assert _post(url, good, token="wrong")[0] == 401
+    status, answer = _post(url, good)
+    assert status == 200 and answer["published"][0]["topic"] == "annotations"
+    assert _post(url, good)[1] == answer  # Label Studio never retries, but a proxy may: the same id
+    assert _post(url, orjson.dumps(delivery(was_cancelled=True)))[1]["ignored"] == "a skipped task (was_cancelled)"
+    bad = orjson.dumps(delivery(result=[{"id": "m", "type": "brushlabels", "value": {}}]))
+    status, answer = _post(url, bad)
+    assert status == 422 and answer["reason"] == "unsupported" and "brushlabels" in answer["error"]
+    status, answer = _post(url, b"{not json")
+    assert status == 400 and answer["reason"] == "undecodable"
+
+    published = [s.AnnotationSubmitted.from_bytes(v) for _, v in asyncio.run(read_topic(settings, "annotations"))]
+    assert [(a.project_id, a.item_id, a.external_id) for a in published] == [("cars", "ls-17", "41")] * 2
+    assert len({a.event_id for a in published}) == 1
+    letters = [s.DeadLetter.from_bytes(v) for _, v in asyncio.run(read_topic(settings, "deadletter"))]
+    assert sorted(d.reason for d in letters) == ["undecodable", "unsupported"]
+    assert {base64.b64decode(d.raw_b64) for d in letters} == {bad, b"{not json"}
