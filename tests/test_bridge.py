@@ -22,7 +22,7 @@ from goldstream.streams.topics import Topics, delete_topics
 from goldstream import schemas as s
 from goldstream.bridge import BadDelivery, LabelStudioProjects, label_studio_messages
 from goldstream.commands import read_topic
-from goldstream.label_studio import task_item_id
+from goldstream.label_studio import content_of, task_item_id
 from goldstream.services import Endpoints
 from tests.conftest import REPO
 
@@ -159,3 +159,70 @@ def test_the_bridge_publishes_deliveries_refuses_strangers_and_dead_letters_what
     letters = [s.DeadLetter.from_bytes(v) for _, v in asyncio.run(read_topic(settings, "deadletter"))]
     assert sorted(d.reason for d in letters) == ["undecodable", "unsupported"]
     assert {base64.b64decode(d.raw_b64) for d in letters} == {bad, b"{not json"}
+
+
+# ----------------------------------------------------------------------------- a real Label Studio
+
+
+@pytest.fixture(scope="session")
+def label_studio() -> tuple[str, str]:
+    """A real Label Studio (ops/label-studio: installed once, cached), as (URL, admin API token)."""
+    script = REPO / "ops" / "label-studio"
+    up = subprocess.run([str(script), "up"], capture_output=True, text=True, timeout=900)
+    assert up.returncode == 0, up.stderr[-3000:]
+    env = dict(line.split("=", 1) for line in subprocess.check_output([str(script), "env"], text=True).split())
+    return env["LABEL_STUDIO_URL"], env["LABEL_STUDIO_TOKEN"]
+
+
+def _api(base: str, token: str, method: str, path: str, body: object = None) -> object:
+    request = urllib.request.Request(
+        f"{base}{path}", method=method, data=None if body is None else orjson.dumps(body),
+        headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return orjson.loads(r.read() or b"null")
+
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<RectangleLabels name="label" toName="image"><Label value="car"/><Label value="bus"/></RectangleLabels></View>"""
+
+
+def test_label_studio_delivers_a_submitted_annotation_through_the_bridge_to_kafka(
+    label_studio: tuple[str, str], bridge: tuple[str, Settings]
+) -> None:
+    """Label Studio itself (1.23, from PyPI) with a webhook to the bridge: an annotation created
+    over its API arrives on Kafka as an AnnotationSubmitted with the same boxes in pixels."""
+    base, token = label_studio
+    url, settings = bridge
+    project = _api(base, token, "POST", "/api/projects", {"title": f"goldstream {settings.key_prefix}",
+                                                         "label_config": CONFIG})  # fmt: skip
+    pid = project["id"]  # type: ignore[index]
+    _api(base, token, "POST", "/api/webhooks/", {
+        "project": pid, "url": f"{url}/label-studio/webhook", "send_payload": True, "send_for_all_actions": True,
+        "headers": {"X-Goldstream-Token": "s3cret-token"},
+    })  # fmt: skip
+    _api(base, token, "POST", f"/api/projects/{pid}/import", [{"image": "https://example.com/street.jpg"}])
+    tasks = _api(base, token, "GET", f"/api/projects/{pid}/tasks")
+    task = (tasks["tasks"] if isinstance(tasks, dict) else tasks)[0]["id"]  # type: ignore[index]
+
+    def box(rid: str, x: float, rotation: float, label: str) -> dict:
+        return {
+            "id": rid, "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+            "original_width": 1280, "original_height": 720, "image_rotation": 0,
+            "value": {"x": x, "y": 20, "width": 30, "height": 40, "rotation": rotation, "rectanglelabels": [label]},
+        }  # fmt: skip
+
+    result = [box("r1", 10, 0, "car"), box("r2", 50, 30, "bus")]
+    _api(base, token, "POST", f"/api/tasks/{task}/annotations", {"result": result, "lead_time": 9.5})
+
+    deadline = time.monotonic() + 60
+    while not (got := asyncio.run(read_topic(settings, "annotations", until_idle_s=0.5))):
+        assert time.monotonic() < deadline, "no annotation reached Kafka within 60 s"
+    (a,) = [s.AnnotationSubmitted.from_bytes(v) for _, v in got]
+    assert (a.project_id, a.item_id, a.source) == (f"ls-{pid}", task_item_id(task), "label_studio")
+    assert a.worker_id.startswith("ls-user-") and a.started_at is not None
+    assert (a.submitted_at - a.started_at).total_seconds() == pytest.approx(9.5)
+    shapes = {o.id: o.shape for o in a.content.objects}
+    assert shapes["r1"] == s.BBox(x=128, y=144, w=384, h=288)
+    assert isinstance(shapes["r2"], s.RotatedBBox) and shapes["r2"].angle == pytest.approx(30)
+    assert a.content == content_of(result)  # Label Studio delivered the result as it was submitted
