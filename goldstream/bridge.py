@@ -219,7 +219,8 @@ async def serve(settings: Settings, host: str, port: int, projects: LabelStudioP
         loop.add_signal_handler(sig, stop.set)
     try:
         await web.TCPSite(runner, host, port).start()
-        print(f"goldstream bridge on http://{host}:{port} (POST /label-studio/webhook)", flush=True)
+        bound = runner.addresses[0][1]  # the port the system chose for --port 0
+        print(f"goldstream bridge on http://{host}:{bound} (POST /label-studio/webhook)", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("bridge", help="receive labeling tools' webhooks (Label Studio) and publish to Kafka")
     _connection_options(br)
     br.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    br.add_argument("--port", type=int, default=8090, help="port (default 8090)")
+    br.add_argument("--port", type=int, default=8090, help="port (default 8090; 0: any free one, printed)")
     br.add_argument(
         "--label-studio-project",
         action="append",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
+import re
+import secrets
 import subprocess
 import sys
 import time
@@ -27,6 +28,9 @@ from goldstream.services import Endpoints
 from tests.conftest import REPO
 
 PROJECTS = LabelStudioProjects({"3": "cars"})
+# this test process's token: a Label Studio project left by an earlier run still has a webhook with
+# that run's token, which the bridge of this run refuses (ports get reused)
+TOKEN = secrets.token_hex(16)
 
 
 def delivery(action: str = "ANNOTATION_CREATED", **annotation: object) -> dict:
@@ -85,39 +89,31 @@ def test_a_delivery_that_cannot_be_converted_says_what_is_wrong(change: dict, sa
 # ----------------------------------------------------------------------------- over HTTP, on Kafka
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def bridge(services: Endpoints, run_id: str, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
     settings = Settings(
         kafka_bootstrap=services.bootstrap_servers, redis_url=services.redis_url,
         topic_prefix=f"bridge-{run_id}.", key_prefix=f"bridge-{run_id}", partitions=1,
     )  # fmt: skip
-    port = _free_port()
     token = tmp_path / "token"
-    token.write_text("s3cret-token\n")
+    token.write_text(TOKEN + "\n")
     env = {**os.environ, "GOLDSTREAM_KAFKA_BOOTSTRAP": services.bootstrap_servers,
            "GOLDSTREAM_TOPIC_PREFIX": settings.topic_prefix, "GOLDSTREAM_PARTITIONS": "1"}  # fmt: skip
-    argv = [sys.executable, "-m", "goldstream.cli", "bridge", "--port", str(port), "--token-file", str(token),
+    argv = [sys.executable, "-m", "goldstream.cli", "bridge", "--port", "0", "--token-file", str(token),
             "--label-studio-project", "3=cars"]  # fmt: skip
-    log = open(tmp_path / "bridge.log", "wb")
+    log_path = tmp_path / "bridge.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while True:  # ready when it answers (it creates the topics first)
-            assert proc.poll() is None, (tmp_path / "bridge.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                assert time.monotonic() < deadline, "the bridge did not answer within 120 s"
-                time.sleep(0.2)
+        # ready when it says where it listens (it creates the topics first; the system picks the port)
+        while not (m := re.search(r"goldstream bridge on (http://[0-9.]+:\d+)", log_path.read_text())):
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the bridge did not start within 120 s"
+            time.sleep(0.1)
+        url = m.group(1)
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
+            assert r.status == 200
         yield url, settings
     finally:
         proc.terminate()
@@ -126,7 +122,7 @@ def bridge(services: Endpoints, run_id: str, tmp_path: Path) -> Iterator[tuple[s
         asyncio.run(delete_topics(services, Topics(settings.topic_prefix)))
 
 
-def _post(url: str, body: bytes, token: str | None = "s3cret-token") -> tuple[int, dict]:
+def _post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json", **({"X-Goldstream-Token": token} if token else {})}
     request = urllib.request.Request(f"{url}/label-studio/webhook", data=body, headers=headers, method="POST")
     try:
@@ -199,7 +195,7 @@ def test_label_studio_delivers_a_submitted_annotation_through_the_bridge_to_kafk
     pid = project["id"]  # type: ignore[index]
     _api(base, token, "POST", "/api/webhooks/", {
         "project": pid, "url": f"{url}/label-studio/webhook", "send_payload": True, "send_for_all_actions": True,
-        "headers": {"X-Goldstream-Token": "s3cret-token"},
+        "headers": {"X-Goldstream-Token": TOKEN},
     })  # fmt: skip
     _api(base, token, "POST", f"/api/projects/{pid}/import", [{"image": "https://example.com/street.jpg"}])
     tasks = _api(base, token, "GET", f"/api/projects/{pid}/tasks")
@@ -213,11 +209,13 @@ def test_label_studio_delivers_a_submitted_annotation_through_the_bridge_to_kafk
         }  # fmt: skip
 
     result = [box("r1", 10, 0, "car"), box("r2", 50, 30, "bus")]
-    _api(base, token, "POST", f"/api/tasks/{task}/annotations", {"result": result, "lead_time": 9.5})
-
-    deadline = time.monotonic() + 60
-    while not (got := asyncio.run(read_topic(settings, "annotations", until_idle_s=0.5))):
-        assert time.monotonic() < deadline, "no annotation reached Kafka within 60 s"
+    try:
+        _api(base, token, "POST", f"/api/tasks/{task}/annotations", {"result": result, "lead_time": 9.5})
+        deadline = time.monotonic() + 60
+        while not (got := asyncio.run(read_topic(settings, "annotations", until_idle_s=0.5))):
+            assert time.monotonic() < deadline, "no annotation reached Kafka within 60 s"
+    finally:
+        _api(base, token, "DELETE", f"/api/projects/{pid}")
     (a,) = [s.AnnotationSubmitted.from_bytes(v) for _, v in got]
     assert (a.project_id, a.item_id, a.source) == (f"ls-{pid}", task_item_id(task), "label_studio")
     assert a.worker_id.startswith("ls-user-") and a.started_at is not None
