@@ -38,6 +38,7 @@ from goldstream.streams.topics import Topics, ensure_topics
 TOKEN_HEADER = "X-Goldstream-Token"
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 WEBHOOK_SOURCE = "label-studio-webhook"
+SYNC_SOURCE = "label-studio-sync"
 
 Published = tuple[str, str | None, s.Message]  # (logical topic, key, message)
 
@@ -197,6 +198,41 @@ async def _refuse(send: Send, body: bytes, exc: BadDelivery, status: int) -> web
     return _error(status, str(exc), exc.reason)
 
 
+async def pull_label_studio(
+    url: str, token: str, ls_project: int | str, projects: LabelStudioProjects
+) -> tuple[list[Published], dict[str, int]]:
+    """Every annotation of a Label Studio project as the webhook would have delivered it, read
+    from its JSON export: the same ids, so what the webhook already published is not counted
+    twice (the engine applies an event id once). Refused annotations come back as dead letters."""
+    import aiohttp
+
+    headers = {"Authorization": f"Token {token}"}
+    params = {"exportType": "JSON", "download_all_tasks": "true"}
+    async with (
+        aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=600)) as http,
+        http.get(f"{url.rstrip('/')}/api/projects/{ls_project}/export", params=params) as r,
+    ):
+        if r.status != 200:
+            raise SystemExit(f"Label Studio answered {r.status} for project {ls_project}'s export: {await r.text()}")
+        tasks = await r.json(content_type=None)
+    out: list[Published] = []
+    counts = {"annotations": 0, "gold": 0, "ignored": 0, "refused": 0}
+    for task in tasks:
+        for a in task.get("annotations", []):
+            payload = {"action": "ANNOTATION_UPDATED", "annotation": {**a, "task": task["id"], "project": ls_project}}
+            try:
+                messages, ignored = label_studio_messages(payload, projects)
+            except BadDelivery as exc:
+                out.append(("deadletter", None, dead_letter(orjson.dumps(payload), exc.reason, str(exc), SYNC_SOURCE)))
+                counts["refused"] += 1
+                continue
+            counts["ignored"] += ignored is not None
+            for topic, key, message in messages:
+                counts[topic] += 1
+                out.append((topic, key, message))
+    return out, counts
+
+
 async def serve(settings: Settings, host: str, port: int, projects: LabelStudioProjects, token: str | None) -> None:
     """Run the bridge until SIGTERM / SIGINT: one producer (acks from all in-sync replicas)."""
     ep = endpoints(settings)
@@ -227,4 +263,13 @@ async def serve(settings: Settings, host: str, port: int, projects: LabelStudioP
         await producer.stop()
 
 
-__all__ = ["TOKEN_HEADER", "BadDelivery", "LabelStudioProjects", "app", "dead_letter", "label_studio_messages", "serve"]
+__all__ = [
+    "TOKEN_HEADER",
+    "BadDelivery",
+    "LabelStudioProjects",
+    "app",
+    "dead_letter",
+    "label_studio_messages",
+    "pull_label_studio",
+    "serve",
+]

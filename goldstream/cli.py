@@ -98,7 +98,32 @@ def _gold_load(args: argparse.Namespace) -> int:
 def _bridge(args: argparse.Namespace) -> int:
     import os
 
-    from goldstream.bridge import LabelStudioProjects, serve
+    from goldstream.bridge import serve
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("GOLDSTREAM_BRIDGE_TOKEN")
+    if not token and not args.no_auth:
+        raise SystemExit("give the webhook token (GOLDSTREAM_BRIDGE_TOKEN or --token-file), or --no-auth")
+    asyncio.run(serve(_settings(args), args.host, args.port, _projects(args), token or None))  # type: ignore[arg-type]
+    return 0
+
+
+def _sync_label_studio(args: argparse.Namespace) -> int:
+    import os
+
+    from goldstream.bridge import pull_label_studio
+    from goldstream.commands import publish
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("LABEL_STUDIO_TOKEN")
+    if not token:
+        raise SystemExit("give Label Studio's API token (LABEL_STUDIO_TOKEN or --token-file)")
+    messages, counts = asyncio.run(pull_label_studio(args.url, token, args.project, _projects(args)))
+    n = asyncio.run(publish(_settings(args), ((t, k, m.to_bytes()) for t, k, m in messages)))  # type: ignore[arg-type]
+    print(f"published {n} message(s): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
+def _projects(args: argparse.Namespace) -> object:
+    from goldstream.bridge import LabelStudioProjects
 
     mapping = {}
     for pair in args.label_studio_project or []:
@@ -106,11 +131,7 @@ def _bridge(args: argparse.Namespace) -> int:
         if not sep or not ls_id or not project:
             raise SystemExit(f"--label-studio-project wants LS_ID=PROJECT, not {pair!r}")
         mapping[ls_id] = project
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("GOLDSTREAM_BRIDGE_TOKEN")
-    if not token and not args.no_auth:
-        raise SystemExit("give the webhook token (GOLDSTREAM_BRIDGE_TOKEN or --token-file), or --no-auth")
-    asyncio.run(serve(_settings(args), args.host, args.port, LabelStudioProjects(mapping), token or None))  # type: ignore[arg-type]
-    return 0
+    return LabelStudioProjects(mapping)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -292,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--token-file", help="file holding the X-Goldstream-Token value (else GOLDSTREAM_BRIDGE_TOKEN)")
     br.add_argument("--no-auth", action="store_true", help="accept deliveries without a token (a closed network)")
     br.set_defaults(func=_bridge)
+
+    sy = sub.add_parser("sync", help="pull from a labeling tool what its webhooks did not deliver")
+    sy_sub = sy.add_subparsers(dest="sync_command", metavar="TOOL", required=True)
+    sls = sy_sub.add_parser("label-studio", help="publish a Label Studio project's annotations (the webhook's ids)")
+    _connection_options(sls)
+    sls.add_argument("--project", required=True, help="the Label Studio project id")
+    sls.add_argument("--url", required=True, help="Label Studio's address, e.g. http://label-studio:8080")
+    sls.add_argument("--token-file", help="file holding Label Studio's API token (else LABEL_STUDIO_TOKEN)")
+    sls.add_argument("--label-studio-project", action="append", metavar="LS_ID=PROJECT", help="as for the bridge")
+    sls.set_defaults(func=_sync_label_studio)
 
     rp = sub.add_parser("replay", help="run the engine over an events file: outputs as JSONL, no Kafka")
     rp.add_argument("events", help="JSONL of envelopes {topic, key, value}")

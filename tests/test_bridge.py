@@ -224,3 +224,58 @@ def test_label_studio_delivers_a_submitted_annotation_through_the_bridge_to_kafk
     assert shapes["r1"] == s.BBox(x=128, y=144, w=384, h=288)
     assert isinstance(shapes["r2"], s.RotatedBBox) and shapes["r2"].angle == pytest.approx(30)
     assert a.content == content_of(result)  # Label Studio delivered the result as it was submitted
+
+
+def test_sync_publishes_what_the_webhook_missed_with_the_ids_it_would_have_given(
+    label_studio: tuple[str, str], bridge: tuple[str, Settings], tmp_path: Path
+) -> None:
+    """Label Studio never retries a delivery: while the bridge is unreachable, annotations are
+    missed. `goldstream sync label-studio` pulls them from the project's export with the ids the
+    webhook gives, so one the webhook did deliver is the same event, not a second annotation."""
+    base, token = label_studio
+    url, settings = bridge
+    pid = _api(base, token, "POST", "/api/projects", {"title": f"sync {settings.key_prefix}", "label_config": CONFIG})[
+        "id"  # type: ignore[index]
+    ]
+    try:
+        hook = _api(base, token, "POST", "/api/webhooks/", {
+            "project": pid, "url": f"{url}/label-studio/webhook", "send_payload": True,
+            "send_for_all_actions": True, "headers": {"X-Goldstream-Token": TOKEN},
+        })  # fmt: skip
+        _api(base, token, "POST", f"/api/projects/{pid}/import", [{"image": "a.jpg"}, {"image": "b.jpg"}])
+        tasks = _api(base, token, "GET", f"/api/projects/{pid}/tasks")
+        first, second = sorted(t["id"] for t in (tasks["tasks"] if isinstance(tasks, dict) else tasks))  # type: ignore[index]
+        rect = {
+            "id": "r1", "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+            "original_width": 640, "original_height": 480,
+            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rotation": 0, "rectanglelabels": ["car"]},
+        }  # fmt: skip
+        _api(base, token, "POST", f"/api/tasks/{first}/annotations", {"result": [rect], "lead_time": 3})
+        deadline = time.monotonic() + 60
+        while not asyncio.run(read_topic(settings, "annotations", until_idle_s=0.5)):
+            assert time.monotonic() < deadline, "the webhook's annotation did not reach Kafka within 60 s"
+        _api(base, token, "DELETE", f"/api/webhooks/{hook['id']}/")  # type: ignore[index]  # the bridge is "down"
+        _api(base, token, "POST", f"/api/tasks/{second}/annotations", {"result": [rect], "lead_time": 4})
+
+        token_file = tmp_path / "ls-token"
+        token_file.write_text(token)
+        env = {**os.environ, "GOLDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+               "GOLDSTREAM_TOPIC_PREFIX": settings.topic_prefix, "GOLDSTREAM_PARTITIONS": "1"}  # fmt: skip
+        argv = [sys.executable, "-m", "goldstream.cli", "sync", "label-studio", "--project", str(pid),
+                "--url", base, "--token-file", str(token_file)]  # fmt: skip
+        for _ in range(2):  # a second sync adds nothing new either
+            done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            assert "2 annotations" in done.stdout, done.stdout
+    finally:
+        _api(base, token, "DELETE", f"/api/projects/{pid}")
+    got = [s.AnnotationSubmitted.from_bytes(v) for _, v in asyncio.run(read_topic(settings, "annotations"))]
+    assert len(got) == 5  # one by the webhook, two by each sync
+    by_item = {}
+    for a in got:
+        by_item.setdefault(a.item_id, set()).add(a.event_id)
+    assert by_item == {
+        task_item_id(first): by_item[task_item_id(first)],
+        task_item_id(second): by_item[task_item_id(second)],
+    }
+    assert all(len(ids) == 1 for ids in by_item.values()), by_item  # the webhook's id is the sync's
