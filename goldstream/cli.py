@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     gold_sub = gold.add_subparsers(dest="gold_command", metavar="ACTION", required=True)
     gl = gold_sub.add_parser(
         "load",
-        help="publish gold from COCO instances / keypoints JSON, a Label Studio JSON export or GoldAnswer JSONL",
+        help="publish gold from CVAT XML, COCO JSON, a Label Studio JSON export or GoldAnswer JSONL",
     )
     _connection_options(gl)
     gl.add_argument("file")

@@ -1,4 +1,5 @@
-"""Gold answers from files: COCO instances / person-keypoints JSON, a Label Studio JSON export, or\nGoldAnswer JSONL."""
+"""Gold answers from files: CVAT for images 1.1 XML, COCO instances / person-keypoints JSON, a Label
+Studio JSON export, or GoldAnswer JSONL."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import orjson
 import shapely
 
+from goldstream import cvat
 from goldstream import schemas as s
 from goldstream.label_studio import Unsupported, gold_from_export, is_export
 from goldstream.schemas.base import validate
@@ -19,9 +21,15 @@ from goldstream.scoring import rle
 
 
 def gold_from_file(path: Path, project_id: str, shape: str = "auto") -> list[s.GoldAnswer]:
-    """Gold answers in a file: a COCO JSON (by its keys), a Label Studio JSON export (a list of
-    tasks: their ground-truth annotations), else JSONL of GoldAnswer or envelopes."""
+    """Gold answers in a file: CVAT for images 1.1 XML, a COCO JSON (by its keys), a Label Studio
+    JSON export (a list of tasks: their ground-truth annotations), else JSONL of GoldAnswer or
+    envelopes."""
     raw = path.read_bytes()
+    if cvat.is_cvat_xml(raw):
+        try:
+            return list(cvat.gold_from_xml(raw, project_id))
+        except cvat.Unsupported as exc:
+            raise SystemExit(f"{path}: {exc}") from None
     if raw.lstrip().startswith(b"["):
         try:
             doc = orjson.loads(raw)
