@@ -90,7 +90,11 @@ def from_coco(doc: dict[str, Any], project_id: str, shape: str = "auto") -> Iter
                 continue
             objects.append(
                 s.AnnotatedObject(
-                    id=str(a.get("id", len(objects))), label=cat["name"], shape=shp, iscrowd=bool(a.get("iscrowd", 0))
+                    id=str(a.get("id", len(objects))),
+                    label=cat["name"],
+                    shape=shp,
+                    iscrowd=bool(a.get("iscrowd", 0)),
+                    attributes=_coco_attributes(a),
                 )
             )
         image = s.ImageSize(width=size[1], height=size[0]) if size else None
@@ -126,5 +130,22 @@ def _coco_shape(a: dict, cat: dict, size: tuple[int, int] | None, shape: str) ->
             return s.Mask(size=size, counts=rle.encode_counts(r.counts))
     if "bbox" in a and shape in ("auto", "bbox", "segmentation"):
         x, y, w, h = (float(v) for v in a["bbox"])
+        angle = float((a.get("attributes") or {}).get("rotation") or 0.0) % 360
+        if angle:  # CVAT's COCO export: the unrotated box, turned clockwise about its centre
+            return s.RotatedBBox(cx=x + w / 2, cy=y + h / 2, w=w, h=h, angle=angle if angle <= 180 else angle - 360)
         return s.BBox(x=x, y=y, w=w, h=h)
     return None
+
+
+def _coco_attributes(a: dict) -> dict[str, s.AttributeValue]:
+    """An annotation's `attributes` (CVAT's COCO export writes them there), less the rotation,
+    which is geometry; values kept when they are attribute values (bool, number, text, list of text)."""
+    out: dict[str, s.AttributeValue] = {}
+    for name, value in (a.get("attributes") or {}).items():
+        if name == "rotation":
+            continue
+        if isinstance(value, bool | int | float | str) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            out[str(name)] = value
+    return out

@@ -79,3 +79,25 @@ def test_what_cannot_be_converted_is_refused_naming_the_image_and_element(tmp_pa
     path.write_text(xml)
     with pytest.raises(SystemExit, match=says):
         gold_from_file(path, "p")
+
+
+def test_gold_from_cvats_coco_export_keeps_attributes_and_rotation() -> None:
+    """CVAT's COCO 1.0 export keeps rotation and attributes in each annotation's `attributes`;
+    the loader used to drop both."""
+    from goldstream.gold import from_coco
+
+    doc = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 640, "height": 480}],
+        "categories": [{"id": 1, "name": "car"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 20, 100, 40], "iscrowd": 0, "segmentation": [],
+             "attributes": {"occluded": False, "rotation": 330.0, "color": "red", "track": {"id": 3}}},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [300, 200, 50, 50], "iscrowd": 0, "segmentation": [],
+             "attributes": {"occluded": True, "rotation": 0.0}},
+        ],
+    }  # fmt: skip
+    (g,) = from_coco(doc, "cars")
+    turned, upright = g.content.objects
+    assert turned.shape == s.RotatedBBox(cx=60, cy=40, w=100, h=40, angle=-30)
+    assert turned.attributes == {"occluded": False, "color": "red"}  # geometry and non-values left out
+    assert upright.shape == s.BBox(x=300, y=200, w=50, h=50) and upright.attributes == {"occluded": True}
