@@ -279,3 +279,51 @@ def test_sync_publishes_what_the_webhook_missed_with_the_ids_it_would_have_given
         task_item_id(second): by_item[task_item_id(second)],
     }
     assert all(len(ids) == 1 for ids in by_item.values()), by_item  # the webhook's id is the sync's
+
+
+def test_ground_truth_marked_in_label_studio_becomes_gold_and_a_worker_scores_the_next_annotation(
+    label_studio: tuple[str, str], bridge: tuple[str, Settings], tmp_path: Path
+) -> None:
+    """The loop a team runs: an expert's annotation starred as ground truth in Label Studio is the
+    item's gold; an annotator's later annotation reaches a goldstream worker through the bridge
+    and is scored against it (a ScoreRecord of kind gold on Kafka)."""
+    from goldstream.commands import set_criteria
+    from tests.pipeline import Worker, messages_of, wait_for
+
+    base, token = label_studio
+    url, settings = bridge
+    pid = _api(base, token, "POST", "/api/projects", {"title": f"gold {settings.key_prefix}", "label_config": CONFIG})[
+        "id"  # type: ignore[index]
+    ]
+    worker = Worker(settings, tmp_path / "worker.log").start()
+    try:
+        asyncio.run(set_criteria(settings, s.ProjectCriteria(project_id=f"ls-{pid}"), wait_s=90))
+        _api(base, token, "POST", "/api/webhooks/", {
+            "project": pid, "url": f"{url}/label-studio/webhook", "send_payload": True,
+            "send_for_all_actions": True, "headers": {"X-Goldstream-Token": TOKEN},
+        })  # fmt: skip
+        _api(base, token, "POST", f"/api/projects/{pid}/import", [{"image": "street.jpg"}])
+        tasks = _api(base, token, "GET", f"/api/projects/{pid}/tasks")
+        task = (tasks["tasks"] if isinstance(tasks, dict) else tasks)[0]["id"]  # type: ignore[index]
+
+        def rect(x: float) -> dict:
+            return {
+                "id": "r1", "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+                "original_width": 1000, "original_height": 1000,
+                "value": {"x": x, "y": 10, "width": 20, "height": 20, "rotation": 0, "rectanglelabels": ["car"]},
+            }  # fmt: skip
+
+        _api(base, token, "POST", f"/api/tasks/{task}/annotations", {"result": [rect(10)], "ground_truth": True})
+        wait_for(lambda: bool(messages_of(settings, "gold", s.GoldAnswer)), 60, "gold from Label Studio", [worker])
+        _api(base, token, "POST", f"/api/tasks/{task}/annotations", {"result": [rect(11)], "lead_time": 5})
+        wait_for(lambda: bool(messages_of(settings, "scores", s.ScoreRecord)), 120, "a score", [worker])
+    finally:
+        worker.stop()
+        _api(base, token, "DELETE", f"/api/projects/{pid}")
+    (gold,) = messages_of(settings, "gold", s.GoldAnswer)
+    (score,) = messages_of(settings, "scores", s.ScoreRecord)
+    assert gold.item_id == score.item_id == task_item_id(task)  # type: ignore[attr-defined]
+    assert score.kind is s.ScoreKind.GOLD and score.reference_id == gold.event_id  # type: ignore[attr-defined]
+    assert score.result.objects.matches == 1  # type: ignore[attr-defined]
+    # 200 x 200 px boxes 10 px apart: IoU 38,000 / 42,000, the item's only component
+    assert score.result.score == pytest.approx(38_000 / 42_000)  # type: ignore[attr-defined]
