@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from goldstream import schemas as s
@@ -39,6 +40,7 @@ TOKEN_HEADER = "X-Goldstream-Token"
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 WEBHOOK_SOURCE = "label-studio-webhook"
 SYNC_SOURCE = "label-studio-sync"
+PUBLISH_TIMEOUT_S = 10.0  # Label Studio gives up after about a second; other senders may wait longer
 
 Published = tuple[str, str | None, s.Message]  # (logical topic, key, message)
 
@@ -176,7 +178,12 @@ def app(send: Send, projects: LabelStudioProjects, token: str | None) -> web.App
             return await _refuse(send, body, exc, 422)
         if ignored is not None:
             return web.json_response({"published": [], "ignored": ignored})
-        await send(messages)
+        try:
+            await asyncio.wait_for(send(messages), PUBLISH_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as exc:
+            # Label Studio will not retry: say so, and how to catch up (the same ids, no double count)
+            return _error(503, f"could not publish to Kafka ({type(exc).__name__}); run `goldstream sync "
+                          "label-studio` once it is back", "unavailable")  # fmt: skip
         return web.json_response(
             {"published": [{"topic": t, "event_id": m.event_id} for t, _, m in messages], "ignored": None}
         )

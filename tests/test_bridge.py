@@ -327,3 +327,24 @@ def test_ground_truth_marked_in_label_studio_becomes_gold_and_a_worker_scores_th
     assert score.result.objects.matches == 1  # type: ignore[attr-defined]
     # 200 x 200 px boxes 10 px apart: IoU 38,000 / 42,000, the item's only component
     assert score.result.score == pytest.approx(38_000 / 42_000)  # type: ignore[attr-defined]
+
+
+def test_a_delivery_kafka_cannot_take_is_answered_503_naming_the_way_to_catch_up() -> None:
+    """Label Studio does not retry: the answer must say the delivery was not taken, and how to
+    recover it, rather than pretend (200) or fail obscurely (500)."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from aiokafka.errors import KafkaConnectionError
+
+    from goldstream.bridge import app
+
+    async def down(messages: object) -> None:
+        raise KafkaConnectionError("broker unreachable")
+
+    async def main() -> tuple[int, dict]:
+        async with TestClient(TestServer(app(down, PROJECTS, TOKEN))) as client:
+            r = await client.post("/label-studio/webhook", data=orjson.dumps(delivery()),
+                                  headers={"X-Goldstream-Token": TOKEN})  # fmt: skip
+            return r.status, await r.json()
+
+    status, answer = asyncio.run(main())
+    assert status == 503 and answer["reason"] == "unavailable" and "goldstream sync label-studio" in answer["error"]
