@@ -19,132 +19,24 @@ import asyncio
 import hashlib
 import hmac
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
 from goldstream import schemas as s
 from goldstream.commands import endpoints
-from goldstream.label_studio import Unsupported, content_of, task_item_id
+from goldstream.label_studio import BadDelivery, LabelStudioProjects, Published, label_studio_messages
 from goldstream.streams.settings import Settings
 from goldstream.streams.topics import Topics, ensure_topics
 
 TOKEN_HEADER = "X-Goldstream-Token"
-ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 WEBHOOK_SOURCE = "label-studio-webhook"
 SYNC_SOURCE = "label-studio-sync"
 PUBLISH_TIMEOUT_S = 10.0  # Label Studio gives up after about a second; other senders may wait longer
-
-Published = tuple[str, str | None, s.Message]  # (logical topic, key, message)
-
-
-class BadDelivery(ValueError):
-    """A delivery that cannot become goldstream messages; `reason` is the dead letter's."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class LabelStudioProjects:
-    """Which goldstream project a Label Studio project feeds: mapped, else `ls-<id>`."""
-
-    mapping: Mapping[str, str] = field(default_factory=dict)
-
-    def __call__(self, ls_project: object) -> str:
-        return self.mapping.get(str(ls_project), f"ls-{ls_project}")
-
-
-def _time(value: object, what: str) -> datetime:
-    if not isinstance(value, str):
-        raise BadDelivery("schema", f"annotation.{what} is missing")
-    try:
-        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadDelivery("schema", f"annotation.{what} {value!r} is not an ISO 8601 time") from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
-def _id_of(value: object, what: str) -> str:
-    if isinstance(value, dict):
-        value = value.get("id")
-    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
-        raise BadDelivery("schema", f"{what} is missing")
-    return str(value)
-
-
-def label_studio_messages(
-    payload: Mapping[str, Any], projects: LabelStudioProjects, criteria: s.ProjectCriteria | None = None
-) -> tuple[list[Published], str | None]:
-    """The messages a Label Studio delivery stands for, or none and why it is ignored.
-
-    A submitted annotation becomes an `AnnotationSubmitted`; one marked ground truth (the star)
-    a `GoldAnswer` of its task; a skipped task (`was_cancelled`) and other actions nothing."""
-    action = payload.get("action")
-    if action not in ANNOTATION_ACTIONS:
-        return [], f"action {action!r} carries no annotation to score"
-    a = payload.get("annotation")
-    if not isinstance(a, dict):
-        raise BadDelivery("schema", f"{action} without an annotation object")
-    if a.get("was_cancelled"):
-        return [], "a skipped task (was_cancelled)"
-    task = _id_of(a.get("task", payload.get("task")), "annotation.task")
-    ls_project = _id_of(a.get("project", payload.get("project")), "annotation.project")
-    ann_id = _id_of(a.get("id"), "annotation.id")
-    updated = _time(a.get("updated_at") or a.get("created_at"), "updated_at")
-    result = a.get("result")
-    if not isinstance(result, list):
-        raise BadDelivery("schema", "annotation.result is not a list")
-    try:
-        content = content_of(result, criteria)
-    except Unsupported as exc:
-        raise BadDelivery("unsupported", str(exc)) from None
-    except s.SchemaError as exc:
-        raise BadDelivery("schema", str(exc)) from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadDelivery("schema", f"annotation.result: {type(exc).__name__}: {exc}") from None
-    try:
-        return _messages(a, projects(ls_project), task, ann_id, updated, content)
-    except ValidationError as exc:  # a mapped project id or a user id that is not an id
-        raise BadDelivery("schema", str(s.SchemaError.from_validation(exc, "message"))) from None
-
-
-def _messages(
-    a: Mapping[str, Any], project: str, task: str, ann_id: str, updated: datetime, content: s.Content
-) -> tuple[list[Published], str | None]:
-    item = task_item_id(task)
-    if a.get("ground_truth"):
-        gold = s.GoldAnswer(
-            event_id=s.derive_id("label-studio-gold", project, task, ann_id, updated.isoformat()),
-            project_id=project,
-            item_id=item,
-            content=content,
-            created_at=updated,
-            source="import",
-        )
-        return [("gold", item, gold)], None
-    lead = a.get("lead_time")
-    started = updated - timedelta(seconds=lead) if isinstance(lead, int | float) and 0 <= lead < 1e7 else None
-    ann = s.AnnotationSubmitted(
-        event_id=s.derive_id("label-studio", project, ann_id, updated.isoformat()),
-        project_id=project,
-        item_id=item,
-        worker_id=f"ls-user-{_id_of(a.get('completed_by'), 'annotation.completed_by')}",
-        content=content,
-        submitted_at=updated,
-        started_at=started,
-        source="label_studio",
-        external_id=ann_id,
-    )
-    return [("annotations", item, ann)], None
 
 
 def dead_letter(body: bytes, reason: str, error: str, source: str = WEBHOOK_SOURCE) -> s.DeadLetter:

@@ -669,6 +669,30 @@ def test_the_consensus_timer_does_not_ask_for_rounds_that_cannot_close(services:
 # ----------------------------------------------------------------------------- batches
 
 
+def _one_at_a_time_and_in_batches(
+    services: Endpoints, keys: Keys, recs: list[Record], batch: int, between: Any = lambda: None
+) -> tuple[ReplayResult, dict, ReplayResult, dict]:
+    """Replay the records one at a time, then (after `between()`) in batches of `batch`, each into
+    its own prefix: each run's result and Redis snapshot."""
+
+    async def main(size: int, prefix: str) -> tuple[ReplayResult, dict]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            result = await replay(recs, client, Keys(prefix), batch=size, close_rounds=True)
+            return result, await proficiency_snapshot(client, Keys(prefix))
+        finally:
+            await client.aclose()
+
+    try:
+        one, one_state = asyncio.run(main(1, f"{keys.prefix}-one"))
+        between()
+        many, many_state = asyncio.run(main(batch, f"{keys.prefix}-many"))
+    finally:
+        for prefix in (f"{keys.prefix}-one", f"{keys.prefix}-many"):
+            asyncio.run(drop_keys(services.redis_url, prefix))
+    return one, one_state, many, many_state
+
+
 def test_a_replay_in_batches_scores_the_same_annotations_and_sums_the_same_counters_as_one_at_a_time(
     services: Endpoints, keys: Keys
 ) -> None:
@@ -683,20 +707,7 @@ def test_a_replay_in_batches_scores_the_same_annotations_and_sums_the_same_count
     sim = simulate(spec, 3)
     recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(sim.events)]
 
-    async def main(batch: int, prefix: str) -> tuple[ReplayResult, dict]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            result = await replay(recs, client, Keys(prefix), batch=batch, close_rounds=True)
-            return result, await proficiency_snapshot(client, Keys(prefix))
-        finally:
-            await client.aclose()
-
-    try:
-        one, one_state = asyncio.run(main(1, f"{keys.prefix}-one"))
-        many, many_state = asyncio.run(main(64, f"{keys.prefix}-many"))
-    finally:
-        for prefix in (f"{keys.prefix}-one", f"{keys.prefix}-many"):
-            asyncio.run(drop_keys(services.redis_url, prefix))
+    one, one_state, many, many_state = _one_at_a_time_and_in_batches(services, keys, recs, 64)
     kinds = {r.kind for r in out(one, "scores")}
     assert {s.ScoreKind.GOLD, s.ScoreKind.CONSENSUS, s.ScoreKind.REVIEW} <= kinds, kinds
     assert out(one, "gold"), "some reviews promote gold, which is fed back"
@@ -780,21 +791,7 @@ def test_a_replay_closes_timed_out_rounds_inside_its_batches_as_if_it_had_stoppe
 
     monkeypatch.setattr(Engine, "process", counted)
 
-    async def main(batch: int, prefix: str) -> tuple[ReplayResult, dict]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            result = await replay(recs, client, Keys(prefix), batch=batch, close_rounds=True)
-            return result, await proficiency_snapshot(client, Keys(prefix))
-        finally:
-            await client.aclose()
-
-    try:
-        one, one_state = asyncio.run(main(1, f"{keys.prefix}-one"))
-        calls.clear()
-        many, many_state = asyncio.run(main(500, f"{keys.prefix}-many"))
-    finally:
-        for prefix in (f"{keys.prefix}-one", f"{keys.prefix}-many"):
-            asyncio.run(drop_keys(services.redis_url, prefix))
+    one, one_state, many, many_state = _one_at_a_time_and_in_batches(services, keys, recs, 500, calls.clear)
     timeouts = [r for r in out(one, "scores") if r.kind is s.ScoreKind.CONSENSUS]
     assert timeouts and sum(t for _, t in calls) > 10  # rounds did wait, and ticks fell inside batches
     assert sorted(r.event_id for r in out(many, "scores")) == sorted(r.event_id for r in out(one, "scores"))
