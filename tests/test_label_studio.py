@@ -11,7 +11,7 @@ import shapely
 
 from goldstream import schemas as s
 from goldstream.gold import gold_from_file
-from goldstream.label_studio import Unsupported, content_of, task_item_id
+from goldstream.label_studio import Unsupported, content_of, label_studio_messages, task_item_id
 
 W, H = 1280, 720
 
@@ -147,6 +147,9 @@ def test_gold_loads_from_a_label_studio_export_taking_each_tasks_latest_ground_t
     assert g.content.objects[0].shape == s.BBox(x=256, y=72, w=128, h=72)  # the later ground truth
     assert g.created_at.isoformat() == "2026-11-02T10:00:00+00:00"
     assert [x.event_id for x in gold_from_file(path, "p1")] == [g.event_id]  # a reload publishes the same id
+    starred = {**export[0]["annotations"][1], "task": 7, "project": 3, "completed_by": 1}
+    (webhook,) = label_studio_messages({"action": "ANNOTATION_UPDATED", "annotation": starred}, lambda _: "p1")[0]
+    assert webhook[2].event_id == g.event_id  # the same gold whether starred live or loaded from an export
 
     none = tmp_path / "none.json"
     none.write_bytes(orjson.dumps([export[2]]))
