@@ -115,10 +115,14 @@ async def pull_label_studio(
             raise SystemExit(f"Label Studio answered {r.status} for project {ls_project}'s export: {await r.text()}")
         tasks = await r.json(content_type=None)
     out: list[Published] = []
-    counts = {"annotations": 0, "gold": 0, "ignored": 0, "refused": 0}
+    counts = {"annotations": 0, "gold": 0, "reviews": 0, "ignored": 0, "refused": 0}
     for task in tasks:
         for a in task.get("annotations", []):
-            payload = {"action": "ANNOTATION_UPDATED", "annotation": {**a, "task": task["id"], "project": ls_project}}
+            payload = {
+                "action": "ANNOTATION_UPDATED",
+                "annotation": {**a, "task": task["id"], "project": ls_project},
+                "task": {"id": task["id"], "data": task.get("data", {})},  # a review task's fields make a review
+            }
             try:
                 messages, ignored = label_studio_messages(payload, projects)
             except BadDelivery as exc:

@@ -122,6 +122,31 @@ def _sync_label_studio(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review_label_studio(args: argparse.Namespace) -> int:
+    import os
+
+    from goldstream import review_tasks
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("LABEL_STUDIO_TOKEN")
+    if not token:
+        raise SystemExit("give Label Studio's API token (LABEL_STUDIO_TOKEN or --token-file)")
+    try:
+        if args.create_from is not None:
+            made = asyncio.run(review_tasks.create(args.url, token, args.create_from))
+            print(f"created Label Studio review project {made}: run again with --review-project {made}")
+            return 0
+        if args.review_project is None or args.project is None:
+            raise SystemExit("give --project P and --review-project N (or --create-from SOURCE_PROJECT to make one)")
+        counts = asyncio.run(review_tasks.run(
+            _settings(args), args.url, token, args.project, args.review_project,  # type: ignore[arg-type]
+            image_url=args.image_url, once=args.once,
+        ))  # fmt: skip
+    except review_tasks.ToolError as exc:
+        raise SystemExit(str(exc)) from None
+    print("review tasks: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
 def _projects(args: argparse.Namespace) -> object:
     from goldstream.bridge import LabelStudioProjects
 
@@ -323,6 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
     sls.add_argument("--token-file", help="file holding Label Studio's API token (else LABEL_STUDIO_TOKEN)")
     sls.add_argument("--label-studio-project", action="append", metavar="LS_ID=PROJECT", help="as for the bridge")
     sls.set_defaults(func=_sync_label_studio)
+
+    rv = sub.add_parser("review", help="send escalations to a labeling tool's review queue")
+    rv_sub = rv.add_subparsers(dest="review_command", metavar="TOOL", required=True)
+    rls = rv_sub.add_parser(
+        "label-studio", help="escalations of a project become tasks of a Label Studio review project"
+    )
+    _connection_options(rls)
+    rls.add_argument("--project", help="the goldstream project whose escalations to send")
+    rls.add_argument("--review-project", type=int, help="the Label Studio review project (see --create-from)")
+    rls.add_argument(
+        "--create-from", type=int, metavar="LS_ID", help="make a review project from this project's config, then exit"
+    )
+    rls.add_argument("--url", required=True, help="Label Studio's address, e.g. http://label-studio:8080")
+    rls.add_argument("--token-file", help="file holding Label Studio's API token (else LABEL_STUDIO_TOKEN)")
+    rls.add_argument("--image-url", help="for items not from this Label Studio: URL template, e.g. "
+                     "'https://img.example.com/{item_id}.jpg'")  # fmt: skip
+    rls.add_argument("--once", action="store_true", help="send what is on the topic now, then exit (else run on)")
+    rls.set_defaults(func=_review_label_studio)
 
     rp = sub.add_parser("replay", help="run the engine over an events file: outputs as JSONL, no Kafka")
     rp.add_argument("events", help="JSONL of envelopes {topic, key, value}")

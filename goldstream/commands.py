@@ -543,7 +543,7 @@ async def rebuild_proficiency(
 
 
 @contextlib.asynccontextmanager
-async def _project(settings: Settings, project_id: str) -> AsyncIterator[tuple[ProficiencyStore, ProjectCriteria]]:
+async def project_state(settings: Settings, project_id: str) -> AsyncIterator[tuple[ProficiencyStore, ProjectCriteria]]:
     """The proficiency store and a project's criteria (its defaults when it has none), for a report."""
     redis = Redis.from_url(settings.redis_url)
     keys = Keys(settings.key_prefix)
@@ -556,7 +556,7 @@ async def _project(settings: Settings, project_id: str) -> AsyncIterator[tuple[P
 
 async def report(settings: Settings, project_id: str, batch_id: str | None = None) -> dict[str, Any]:
     """Figures of a project (or one batch) against its targets, with a verdict for batches."""
-    async with _project(settings, project_id) as (store, criteria):
+    async with project_state(settings, project_id) as (store, criteria):
         key = store.keys.project(project_id, f"batch:{batch_id}" if batch_id else "totals")
         (fields,) = await store.hashes([key])
         figures = Counters.from_fields(fields).compute(criteria.empty_item_correct)
@@ -612,7 +612,7 @@ async def worker_report(settings: Settings, project_id: str, worker_id: str) -> 
     from goldstream.scoring.policy import drift_flag, proficiency, worker_drift
     from goldstream.streams.state import level_of
 
-    async with _project(settings, project_id) as (store, criteria):
+    async with project_state(settings, project_id) as (store, criteria):
         view = await store.view(project_id, criteria, fresh=True)
         (totals,) = await store.totals([(project_id, worker_id)])
         level = level_of(view.model, totals)

@@ -255,8 +255,10 @@ def label_studio_messages(
     result = a.get("result")
     if not isinstance(result, list):
         raise BadDelivery("schema", "annotation.result is not a list")
+    data = _task_data(payload, a)
+    review = REVIEW_FIELD in data
     try:
-        content = content_of(result, criteria)
+        content = content_of([r for r in result if not _is_review_control(r)] if review else result, criteria)
     except Unsupported as exc:
         raise BadDelivery("unsupported", str(exc)) from None
     except s.SchemaError as exc:
@@ -264,6 +266,8 @@ def label_studio_messages(
     except (KeyError, TypeError, ValueError) as exc:
         raise BadDelivery("schema", f"annotation.result: {type(exc).__name__}: {exc}") from None
     try:
+        if review:
+            return _review_messages(a, data, ann_id, updated, content, result)
         return _messages(a, projects(ls_project), task, ann_id, updated, content)
     except ValidationError as exc:  # a mapped project id or a user id that is not an id
         raise BadDelivery("schema", str(s.SchemaError.from_validation(exc, "message"))) from None
@@ -299,6 +303,200 @@ def _messages(
     return [("annotations", item, ann)], None
 
 
+# ----------------------------------------------------------------------------- reviews back in the tool
+
+REVIEW_FIELD = "goldstream_annotation"
+"""The task data field that makes a Label Studio task a goldstream review task: the reviewed
+annotation's event id. The other `goldstream_*` fields say whose it is and why it is there."""
+VERDICT = "goldstream_verdict"
+GOLD = "goldstream_gold"
+COMMENT = "goldstream_comment"
+SUMMARY = "goldstream_summary"
+PROMOTE_CHOICE = "promote to gold"
+
+
+def _is_review_control(r: Mapping[str, Any]) -> bool:
+    return str(r.get("from_name", "")).startswith("goldstream_")
+
+
+def _task_data(payload: Mapping[str, Any], a: Mapping[str, Any]) -> Mapping[str, Any]:
+    task = payload.get("task")
+    data = task.get("data") if isinstance(task, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _choice(result: Sequence[Mapping[str, Any]], name: str) -> list[str]:
+    for r in result:
+        if r.get("from_name") == name and r.get("type") == "choices":
+            return [str(c) for c in r.get("value", {}).get("choices", [])]
+    return []
+
+
+def _review_messages(
+    a: Mapping[str, Any],
+    data: Mapping[str, Any],
+    ann_id: str,
+    updated: datetime,
+    content: s.Content,
+    result: Sequence[Mapping[str, Any]],
+) -> tuple[list[Published], str | None]:
+    """A reviewer's submission on a review task: the verdict, the correction (the regions the
+    reviewer left, when the verdict is correct), and whether it becomes gold."""
+    verdicts = _choice(result, VERDICT)
+    if len(verdicts) != 1 or verdicts[0] not in {v.value for v in s.Verdict}:
+        raise BadDelivery("schema", f"a review needs one {VERDICT} of approve / correct / reject, not {verdicts}")
+    verdict = s.Verdict(verdicts[0])
+    comment = next((r.get("value", {}).get("text") for r in result if r.get("from_name") == COMMENT), None)
+    if isinstance(comment, list):
+        comment = "\n".join(str(x) for x in comment)
+    fields = {k: data.get(f"goldstream_{k}") for k in ("project", "item", "worker")}
+    if not all(isinstance(v, str) and v for v in fields.values()):
+        raise BadDelivery("schema", "a review task needs goldstream_project, goldstream_item and goldstream_worker")
+    review = s.ReviewResult(
+        event_id=s.derive_id("label-studio-review", str(data[REVIEW_FIELD]), ann_id, updated.isoformat()),
+        project_id=fields["project"],
+        item_id=fields["item"],
+        annotation_event_id=str(data[REVIEW_FIELD]),
+        worker_id=fields["worker"],
+        reviewer_id=f"ls-user-{_id_of(a.get('completed_by'), 'annotation.completed_by')}",
+        verdict=verdict,
+        corrected=content if verdict is s.Verdict.CORRECT else None,
+        promote_to_gold=PROMOTE_CHOICE in _choice(result, GOLD) and verdict is not s.Verdict.REJECT,
+        comment=comment or None,
+        reviewed_at=updated,
+    )
+    return [("reviews", review.item_id, review)], None
+
+
+def review_config(label_config: str) -> str:
+    """A review project's labeling config: the source project's, plus what the reviewer needs
+    (why the annotation is here, a verdict, promote to gold, a comment). The goldstream_*
+    controls point at the summary text, so they never mix with the regions being reviewed."""
+    block = (
+        f'<View style="margin-top: 1em"><Header value="goldstream review"/>'
+        f'<Text name="{SUMMARY}" value="${SUMMARY}"/>'
+        f'<Choices name="{VERDICT}" toName="{SUMMARY}" choice="single-radio" required="true" showInline="true">'
+        '<Choice value="approve"/><Choice value="correct"/><Choice value="reject"/></Choices>'
+        f'<Choices name="{GOLD}" toName="{SUMMARY}" choice="multiple"><Choice value="{PROMOTE_CHOICE}"/></Choices>'
+        f'<TextArea name="{COMMENT}" toName="{SUMMARY}" placeholder="comment (optional)" maxSubmissions="1"/>'
+        "</View>"
+    )
+    end = label_config.rstrip().rfind("</View>")
+    if end < 0:
+        raise Unsupported("the labeling config has no closing </View>")
+    return label_config[:end] + block + label_config[end:]
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The labeling config's control tags that hold regions, by kind: where a prediction's
+    results must point (`from_name`, `to_name`) to show on the reviewer's image."""
+
+    by_type: Mapping[str, tuple[str, str]]
+    choices: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, parsed_label_config: Mapping[str, Any]) -> Controls:
+        by_type: dict[str, tuple[str, str]] = {}
+        choices = set()
+        for name, tag in parsed_label_config.items():
+            kind = str(tag.get("type", "")).lower()
+            targets = tag.get("to_name") or []
+            if not targets or name.startswith("goldstream_"):
+                continue
+            by_type.setdefault(kind, (name, targets[0]))
+            if kind == "choices":
+                choices.add(name)
+        return cls(by_type, frozenset(choices))
+
+
+def _region(obj: s.AnnotatedObject, control: tuple[str, str], kind: str, value: dict, size: s.ImageSize) -> dict:
+    return {
+        "id": obj.id, "type": kind, "from_name": control[0], "to_name": control[1],
+        "original_width": size.width, "original_height": size.height, "image_rotation": 0,
+        "value": {**value, kind: [obj.label]},
+    }  # fmt: skip
+
+
+def _rect_value(shape: s.BBox | s.RotatedBBox, size: s.ImageSize) -> dict:
+    if isinstance(shape, s.BBox):
+        x, y, w, h, angle = shape.x, shape.y, shape.w, shape.h, 0.0
+    else:  # the top-left corner is the centre less the rotated half-diagonal (the inverse of `rectangle`)
+        w, h, t = shape.w, shape.h, math.radians(shape.angle)
+        x = shape.cx - (w / 2 * math.cos(t) - h / 2 * math.sin(t))
+        y = shape.cy - (w / 2 * math.sin(t) + h / 2 * math.cos(t))
+        angle = shape.angle % 360
+    W, H = size.width, size.height
+    return {"x": x / W * 100, "y": y / H * 100, "width": w / W * 100, "height": h / H * 100, "rotation": angle}
+
+
+def results_of(
+    content: s.Content, controls: Controls, criteria: s.ProjectCriteria | None = None
+) -> tuple[list[dict], list[str]]:
+    """Label Studio results showing `content` on the review project's image: rectangles,
+    polygons, keypoints (one region per labeled point, tied by relations), attributes as
+    per-region choices, classifications, relations. The inverse of `content_of`; what it cannot
+    show (no control of that kind, no image size, polylines, masks) is listed, not dropped silently."""
+    out: list[dict] = []
+    skipped: list[str] = []
+    size = content.image
+    for obj in content.objects:
+        shape = obj.shape
+        if size is None:
+            skipped.append(f"{obj.id} (no image size)")
+            continue
+        rect, poly, kp = (controls.by_type.get(k) for k in REGION_TYPES)
+        if isinstance(shape, s.BBox | s.RotatedBBox) and rect:
+            out.append(_region(obj, rect, "rectanglelabels", _rect_value(shape, size), size))
+            target = rect[1]
+        elif isinstance(shape, s.Polygon) and poly and not shape.holes:
+            points = [[x / size.width * 100, y / size.height * 100] for x, y in shape.points]
+            out.append(_region(obj, poly, "polygonlabels", {"points": points}, size))
+            target = poly[1]
+        elif isinstance(shape, s.Keypoints) and kp:
+            out += _keypoint_results(obj, shape, kp, criteria, size)
+            continue
+        else:
+            skipped.append(f"{obj.id} ({shape.type} {obj.label})")
+            continue
+        for name, value in obj.attributes.items():  # per-region choices carry the region's id
+            if name in controls.choices:
+                choices = value if isinstance(value, list) else [value]
+                out.append({"id": obj.id, "type": "choices", "from_name": name, "to_name": target,
+                            "value": {"choices": [str(c) for c in choices]}})  # fmt: skip
+    for taxonomy, labels in content.classifications.items():
+        if taxonomy in controls.choices:
+            target = next(iter(controls.by_type.values()))[1]
+            out.append({"type": "choices", "from_name": taxonomy, "to_name": target, "value": {"choices": labels}})
+    for rel in content.relationships:
+        out.append({"type": "relation", "from_id": rel.subject, "to_id": rel.object, "direction": "right",
+                    "labels": [rel.predicate]})  # fmt: skip
+    return out, skipped
+
+
+def _keypoint_results(
+    obj: s.AnnotatedObject,
+    shape: s.Keypoints,
+    control: tuple[str, str],
+    criteria: s.ProjectCriteria | None,
+    size: s.ImageSize,
+) -> list[dict]:
+    schema = criteria.keypoint_schemas.get(shape.schema_name or "") if criteria else None
+    names = schema.names if schema else [str(k) for k in range(len(shape.points))]
+    first = next((k for k, (_, _, v) in enumerate(shape.points) if v > 0), -1)
+    regions = [  # the first point takes the object's id: `content_of` names an instance by its least id
+        {"id": obj.id if k == first else f"{obj.id}-{k}", "type": "keypointlabels",
+         "from_name": control[0], "to_name": control[1],
+         "original_width": size.width, "original_height": size.height, "image_rotation": 0,
+         "value": {"x": x / size.width * 100, "y": y / size.height * 100, "width": 0.5, "keypointlabels": [name]}}
+        for k, ((x, y, v), name) in enumerate(zip(shape.points, names, strict=True)) if v > 0
+    ]  # fmt: skip
+    links = [
+        {"type": "relation", "from_id": regions[0]["id"], "to_id": r["id"], "direction": "right"} for r in regions[1:]
+    ]
+    return regions + links
+
+
 def gold_from_export(
     tasks: Sequence[Mapping[str, Any]], project_id: str, criteria: s.ProjectCriteria | None = None
 ) -> Iterator[s.GoldAnswer]:
@@ -321,7 +519,9 @@ def gold_from_export(
 
 
 __all__ = [
+    "REVIEW_FIELD",
     "BadDelivery",
+    "Controls",
     "LabelStudioProjects",
     "Published",
     "Unsupported",
@@ -331,5 +531,7 @@ __all__ = [
     "label_studio_messages",
     "polygon",
     "rectangle",
+    "results_of",
+    "review_config",
     "task_item_id",
 ]

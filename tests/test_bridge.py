@@ -329,6 +329,98 @@ def test_ground_truth_marked_in_label_studio_becomes_gold_and_a_worker_scores_th
     assert score.result.score == pytest.approx(38_000 / 42_000)  # type: ignore[attr-defined]
 
 
+def test_an_escalation_becomes_a_label_studio_review_task_and_the_reviewers_correction_comes_back_as_gold(
+    label_studio: tuple[str, str], bridge: tuple[str, Settings], tmp_path: Path
+) -> None:
+    """The loop the product closes: an annotation scored below its gold is escalated; `goldstream
+    review label-studio` makes it a task of a review project (the same image, the annotation as a
+    prediction, why it is there); the reviewer corrects it and marks it gold in Label Studio; the
+    bridge brings that back as a ReviewResult, which the worker scores and promotes to gold."""
+    from goldstream import review_tasks
+    from goldstream.commands import set_criteria
+    from goldstream.proc import worker_env
+    from tests.pipeline import Worker, messages_of, wait_for
+
+    base, token = label_studio
+    url, settings = bridge
+    pid = _api(base, token, "POST", "/api/projects", {"title": f"rev {settings.key_prefix}", "label_config": CONFIG})[
+        "id"  # type: ignore[index]
+    ]
+    project = f"ls-{pid}"
+    token_file = tmp_path / "ls-token"
+    token_file.write_text(token)
+    env = worker_env(settings)
+    review_cli = [sys.executable, "-m", "goldstream.cli", "review", "label-studio", "--url", base,
+                  "--token-file", str(token_file)]  # fmt: skip
+    hook = {"url": f"{url}/label-studio/webhook", "send_payload": True, "send_for_all_actions": True,
+            "headers": {"X-Goldstream-Token": TOKEN}}  # fmt: skip
+    worker = Worker(settings, tmp_path / "worker.log").start()
+    review_pid = None
+
+    def rect(rid: str, x: float) -> dict:
+        return {
+            "id": rid, "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+            "original_width": 1000, "original_height": 1000,
+            "value": {"x": x, "y": 10, "width": 20, "height": 20, "rotation": 0, "rectanglelabels": ["car"]},
+        }  # fmt: skip
+
+    try:
+        asyncio.run(set_criteria(settings, s.ProjectCriteria(project_id=project), wait_s=90))
+        _api(base, token, "POST", "/api/webhooks/", {"project": pid, **hook})
+        _api(base, token, "POST", f"/api/projects/{pid}/import", [{"image": "https://example.com/street.jpg"}])
+        tasks = _api(base, token, "GET", f"/api/projects/{pid}/tasks")
+        task = (tasks["tasks"] if isinstance(tasks, dict) else tasks)[0]["id"]  # type: ignore[index]
+        _api(base, token, "POST", f"/api/tasks/{task}/annotations", {"result": [rect("g", 10)], "ground_truth": True})
+        wait_for(lambda: bool(messages_of(settings, "gold", s.GoldAnswer)), 60, "gold from Label Studio", [worker])
+        _api(base, token, "POST", f"/api/tasks/{task}/annotations", {"result": [rect("w", 60)], "lead_time": 5})
+        wait_for(lambda: bool(messages_of(settings, "escalations", s.Escalation)), 120, "an escalation", [worker])
+
+        made = subprocess.run([*review_cli, "--create-from", str(pid)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        review_pid = int(re.search(r"review project (\d+)", made.stdout).group(1))  # type: ignore[union-attr]
+        _api(base, token, "POST", "/api/webhooks/", {"project": review_pid, **hook})
+        argv = [*review_cli, "--project", project, "--review-project", str(review_pid), "--once"]
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "1 tasks" in done.stdout, done.stdout
+        # a pusher that lost its offsets (a crash before the commit) finds the task and adds none
+        again = asyncio.run(review_tasks.run(settings, base, token, project, review_pid, once=True, group="other"))
+        assert (again["tasks"], again["already"]) == (0, 1), again
+
+        export = f"/api/projects/{review_pid}/export?exportType=JSON&download_all_tasks=true"
+        (review_task,) = _api(base, token, "GET", export)  # type: ignore[misc]
+        assert review_task["data"]["image"] == "https://example.com/street.jpg"
+        assert review_task["data"]["goldstream_reasons"] == "gold_below_threshold"
+        shown = _api(base, token, "GET", f"/api/predictions/?task={review_task['id']}")
+        assert content_of(shown[0]["result"]).objects[0].shape == s.BBox(x=600, y=100, w=200, h=200)  # type: ignore[index]
+
+        verdict = {"type": "choices", "from_name": "goldstream_verdict", "to_name": "goldstream_summary",
+                   "value": {"choices": ["correct"]}}  # fmt: skip
+        promote = {"type": "choices", "from_name": "goldstream_gold", "to_name": "goldstream_summary",
+                   "value": {"choices": ["promote to gold"]}}  # fmt: skip
+        _api(base, token, "POST", f"/api/tasks/{review_task['id']}/annotations",
+             {"result": [rect("c", 12), verdict, promote]})  # fmt: skip
+        wait_for(
+            lambda: any(g.source == "review" for g in messages_of(settings, "gold", s.GoldAnswer)),  # type: ignore[attr-defined]
+            120, "gold promoted by the review", [worker],
+        )  # fmt: skip
+    finally:
+        worker.stop()
+        for p in (pid, review_pid):
+            if p is not None:
+                _api(base, token, "DELETE", f"/api/projects/{p}")
+    (annotation,) = messages_of(settings, "annotations", s.AnnotationSubmitted)
+    (review,) = messages_of(settings, "reviews", s.ReviewResult)
+    assert review.annotation_event_id == annotation.event_id and review.verdict is s.Verdict.CORRECT  # type: ignore[attr-defined]
+    assert review.corrected.objects[0].shape == s.BBox(x=120, y=100, w=200, h=200)  # type: ignore[attr-defined]
+    scores = {x.kind: x for x in messages_of(settings, "scores", s.ScoreRecord)}  # type: ignore[attr-defined]
+    # the worker's box against the reviewer's: 200 x 200 px, 480 px apart, no overlap
+    assert scores[s.ScoreKind.REVIEW].reference_id == review.event_id and scores[s.ScoreKind.REVIEW].result.score == 0
+    (promoted,) = [g for g in messages_of(settings, "gold", s.GoldAnswer) if g.source == "review"]  # type: ignore[attr-defined]
+    assert promoted.content == review.corrected and promoted.review_event_id == review.event_id  # type: ignore[attr-defined]
+
+
 def test_a_delivery_kafka_cannot_take_is_answered_503_naming_the_way_to_catch_up() -> None:
     """Label Studio does not retry: the answer must say the delivery was not taken, and how to
     recover it, rather than pretend (200) or fail obscurely (500)."""
