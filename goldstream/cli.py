@@ -103,8 +103,38 @@ def _bridge(args: argparse.Namespace) -> int:
     token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("GOLDSTREAM_BRIDGE_TOKEN")
     if not token and not args.no_auth:
         raise SystemExit("give the webhook token (GOLDSTREAM_BRIDGE_TOKEN or --token-file), or --no-auth")
-    asyncio.run(serve(_settings(args), args.host, args.port, _projects(args), token or None))  # type: ignore[arg-type]
+    asyncio.run(serve(_settings(args), args.host, args.port, _projects(args), token or None, _cvat(args)))  # type: ignore[arg-type]
     return 0
+
+
+def _secret(path: str | None, variable: str) -> str | None:
+    import os
+
+    return Path(path).read_text().strip() if path else os.environ.get(variable) or None
+
+
+def _cvat(args: argparse.Namespace) -> object:
+    """The bridge's CVAT side, when --cvat-url is given: API token, webhook secret, projects."""
+    from goldstream.bridge import CvatConnection
+    from goldstream.cvat import CvatProjects
+
+    if not args.cvat_url:
+        return None
+    token = _secret(args.cvat_token_file, "CVAT_TOKEN")
+    if not token:
+        raise SystemExit("give CVAT's API token (CVAT_TOKEN or --cvat-token-file) to read completed jobs")
+    secret = _secret(args.cvat_secret_file, "GOLDSTREAM_CVAT_SECRET")
+    if not secret and not args.no_auth:
+        raise SystemExit("give the CVAT webhook's secret (GOLDSTREAM_CVAT_SECRET or --cvat-secret-file), or --no-auth")
+    mapping = dict(_pair(x, "--cvat-project") for x in args.cvat_project or [])
+    return CvatConnection(args.cvat_url, token, secret, args.cvat_token_scheme, CvatProjects(mapping))
+
+
+def _pair(text: str, option: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise SystemExit(f"{option} wants ID=PROJECT, not {text!r}")
+    return key, value
 
 
 def _sync_label_studio(args: argparse.Namespace) -> int:
@@ -150,13 +180,7 @@ def _review_label_studio(args: argparse.Namespace) -> int:
 def _projects(args: argparse.Namespace) -> object:
     from goldstream.bridge import LabelStudioProjects
 
-    mapping = {}
-    for pair in args.label_studio_project or []:
-        ls_id, sep, project = pair.partition("=")
-        if not sep or not ls_id or not project:
-            raise SystemExit(f"--label-studio-project wants LS_ID=PROJECT, not {pair!r}")
-        mapping[ls_id] = project
-    return LabelStudioProjects(mapping)
+    return LabelStudioProjects(dict(_pair(x, "--label-studio-project") for x in args.label_studio_project or []))
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -325,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--project", required=True, help="project of the gold answers")
     gl.set_defaults(func=_gold_load)
 
-    br = sub.add_parser("bridge", help="receive labeling tools' webhooks (Label Studio) and publish to Kafka")
+    br = sub.add_parser("bridge", help="receive labeling tools' webhooks (Label Studio, CVAT) and publish to Kafka")
     _connection_options(br)
     br.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     br.add_argument("--port", type=int, default=8090, help="port (default 8090; 0: any free one, printed)")
@@ -337,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     br.add_argument("--token-file", help="file holding the X-Goldstream-Token value (else GOLDSTREAM_BRIDGE_TOKEN)")
     br.add_argument("--no-auth", action="store_true", help="accept deliveries without a token (a closed network)")
+    br.add_argument("--cvat-url", help="CVAT's address: enables POST /cvat/webhook (update:job of completed jobs)")
+    br.add_argument("--cvat-token-file", help="file holding a CVAT access token (else CVAT_TOKEN)")
+    br.add_argument(
+        "--cvat-token-scheme", default="Bearer", choices=["Bearer", "Token"], help="Token: a legacy CVAT API key"
+    )
+    br.add_argument("--cvat-secret-file", help="file holding the CVAT webhook's secret (else GOLDSTREAM_CVAT_SECRET)")
+    br.add_argument(
+        "--cvat-project",
+        action="append",
+        metavar="CVAT_ID=PROJECT",
+        help="the goldstream project a CVAT project feeds (default cvat-<id>); repeat for more",
+    )
     br.set_defaults(func=_bridge)
 
     sy = sub.add_parser("sync", help="pull from a labeling tool what its webhooks did not deliver")

@@ -233,6 +233,16 @@ def _id_of(value: object, what: str) -> str:
     return str(value)
 
 
+def delivery_project(payload: Mapping[str, Any], projects: Callable[[object], str]) -> str | None:
+    """The goldstream project a delivery feeds, when it names its Label Studio project."""
+    a = payload.get("annotation")
+    value = a.get("project", payload.get("project")) if isinstance(a, dict) else payload.get("project")
+    try:
+        return projects(_id_of(value, "project"))
+    except BadDelivery:
+        return None
+
+
 def label_studio_messages(
     payload: Mapping[str, Any], projects: Callable[[object], str], criteria: s.ProjectCriteria | None = None
 ) -> tuple[list[Published], str | None]:
@@ -526,6 +536,7 @@ __all__ = [
     "Published",
     "Unsupported",
     "content_of",
+    "delivery_project",
     "gold_from_export",
     "is_export",
     "label_studio_messages",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import secrets
@@ -89,18 +90,16 @@ def test_a_delivery_that_cannot_be_converted_says_what_is_wrong(change: dict, sa
 # ----------------------------------------------------------------------------- over HTTP, on Kafka
 
 
-@pytest.fixture
-def bridge(services: Endpoints, run_id: str, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
-    settings = Settings(
-        kafka_bootstrap=services.bootstrap_servers, redis_url=services.redis_url,
-        topic_prefix=f"bridge-{run_id}.", key_prefix=f"bridge-{run_id}", partitions=1,
-    )  # fmt: skip
+@contextlib.contextmanager
+def running_bridge(settings: Settings, tmp_path: Path, *extra: str) -> Iterator[str]:
+    """`goldstream bridge` in its own process on a free port; yields its address."""
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
-    env = {**os.environ, "GOLDSTREAM_KAFKA_BOOTSTRAP": services.bootstrap_servers,
+    env = {**os.environ, "GOLDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "GOLDSTREAM_REDIS_URL":
+           settings.redis_url, "GOLDSTREAM_KEY_PREFIX": settings.key_prefix,
            "GOLDSTREAM_TOPIC_PREFIX": settings.topic_prefix, "GOLDSTREAM_PARTITIONS": "1"}  # fmt: skip
     argv = [sys.executable, "-m", "goldstream.cli", "bridge", "--port", "0", "--token-file", str(token),
-            "--label-studio-project", "3=cars"]  # fmt: skip
+            "--label-studio-project", "3=cars", *extra]  # fmt: skip
     log_path = tmp_path / "bridge.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -114,11 +113,23 @@ def bridge(services: Endpoints, run_id: str, tmp_path: Path) -> Iterator[tuple[s
         url = m.group(1)
         with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
             assert r.status == 200
-        yield url, settings
+        yield url
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+@pytest.fixture
+def bridge(services: Endpoints, run_id: str, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
+    settings = Settings(
+        kafka_bootstrap=services.bootstrap_servers, redis_url=services.redis_url,
+        topic_prefix=f"bridge-{run_id}.", key_prefix=f"bridge-{run_id}", partitions=1,
+    )  # fmt: skip
+    try:
+        with running_bridge(settings, tmp_path) as url:
+            yield url, settings
+    finally:
         asyncio.run(delete_topics(services, Topics(settings.topic_prefix)))
 
 
@@ -440,3 +451,195 @@ def test_a_delivery_kafka_cannot_take_is_answered_503_naming_the_way_to_catch_up
 
     status, answer = asyncio.run(main())
     assert status == 503 and answer["reason"] == "unavailable" and "goldstream sync label-studio" in answer["error"]
+
+
+# ----------------------------------------------------------------------------- CVAT
+
+
+CVAT_SECRET = "cvat-webhook-secret"
+
+
+def cvat_delivery(**job: object) -> bytes:
+    """An update:job delivery as CVAT sends it: the body is `json.dumps(payload)` and the
+    signature is over those bytes (cvat/apps/webhooks: perform_webhook_request)."""
+    import json
+
+    from tests.test_cvat import JOB
+
+    payload = {"job": {**JOB, **job}, "sender": {"id": 1, "username": "admin1"}, "event": "update:job",
+               "before_update": {"updated_date": "2026-12-01T09:59:00.000000Z"}, "webhook_id": 7}  # fmt: skip
+    return json.dumps(payload).encode()
+
+
+def signature(body: bytes, secret: str = CVAT_SECRET) -> str:
+    import hashlib
+    import hmac
+
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def test_the_cvat_endpoint_checks_the_signature_waits_for_completion_and_publishes_each_frame_once() -> None:
+    from aiohttp import ClientError
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from goldstream.bridge import Cvat, CvatJob, app
+    from goldstream.cvat import CvatProjects
+    from tests.test_cvat import ANNOTATIONS, JOB, LABELS, META
+
+    sent: list = []
+    cvat_up = [True]
+
+    async def send(messages: object) -> None:
+        sent.extend(messages)  # type: ignore[arg-type]
+
+    async def fetch(job_id: int) -> CvatJob:
+        if not cvat_up[0]:
+            raise ClientError("connection refused")
+        assert job_id == 14
+        return CvatJob(dict(JOB), ANNOTATIONS, LABELS, META)
+
+    async def main() -> list[tuple[int, dict]]:
+        receiver = Cvat(CVAT_SECRET, fetch, CvatProjects({"1": "cars"}))
+        async with TestClient(TestServer(app(send, PROJECTS, TOKEN, cvat=receiver))) as client:
+
+            async def post(body: bytes, sig: str | None) -> tuple[int, dict]:
+                r = await client.post("/cvat/webhook", data=body, headers={"X-Signature-256": sig} if sig else {})
+                return r.status, await r.json()
+
+            done = cvat_delivery()
+            out = [
+                await post(done, None), await post(done, signature(done, "wrong")),
+                await post(cvat_delivery(state="in progress"), signature(cvat_delivery(state="in progress"))),
+                await post(done, signature(done)), await post(done, signature(done)),  # CVAT delivered it twice
+                await post(b"[1]", signature(b"[1]")),
+            ]  # fmt: skip
+            cvat_up[0] = False
+            out.append(await post(done, signature(done)))
+            return out
+
+    unsigned, forged, in_progress, first, again, bad, cvat_down = asyncio.run(main())
+    assert unsigned[0] == forged[0] == 401 and "X-Signature-256" in forged[1]["error"]
+    assert in_progress[0] == 200 and "published when the annotator completes it" in in_progress[1]["ignored"]
+    assert first[0] == 200 and [p["topic"] for p in first[1]["published"]] == ["annotations"] * 2
+    assert [r["frame"] for r in first[1]["refused"]] == [17] and "ellipse" in first[1]["refused"][0]["error"]
+    assert again[1] == first[1]  # a repeated delivery: the same events
+    assert bad[0] == 422 and bad[1]["reason"] == "schema"
+    assert cvat_down[0] == 503 and "could not read job 14 from CVAT" in cvat_down[1]["error"]
+    annotations = [m for t, _, m in sent if t == "annotations"]
+    assert {(a.project_id, a.worker_id, a.source) for a in annotations} == {("cars", "cvat-user-7", "cvat")}
+    assert len({a.event_id for a in annotations}) == 2
+    letters = [m for t, _, m in sent if t == "deadletter"]
+    assert sorted(d.reason for d in letters) == ["schema", "unsupported", "unsupported"]  # frame 17 twice: one id
+    assert len({d.event_id for d in letters if d.reason == "unsupported"}) == 1
+    assert all(d.source_topic == "cvat-webhook" for d in letters)
+
+
+@contextlib.contextmanager
+def fake_cvat(api_token: str) -> Iterator[tuple[str, list[str]]]:
+    """CVAT's REST API for job 14 as documented (jobs, annotations, data/meta, labels in two
+    pages), answering only with the access token; yields its address and the paths asked."""
+    import http.server
+    import threading
+    from urllib.parse import parse_qs, urlparse
+
+    from tests.test_cvat import ANNOTATIONS, JOB, LABELS, META
+
+    asked: list[str] = []
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the stdlib's name
+            url = urlparse(self.path)
+            asked.append(url.path)
+            query = parse_qs(url.query)
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            pages = {"1": {"count": len(LABELS), "next": f"{base}/api/labels?job_id=14&page=2", "results": LABELS[:3]},
+                     "2": {"count": len(LABELS), "next": None, "results": LABELS[3:]}}  # fmt: skip
+            routes = {"/api/jobs/14": JOB, "/api/jobs/14/annotations": ANNOTATIONS, "/api/jobs/14/data/meta": META,
+                      "/api/labels": pages.get(query.get("page", ["1"])[0])}  # fmt: skip
+            if self.headers.get("Authorization") != f"Bearer {api_token}":
+                status, body = 401, {"detail": "Authentication credentials were not provided."}
+            elif url.path in routes and (url.path != "/api/labels" or query.get("job_id") == ["14"]):
+                status, body = 200, routes[url.path]
+            else:
+                status, body = 404, {"detail": "Not found."}
+            raw = orjson.dumps(body)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_completed_cvat_job_is_scored_against_gold_from_a_cvat_export_and_a_repeated_delivery_counts_once(
+    services: Endpoints, run_id: str, tmp_path: Path
+) -> None:
+    """CVAT's side of the loop on the real services: gold loaded from a CVAT XML export, a signed
+    update:job of a completed job to the bridge, which reads the job from CVAT's API (here a
+    local server speaking its documented formats) and publishes a frame per item; a worker scores
+    them against the gold. CVAT delivering the same change again scores nothing twice."""
+    from goldstream.commands import committed_to_end, publish, set_criteria, worker_report
+    from goldstream.cvat import gold_from_xml
+    from tests.pipeline import Worker, messages_of, wait_consumed, wait_for
+    from tests.test_cvat import XML
+
+    settings = Settings(
+        kafka_bootstrap=services.bootstrap_servers, redis_url=services.redis_url,
+        topic_prefix=f"cvat-{run_id}.", key_prefix=f"cvat-{run_id}", app_id=f"cvat-{run_id}", partitions=1,
+    )  # fmt: skip
+    api_token, secret = secrets.token_hex(16), secrets.token_hex(16)
+    (tmp_path / "cvat-token").write_text(api_token)
+    (tmp_path / "cvat-secret").write_text(secret)
+    worker = Worker(settings, tmp_path / "worker.log").start()
+    try:
+        asyncio.run(set_criteria(settings, s.ProjectCriteria(project_id="cars"), wait_s=90))
+        golds = list(gold_from_xml(XML.encode(), "cars"))
+        asyncio.run(publish(settings, [("gold", g.item_id, g.to_bytes()) for g in golds]))
+        wait_consumed(settings, "gold")
+        options = ["--cvat-token-file", str(tmp_path / "cvat-token"), "--cvat-secret-file",
+                   str(tmp_path / "cvat-secret"), "--cvat-project", "1=cars"]  # fmt: skip
+        with (
+            fake_cvat(api_token) as (cvat_url, asked),
+            running_bridge(settings, tmp_path, "--cvat-url", cvat_url, *options) as url,
+        ):
+            body = cvat_delivery()
+
+            def post(sig: str) -> tuple[int, dict]:
+                headers = {"Content-Type": "application/json", "X-Signature-256": sig}
+                request = urllib.request.Request(f"{url}/cvat/webhook", data=body, method="POST", headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as r:
+                        return r.status, orjson.loads(r.read())
+                except urllib.error.HTTPError as exc:
+                    return exc.code, orjson.loads(exc.read())
+
+            assert post(signature(body, "not the secret"))[0] == 401
+            first, again = post(signature(body, secret)), post(signature(body, secret))
+        assert first[0] == again[0] == 200 and first[1] == again[1], (first, again)
+        assert "/api/jobs/14/annotations" in asked and asked.count("/api/labels") == 4  # two pages, twice
+        wait_for(lambda: len(messages_of(settings, "annotations", s.AnnotationSubmitted)) == 4, 60, "4 deliveries")
+        wait_consumed(settings, "annotations")
+        wait_for(lambda: len(messages_of(settings, "scores", s.ScoreRecord)) >= 2, 120, "2 scores", [worker])
+        proficiency = f"{settings.app_id}-proficiency"  # the step that counts scores into Redis
+        wait_for(lambda: asyncio.run(committed_to_end(settings, proficiency, "scores")), 90, "scores counted", [worker])
+        report = asyncio.run(worker_report(settings, "cars", "cvat-user-7"))
+        scores = messages_of(settings, "scores", s.ScoreRecord)
+    finally:
+        worker.stop()
+        asyncio.run(delete_topics(services, Topics(settings.topic_prefix)))
+    assert {x.item_id for x in scores} == {"frames/street_01.jpg", "frames/street_02.jpg"}  # type: ignore[attr-defined]
+    assert len({x.event_id for x in scores}) == 2 and all(x.kind is s.ScoreKind.GOLD for x in scores)  # type: ignore[attr-defined]
+    # frame 15 is the gold itself; frame 16 empty on both sides
+    assert {x.item_id: x.result.score for x in scores}["frames/street_01.jpg"] == 1.0  # type: ignore[attr-defined]
+    assert (report["items"], report["known_answers"]) == (2, 2), report  # the repeated delivery counted once

@@ -101,3 +101,121 @@ def test_gold_from_cvats_coco_export_keeps_attributes_and_rotation() -> None:
     assert turned.shape == s.RotatedBBox(cx=60, cy=40, w=100, h=40, angle=-30)
     assert turned.attributes == {"occluded": False, "color": "red"}  # geometry and non-values left out
     assert upright.shape == s.BBox(x=300, y=200, w=50, h=50) and upright.attributes == {"occluded": True}
+
+
+# ----------------------------------------------------------------------------- the REST API (webhook side)
+# A job as CVAT's API returns it (formats: cvat/apps/engine/serializers.py; job 14 of CVAT's own
+# test assets covers task frames 15-19; `data/meta` lists the job's own frames from its start frame)
+
+LABELS = [
+    {"id": 5, "name": "car", "type": "rectangle", "sublabels": [], "attributes": [
+        {"id": 1, "name": "color", "input_type": "select", "mutable": False, "values": ["red", "blue"]},
+        {"id": 4, "name": "parked", "input_type": "checkbox", "mutable": True, "values": ["false"]}]},
+    {"id": 6, "name": "bus", "type": "rectangle", "sublabels": [], "attributes": []},
+    {"id": 7, "name": "road", "type": "polygon", "sublabels": [], "attributes": []},
+    {"id": 8, "name": "lane", "type": "polyline", "sublabels": [], "attributes": []},
+    {"id": 9, "name": "sign", "type": "points", "sublabels": [], "attributes": []},
+    {"id": 22, "name": "person", "type": "skeleton", "attributes": [], "sublabels": [
+        {"id": 23, "name": "nose", "type": "points", "attributes": []},
+        {"id": 24, "name": "left_eye", "type": "points", "attributes": []},
+        {"id": 25, "name": "right_eye", "type": "points", "attributes": []}]},
+    {"id": 17, "name": "daytime", "type": "tag", "sublabels": [], "attributes": []},
+]  # fmt: skip
+JOB = {
+    "id": 14, "task_id": 9, "project_id": 1, "stage": "annotation", "state": "completed", "type": "annotation",
+    "start_frame": 15, "stop_frame": 18, "updated_date": "2026-12-01T10:00:00.000000Z",
+    "assignee": {"url": "http://cvat/api/users/7", "id": 7, "username": "worker2", "first_name": "W", "last_name": "S"},
+}  # fmt: skip
+META = {
+    "start_frame": 15, "stop_frame": 18, "deleted_frames": [18], "included_frames": None,
+    "frames": [{"name": f"frames/street 0{k}.jpg", "width": 1280, "height": 720, "related_files": 0}
+               for k in (1, 2, 3, 4)],
+}  # fmt: skip
+
+
+def _shape(sid: int, frame: int, kind: str, label_id: int, points: list[float], **extra: object) -> dict:
+    return {"id": sid, "frame": frame, "type": kind, "label_id": label_id, "points": points, "group": 0,
+            "source": "manual", "occluded": False, "outside": False, "z_order": 0, "rotation": 0.0,
+            "attributes": [], "elements": [], **extra}  # fmt: skip
+
+
+def _element(sid: int, label_id: int, x: float, y: float, **flags: bool) -> dict:
+    return _shape(sid, 15, "points", label_id, [x, y], **flags)
+
+
+ANNOTATIONS = {
+    "version": 0,
+    "tags": [{"id": 1, "frame": 15, "label_id": 17, "group": 0, "source": "manual", "attributes": []}],
+    "shapes": [
+        _shape(41, 15, "rectangle", 5, [10.5, 20, 110.5, 70],
+               attributes=[{"spec_id": 1, "value": "red"}, {"spec_id": 4, "value": "true"}]),
+        _shape(42, 15, "rectangle", 6, [200, 100, 300, 140], rotation=30.0),
+        _shape(43, 15, "polygon", 7, [0.0, 700.0, 1279.0, 700.0, 640.0, 400.0]),
+        _shape(44, 15, "polyline", 8, [10, 10, 20, 20, 30, 10]),
+        _shape(45, 15, "points", 9, [5, 6, 7, 8]),
+        _shape(46, 15, "skeleton", 22, [], elements=[
+            _element(47, 23, 600, 300), _element(48, 24, 605, 295, occluded=True),
+            _element(49, 25, 0, 0, outside=True)]),
+        _shape(50, 17, "ellipse", 5, [100, 100, 150, 80]),
+    ],
+    "tracks": [],
+}  # fmt: skip
+
+
+def _frames() -> dict:
+    from goldstream.cvat import Labels, frame_contents
+
+    return frame_contents(JOB, ANNOTATIONS, Labels.of(LABELS), META, s.ProjectCriteria(project_id="cars"))
+
+
+def test_a_jobs_annotations_from_cvats_api_are_the_same_content_as_its_xml_export_of_them(tmp_path: Path) -> None:
+    """The webhook path (REST API, label and attribute ids) and the export path (XML, names) must
+    give one image the same content: gold loaded from an export and a worker's job compare."""
+    frames = _frames()
+    assert sorted(frames) == [15, 16, 17]  # 18 deleted
+    name, content = frames[15]
+    assert name == "frames/street 01.jpg" and isinstance(content, s.Content)
+    path = tmp_path / "annotations.xml"
+    path.write_text(XML)
+    exported = gold_from_file(path, "cars")[0].content
+
+    def key(o: s.AnnotatedObject) -> str:
+        return o.model_dump_json(exclude={"id"})
+
+    assert sorted(map(key, content.objects)) == sorted(map(key, exported.objects))
+    assert (content.classifications, content.image) == (exported.classifications, exported.image)
+    assert frames[16] == ("frames/street 02.jpg", s.Content(image=s.ImageSize(width=1280, height=720)))
+
+
+def test_a_frame_with_a_shape_goldstream_cannot_score_is_refused_alone_and_tracks_refuse_the_job() -> None:
+    from goldstream.cvat import Labels, Unsupported, frame_contents
+
+    name, refused = _frames()[17]
+    assert name == "frames/street 03.jpg" and isinstance(refused, Unsupported) and "ellipse" in str(refused)
+    tracked = {**ANNOTATIONS, "tracks": [{"id": 1, "frame": 15, "label_id": 5, "shapes": [
+        _shape(1, 15, "rectangle", 5, [0, 0, 5, 5])], "attributes": [], "elements": []}]}  # fmt: skip
+    out = frame_contents(JOB, tracked, Labels.of(LABELS), META, s.ProjectCriteria(project_id="cars"))
+    assert all(isinstance(c, Unsupported) and "tracks" in str(c) for _, c in out.values())
+
+
+def test_a_jobs_annotation_ids_change_only_with_a_frames_content() -> None:
+    """CVAT fires update:job on every save and may deliver one change several times: an
+    unchanged frame must be the same event (applied once), a changed frame a resubmission."""
+    from datetime import UTC, datetime
+
+    from goldstream.cvat import Labels, frame_contents, job_annotations
+
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    first, refused = job_annotations(JOB, "cvat-user-7", _frames(), "cars", at)
+    assert [(a.item_id, a.external_id) for a in first] == [
+        ("frames/street_01.jpg", "job/14/frame/15"), ("frames/street_02.jpg", "job/14/frame/16")]  # fmt: skip
+    assert [f for f, _, _ in refused] == [17]
+    moved = {**ANNOTATIONS, "shapes": [*ANNOTATIONS["shapes"], _shape(60, 16, "rectangle", 5, [1, 2, 3, 4])]}
+    second, _ = job_annotations(
+        JOB, "cvat-user-7", frame_contents(JOB, moved, Labels.of(LABELS), META, s.ProjectCriteria(project_id="c")),
+        "cars", at,
+    )  # fmt: skip
+    again, _ = job_annotations(JOB, "cvat-user-7", _frames(), "cars", at)
+    assert [a.event_id for a in again] == [a.event_id for a in first]
+    assert second[0].event_id == first[0].event_id  # frame 15 as it was: the same event
+    assert second[1].event_id != first[1].event_id  # frame 16 changed: a resubmission
