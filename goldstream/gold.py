@@ -1,5 +1,5 @@
-"""Gold answers from files: CVAT for images 1.1 XML, COCO instances / person-keypoints JSON, a Label
-Studio JSON export, or GoldAnswer JSONL."""
+"""Gold answers from files: CVAT for images 1.1 XML, Datumaro 1.0 JSON, COCO instances /
+person-keypoints JSON, a Label Studio JSON export, or GoldAnswer JSONL."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import shapely
 
 from goldstream import cvat
 from goldstream import schemas as s
+from goldstream.datumaro import gold_from_datumaro, is_datumaro
 from goldstream.label_studio import Unsupported, gold_from_export, is_export
 from goldstream.schemas.base import validate
 from goldstream.scoring import rle
 
 
 def gold_from_file(path: Path, project_id: str, shape: str = "auto") -> list[s.GoldAnswer]:
-    """Gold answers in a file: CVAT for images 1.1 XML, a COCO JSON (by its keys), a Label Studio
+    """Gold answers in a file: CVAT for images 1.1 XML, a COCO or Datumaro JSON (by its keys), a Label Studio
     JSON export (a list of tasks: their ground-truth annotations), else JSONL of GoldAnswer or
     envelopes."""
     raw = path.read_bytes()
@@ -51,6 +52,11 @@ def gold_from_file(path: Path, project_id: str, shape: str = "auto") -> list[s.G
             doc = None
         if isinstance(doc, dict) and "annotations" in doc and "images" in doc:
             return list(from_coco(doc, project_id, shape))
+        if is_datumaro(doc):
+            try:
+                return list(gold_from_datumaro(doc, project_id))  # type: ignore[arg-type]
+            except cvat.Unsupported as exc:
+                raise SystemExit(f"{path}: {exc}") from None
     out = []
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():

@@ -219,3 +219,97 @@ def test_a_jobs_annotation_ids_change_only_with_a_frames_content() -> None:
     assert [a.event_id for a in again] == [a.event_id for a in first]
     assert second[0].event_id == first[0].event_id  # frame 15 as it was: the same event
     assert second[1].event_id != first[1].event_id  # frame 16 changed: a resubmission
+
+
+# ----------------------------------------------------------------------------- Datumaro 1.0
+
+DATUMARO = {
+    "info": {},
+    "categories": {
+        "label": {
+            "labels": [{"name": n, "parent": p, "attributes": []} for n, p in [
+                ("car", ""), ("bus", ""), ("road", ""), ("lane", ""), ("sign", ""), ("person", ""),
+                ("nose", "person"), ("left_eye", "person"), ("right_eye", "person"), ("daytime", "")]],
+            "attributes": ["occluded", "color", "parked"],
+        },
+        "points": {"items": [{"label_id": 5, "labels": ["nose", "left_eye", "right_eye"], "joints": [[1, 2]]}]},
+    },
+    "items": [
+        {"id": "frames/street 01", "attr": {"frame": 0}, "image": {"path": "frames/street 01.jpg", "size": [720, 1280]},
+         "annotations": [
+            {"id": 0, "type": "bbox", "group": 0, "label_id": 0, "z_order": 0, "bbox": [10.5, 20.0, 100.0, 50.0],
+             "attributes": {"occluded": False, "rotation": 0.0, "color": "red", "parked": True}},
+            {"id": 0, "type": "bbox", "group": 0, "label_id": 1, "z_order": 0, "bbox": [200.0, 100.0, 100.0, 40.0],
+             "attributes": {"occluded": False, "rotation": 30.0}},
+            {"id": 0, "type": "polygon", "group": 0, "label_id": 2, "z_order": 0, "attributes": {"occluded": False},
+             "points": [0.0, 700.0, 1279.0, 700.0, 640.0, 400.0]},
+            {"id": 0, "type": "polyline", "group": 0, "label_id": 3, "z_order": 0, "attributes": {"occluded": False},
+             "points": [10.0, 10.0, 20.0, 20.0, 30.0, 10.0]},
+            {"id": 0, "type": "points", "group": 0, "label_id": 4, "z_order": 0, "attributes": {"occluded": False},
+             "points": [5.0, 6.0, 7.0, 8.0], "visibility": [2, 2]},
+            {"id": 0, "type": "skeleton", "group": 0, "label_id": 5,
+             "attributes": {"occluded": False, "keyframe": False},
+             "points": [600.0, 300.0, 2, 605.0, 295.0, 1, 0.0, 0.0, 0], "points_attributes": [{}, {}, {}]},
+            {"id": 0, "type": "label", "group": 0, "label_id": 9, "attributes": {}},
+        ]},
+        {"id": "frames/street 02", "annotations": [], "image": {"path": "frames/street 02.jpg", "size": [720, 1280]}},
+    ],
+}  # fmt: skip
+
+
+def test_gold_from_a_datumaro_export_is_the_same_as_from_the_xml_export_of_the_same_images(tmp_path: Path) -> None:
+    import orjson
+
+    (tmp_path / "default.json").write_bytes(orjson.dumps(DATUMARO))
+    (tmp_path / "annotations.xml").write_text(XML)
+    datumaro = gold_from_file(tmp_path / "default.json", "cars")
+    xml = gold_from_file(tmp_path / "annotations.xml", "cars")
+    assert [g.item_id for g in datumaro] == [g.item_id for g in xml]
+
+    def key(o: s.AnnotatedObject) -> str:
+        return o.model_dump_json(exclude={"id"})
+
+    for d, x in zip(datumaro, xml, strict=True):
+        assert sorted(map(key, d.content.objects)) == sorted(map(key, x.content.objects))
+        assert (d.content.classifications, d.content.image) == (x.content.classifications, x.content.image)
+
+
+def test_a_datumaro_skeleton_follows_its_categories_point_order_into_the_keypoint_schema() -> None:
+    """CVAT's own test asset (cvat-ai/datumaro tests/assets/datumaro_dataset/with_skeleton): the
+    export's point order (1, 3, 2) is not the schema's (1, 2, 3), and the size is [height, width]."""
+    from goldstream.datumaro import gold_from_datumaro
+
+    doc = {
+        "info": {},
+        "categories": {
+            "label": {"labels": [{"name": "skeleton-label", "parent": "", "attributes": []},
+                                 {"name": "point1-label", "parent": "skeleton-label", "attributes": []},
+                                 {"name": "point3-label", "parent": "skeleton-label", "attributes": []},
+                                 {"name": "point2-label", "parent": "skeleton-label", "attributes": []}],
+                      "attributes": ["occluded", "point2-attribute-text", "point3-attribute-checkbox"]},
+            "points": {"items": [{"label_id": 0, "labels": ["point1-label", "point3-label", "point2-label"],
+                                  "joints": [[2, 3], [1, 2]]}]},
+        },
+        "items": [{"id": "100", "image": {"path": "100.jpg", "size": [10, 6]}, "annotations": [
+            {"id": 0, "type": "skeleton", "attributes": {"occluded": False, "keyframe": False}, "group": 0,
+             "label_id": 0, "points": [0.9, 3.53, 2, 2.45, 7.6, 2, 5.2, 2.5, 2],
+             "points_attributes": [{}, {"point3-attribute-checkbox": True}, {"point2-attribute-text": "some text"}]}]}],
+    }  # fmt: skip
+    schema = s.KeypointSchema(names=["point1-label", "point2-label", "point3-label"], sigmas=[0.05] * 3)
+    criteria = s.ProjectCriteria(project_id="p", keypoint_schemas={"three": schema})
+    (gold,) = gold_from_datumaro(doc, "p", criteria)
+    (obj,) = gold.content.objects
+    assert gold.item_id == "100.jpg" and gold.content.image == s.ImageSize(width=6, height=10)
+    assert isinstance(obj.shape, s.Keypoints) and obj.shape.schema_name == "three"
+    assert obj.shape.points == [(0.9, 3.53, 2), (5.2, 2.5, 2), (2.45, 7.6, 2)]
+
+
+def test_a_datumaro_mask_is_refused_naming_the_item(tmp_path: Path) -> None:
+    import orjson
+
+    mask = {"id": 0, "type": "mask", "label_id": 0, "rle": {"counts": "06", "size": [2, 3]}, "attributes": {}}
+    doc = {"categories": {"label": {"labels": [{"name": "car", "parent": ""}]}},
+           "items": [{"id": "a", "image": {"path": "a.jpg", "size": [2, 3]}, "annotations": [mask]}]}  # fmt: skip
+    (tmp_path / "d.json").write_bytes(orjson.dumps(doc))
+    with pytest.raises(SystemExit, match=r"item 'a.jpg': mask annotation 0 .* not supported"):
+        gold_from_file(tmp_path / "d.json", "p")
