@@ -85,6 +85,49 @@ def _criteria_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _criteria_import_cvat(args: argparse.Namespace) -> int:
+    import orjson
+
+    from goldstream.cvat_quality import Unsupported, criteria_from_cvat, criteria_yaml
+    from goldstream.schemas.base import SchemaError
+
+    def read(path: str) -> object:
+        try:
+            return orjson.loads(Path(path).read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise SystemExit(f"{path}: {exc}") from None
+
+    settings = read(args.file)
+    if isinstance(settings, dict) and isinstance(settings.get("results"), list):  # ?task_id= lists them
+        if len(settings["results"]) != 1:
+            raise SystemExit(f"{args.file}: {len(settings['results'])} settings in the list; give one")
+        settings = settings["results"][0]
+    labels = read(args.labels) if args.labels else None
+    if isinstance(labels, dict):
+        labels = labels.get("results")
+    size = None
+    if args.image_size:
+        w, sep, h = args.image_size.partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise SystemExit(f"--image-size wants WIDTHxHEIGHT, e.g. 1920x1080, not {args.image_size!r}")
+        size = (int(w), int(h))
+    if not isinstance(settings, dict) or (labels is not None and not isinstance(labels, list)):
+        raise SystemExit("the settings must be a JSON object and the labels a JSON list (or CVAT's page of them)")
+    try:
+        criteria, notes = criteria_from_cvat(settings, args.project, labels, size)
+    except (Unsupported, SchemaError) as exc:
+        raise SystemExit(f"{args.file}: {exc}") from None
+    text = criteria_yaml(criteria)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}: publish it with `goldstream criteria set {args.out}`", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
 def _gold_load(args: argparse.Namespace) -> int:
     from goldstream.commands import publish
     from goldstream.gold import gold_from_file
@@ -337,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     cset.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the workers to apply it")
     cset.add_argument("--no-wait", action="store_true")
     cset.set_defaults(func=_criteria_set)
+    cimp = crit_sub.add_parser(
+        "import-cvat", help="criteria that judge as CVAT's quality settings do (GET /api/quality/settings/{id})"
+    )
+    cimp.add_argument("file", help="the settings as CVAT's API returns them (JSON)")
+    cimp.add_argument("--project", required=True, help="the goldstream project the criteria are for")
+    cimp.add_argument("--labels", help="the job's or task's labels (GET /api/labels?task_id=N): taxonomy, skeletons")
+    cimp.add_argument("--image-size", metavar="WxH", help="image size, to turn line_thickness into pixels")
+    cimp.add_argument("--out", help="write the YAML here (default: standard output)")
+    cimp.set_defaults(func=_criteria_import_cvat)
 
     gold = sub.add_parser("gold", help="gold answers")
     gold_sub = gold.add_subparsers(dest="gold_command", metavar="ACTION", required=True)

@@ -313,3 +313,65 @@ def test_a_datumaro_mask_is_refused_naming_the_item(tmp_path: Path) -> None:
     (tmp_path / "d.json").write_bytes(orjson.dumps(doc))
     with pytest.raises(SystemExit, match=r"item 'a.jpg': mask annotation 0 .* not supported"):
         gold_from_file(tmp_path / "d.json", "p")
+
+
+# ----------------------------------------------------------------------------- criteria import-cvat
+
+QUALITY = {  # GET /api/quality/settings/{id}, CVAT 2.x defaults (cvat/apps/quality_control)
+    "id": 1, "task_id": 5, "project_id": None, "inherit": True, "job_filter": "", "target_metric": "accuracy",
+    "target_metric_threshold": 0.7, "max_validations_per_job": 0, "iou_threshold": 0.4, "oks_sigma": 0.09,
+    "point_size_base": "group_bbox_size", "line_thickness": 0.01, "low_overlap_threshold": 0.8,
+    "compare_line_orientation": True, "line_orientation_threshold": 0.1, "compare_groups": True,
+    "group_match_threshold": 0.5, "check_covered_annotations": True, "object_visibility_threshold": 0.05,
+    "panoptic_comparison": True, "compare_attributes": True, "empty_is_annotated": False,
+}  # fmt: skip
+
+
+def test_criteria_imported_from_cvat_match_and_count_as_cvats_quality_report_does() -> None:
+    """CVAT's defaults match boxes from IoU 0.4 and count a match whole; goldstream's defaults
+    (0.5, panoptic quality) judge the same pair otherwise. Imported, they judge as CVAT."""
+    from goldstream.scoring import score_item
+
+    from goldstream.cvat_quality import criteria_from_cvat
+
+    criteria, notes = criteria_from_cvat(QUALITY, "cars", LABELS, image_size=(1920, 1080))
+    gold = s.Content(objects=[s.AnnotatedObject(id="g", label="bus", shape=s.BBox(x=0, y=0, w=100, h=100))])
+    # 100 x 100 boxes 38 px apart: IoU 6200 / 13800 = 0.449
+    work = s.Content(objects=[s.AnnotatedObject(id="w", label="bus", shape=s.BBox(x=38, y=0, w=100, h=100))])
+    ours, cvats = score_item(work, gold), score_item(work, gold, criteria)
+    assert ours.objects.matches == 0 and ours.score == 0
+    assert cvats.objects.matches == 1 and cvats.score == 1.0
+    assert (criteria.pass_threshold, criteria.targets.accuracy, criteria.empty_item_correct) == (0.7, 0.7, False)
+    person = criteria.label("person")
+    assert person is not None and person.keypoint_schema == "person"
+    assert criteria.keypoint_schemas["person"].names == ["nose", "left_eye", "right_eye"]
+    assert criteria.keypoint_schemas["person"].sigmas == [0.09] * 3
+    car = criteria.label("car")
+    assert car is not None and car.attributes["color"].values == ["red", "blue"]
+    assert criteria.line_tolerance == pytest.approx(2 * 0.01 * (1920 * 1080) ** 0.5)
+    assert any(n.startswith("point_size_base not mirrored") for n in notes)
+
+
+def test_import_cvat_writes_criteria_that_criteria_set_reads_and_refuses_newer_settings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import orjson
+
+    from goldstream.commands import load_criteria
+    from tests.conftest import REPO
+
+    (tmp_path / "q.json").write_bytes(orjson.dumps({"count": 1, "results": [QUALITY]}))
+    (tmp_path / "labels.json").write_bytes(orjson.dumps({"count": len(LABELS), "results": LABELS}))
+    argv = [sys.executable, "-m", "goldstream.cli", "criteria", "import-cvat", str(tmp_path / "q.json"), "--project",
+            "cars", "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "c.yaml")]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "note: compare_attributes" in done.stderr
+    loaded = load_criteria(tmp_path / "c.yaml")
+    assert loaded.default_threshold["box"] == 0.4 and loaded.object_metric == "f1"
+    assert [spec.name for spec in loaded.labels] == [x["name"] for x in LABELS]
+    (tmp_path / "new.json").write_bytes(orjson.dumps({"id": 1, "task_id": 5, "inherit": True}))
+    argv[5] = str(tmp_path / "new.json")
+    newer = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert newer.returncode != 0 and "requirements" in newer.stderr
