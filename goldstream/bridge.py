@@ -185,26 +185,57 @@ async def _cvat_delivery(send: Send, cvat: Cvat, criteria_of: CriteriaOf, payloa
         return _error(503, f"could not read job {job['id']} from CVAT: {exc}", "unavailable")
     if not submitted(now.job):  # reopened since: its next completion publishes
         return web.json_response({"published": [], "ignored": _not_done(now.job)})
-    user = now.job.get("assignee") or payload.get("sender")
-    if not isinstance(user, dict) or "id" not in user:
-        raise BadDelivery("schema", f"job {job['id']} has no assignee and the delivery no sender: whose work is it?")
     project = cvat.projects(now.job)
     criteria = await criteria_of(project) or s.ProjectCriteria(project_id=project)
+    messages, refusals = cvat_messages(now, project, criteria, payload.get("sender"))
+    return await _publish(send, messages, "CVAT retries the delivery", refused=refusals)
+
+
+def cvat_messages(
+    now: CvatJob, project: str, criteria: s.ProjectCriteria, sender: object = None
+) -> tuple[list[Published], list[dict[str, Any]]]:
+    """A completed job's annotations, one per frame (the worker: its assignee, else whoever
+    completed it), and the frames refused, each as a dead letter with its shapes."""
+    job_id = now.job.get("id")
+    user = now.job.get("assignee") or sender
+    if not isinstance(user, dict) or "id" not in user:
+        raise BadDelivery("schema", f"job {job_id} has no assignee and the delivery no sender: whose work is it?")
     try:
         labels = Labels.of(now.labels)
         contents = frame_contents(now.job, now.annotations, labels, now.meta, criteria)
         at = datetime.fromisoformat(str(now.job["updated_date"]).replace("Z", "+00:00"))
         annotations, refused = job_annotations(now.job, f"cvat-user-{user['id']}", contents, project, at)
     except (Unsupported, KeyError, TypeError, ValueError) as exc:
-        raise BadDelivery("schema", f"job {job['id']} as CVAT returned it: {type(exc).__name__}: {exc}") from None
+        raise BadDelivery("schema", f"job {job_id} as CVAT returned it: {type(exc).__name__}: {exc}") from None
     messages: list[Published] = [("annotations", a.item_id, a) for a in annotations]
     for frame, name, exc in refused:
         shapes = [x for x in now.annotations.get("shapes", []) if x.get("frame") == frame]
         raw = orjson.dumps({"job": now.job, "frame": frame, "name": name, "shapes": shapes})
         letter = dead_letter(raw, "unsupported", f"frame {frame} ({name}): {exc}", CVAT_SOURCE)
         messages.append(("deadletter", None, letter))
-    refusals = [{"frame": f, "name": n, "error": str(e)} for f, n, e in refused]
-    return await _publish(send, messages, "CVAT retries the delivery", refused=refusals)
+    return messages, [{"frame": f, "name": n, "error": str(e)} for f, n, e in refused]
+
+
+async def pull_cvat(
+    client: CvatClient, job_ids: Sequence[int], projects: CvatProjects, criteria_of: CriteriaOf = _no_criteria
+) -> tuple[list[Published], dict[str, int]]:
+    """Completed jobs as the webhook would have published them (content-derived ids: what it did
+    publish is the same event); jobs still in progress are skipped and counted."""
+    out: list[Published] = []
+    counts = {"annotations": 0, "refused": 0, "in progress": 0}
+    for job_id in job_ids:
+        now = await client.job(job_id)
+        if not submitted(now.job):
+            counts["in progress"] += 1
+            continue
+        project = projects(now.job)
+        messages, refused = cvat_messages(
+            now, project, await criteria_of(project) or s.ProjectCriteria(project_id=project)
+        )
+        out += messages
+        counts["annotations"] += sum(t == "annotations" for t, _, _ in messages)
+        counts["refused"] += len(refused)
+    return out, counts
 
 
 def _not_done(job: dict[str, Any]) -> str:

@@ -220,6 +220,32 @@ def _review_label_studio(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync_cvat(args: argparse.Namespace) -> int:
+    from goldstream.bridge import CvatClient, criteria_reader, pull_cvat
+    from goldstream.commands import publish
+    from goldstream.cvat import CvatProjects
+
+    token = _secret(args.token_file, "CVAT_TOKEN")
+    if not token:
+        raise SystemExit("give CVAT's API token (CVAT_TOKEN or --token-file)")
+    settings = _settings(args)
+    projects = CvatProjects(dict(_pair(x, "--cvat-project") for x in args.cvat_project or []))
+
+    async def pull() -> tuple[list, dict[str, int]]:
+        client = CvatClient(args.url, token, args.token_scheme)
+        criteria_of, close = criteria_reader(settings)  # type: ignore[arg-type]
+        try:
+            return await pull_cvat(client, args.job, projects, criteria_of)
+        finally:
+            await client.close()
+            await close()
+
+    messages, counts = asyncio.run(pull())
+    n = asyncio.run(publish(settings, ((t, k, m.to_bytes()) for t, k, m in messages)))  # type: ignore[arg-type]
+    print(f"published {n} message(s): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
 def _projects(args: argparse.Namespace) -> object:
     from goldstream.bridge import LabelStudioProjects
 
@@ -436,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     sls.add_argument("--token-file", help="file holding Label Studio's API token (else LABEL_STUDIO_TOKEN)")
     sls.add_argument("--label-studio-project", action="append", metavar="LS_ID=PROJECT", help="as for the bridge")
     sls.set_defaults(func=_sync_label_studio)
+    scv = sy_sub.add_parser("cvat", help="publish completed CVAT jobs' annotations (the webhook's ids)")
+    _connection_options(scv)
+    scv.add_argument("--job", type=int, action="append", required=True, help="a CVAT job id; repeat for more")
+    scv.add_argument("--url", required=True, help="CVAT's address, e.g. https://cvat.example.com")
+    scv.add_argument("--token-file", help="file holding a CVAT access token (else CVAT_TOKEN)")
+    scv.add_argument("--token-scheme", default="Bearer", choices=["Bearer", "Token"], help="Token: a legacy API key")
+    scv.add_argument("--cvat-project", action="append", metavar="CVAT_ID=PROJECT", help="as for the bridge")
+    scv.set_defaults(func=_sync_cvat)
 
     rv = sub.add_parser("review", help="send escalations to a labeling tool's review queue")
     rv_sub = rv.add_subparsers(dest="review_command", metavar="TOOL", required=True)

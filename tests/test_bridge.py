@@ -591,6 +591,7 @@ def test_a_completed_cvat_job_is_scored_against_gold_from_a_cvat_export_and_a_re
     them against the gold. CVAT delivering the same change again scores nothing twice."""
     from goldstream.commands import committed_to_end, publish, set_criteria, worker_report
     from goldstream.cvat import gold_from_xml
+    from goldstream.proc import worker_env
     from tests.pipeline import Worker, messages_of, wait_consumed, wait_for
     from tests.test_cvat import XML
 
@@ -626,15 +627,22 @@ def test_a_completed_cvat_job_is_scored_against_gold_from_a_cvat_export_and_a_re
 
             assert post(signature(body, "not the secret"))[0] == 401
             first, again = post(signature(body, secret)), post(signature(body, secret))
+            # the sync a team runs after the bridge was down: the same events again
+            argv = [sys.executable, "-m", "goldstream.cli", "sync", "cvat", "--job", "14", "--url", cvat_url,
+                    "--token-file", str(tmp_path / "cvat-token"), "--cvat-project", "1=cars"]  # fmt: skip
+            synced = subprocess.run(argv, cwd=REPO, env=worker_env(settings), capture_output=True, text=True,
+                                    timeout=120)  # fmt: skip
+            assert synced.returncode == 0 and "2 annotations, 1 refused" in synced.stdout, synced.stderr
         assert first[0] == again[0] == 200 and first[1] == again[1], (first, again)
-        assert "/api/jobs/14/annotations" in asked and asked.count("/api/labels") == 4  # two pages, twice
-        wait_for(lambda: len(messages_of(settings, "annotations", s.AnnotationSubmitted)) == 4, 60, "4 deliveries")
+        assert "/api/jobs/14/annotations" in asked and asked.count("/api/labels") == 6  # two pages, three times
+        wait_for(lambda: len(messages_of(settings, "annotations", s.AnnotationSubmitted)) == 6, 60, "6 annotations")
         wait_consumed(settings, "annotations")
         wait_for(lambda: len(messages_of(settings, "scores", s.ScoreRecord)) >= 2, 120, "2 scores", [worker])
         proficiency = f"{settings.app_id}-proficiency"  # the step that counts scores into Redis
         wait_for(lambda: asyncio.run(committed_to_end(settings, proficiency, "scores")), 90, "scores counted", [worker])
         report = asyncio.run(worker_report(settings, "cars", "cvat-user-7"))
         scores = messages_of(settings, "scores", s.ScoreRecord)
+        published = messages_of(settings, "annotations", s.AnnotationSubmitted)
     finally:
         worker.stop()
         asyncio.run(delete_topics(services, Topics(settings.topic_prefix)))
@@ -642,4 +650,5 @@ def test_a_completed_cvat_job_is_scored_against_gold_from_a_cvat_export_and_a_re
     assert len({x.event_id for x in scores}) == 2 and all(x.kind is s.ScoreKind.GOLD for x in scores)  # type: ignore[attr-defined]
     # frame 15 is the gold itself; frame 16 empty on both sides
     assert {x.item_id: x.result.score for x in scores}["frames/street_01.jpg"] == 1.0  # type: ignore[attr-defined]
-    assert (report["items"], report["known_answers"]) == (2, 2), report  # the repeated delivery counted once
+    assert len({a.event_id for a in published}) == 2  # two deliveries and a sync: one event per frame
+    assert (report["items"], report["known_answers"]) == (2, 2), report  # counted once
