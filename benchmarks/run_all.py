@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-BENCHMARKS = ("scoring_bench", "stream_bench", "replay_bench", "qc_bench")
+BENCHMARKS = ("scoring_bench", "stream_bench", "replay_bench", "bridge_bench", "qc_bench")
 
 
 def run(name: str, out: Path, quick: bool) -> tuple[dict[str, Any], float]:
@@ -97,6 +97,19 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"| {r['workforce']} | {r['annotations']} | {r['annotations_per_s']:.0f} | "
                 f"{r['batch_1_annotations_per_s']:.0f} | {r['ratio_vs_batch_1']:.1f}x | {r['target_per_s']:.0f} |"
             )
+    if "bridge" in summary:
+        b = summary["bridge"]
+        lines += [
+            "",
+            "## Bridge (`POST /label-studio/webhook` to the answer, after Kafka acknowledged; 4 boxes each)",
+            "",
+            "| receiver | p50 ms | p95 ms | p99 ms | max ms | deliveries/s, 16 in flight |",
+            "|---|---:|---:|---:|---:|---:|",
+            *(f"| {r['name']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+              f"{r['deliveries_per_s']:.0f} |" for r in b["bridge"]),
+            "",
+            f"Label Studio gives up after about {b['label_studio_timeout_ms']} ms.",
+        ]  # fmt: skip
     lines += ["", *qc_markdown(summary["qc"]), ""]
     lines += [
         "## Scoring library (items/s, no I/O)",

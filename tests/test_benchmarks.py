@@ -80,3 +80,17 @@ def test_the_replay_benchmark_times_both_ways_on_every_workforce_and_leaves_no_k
             await redis.aclose()
 
     assert asyncio.run(left()) == []
+
+
+def test_the_bridge_benchmark_times_the_bridge_and_the_bare_receiver_on_the_same_deliveries(
+    services: Endpoints,
+) -> None:
+    from benchmarks.bridge_bench import run as bridge_bench
+
+    figures = bridge_bench(60, services)
+    ours, floor = figures["bridge"]
+    assert ours["name"].startswith("goldstream bridge") and floor["name"].startswith("bare aiohttp")
+    for r in (ours, floor):
+        assert r["n"] == 40 and 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["deliveries_per_s"] > 0
+    assert figures["ratios"]["p99_vs_receiver"] == round(ours["p99_ms"] / floor["p99_ms"], 2)
