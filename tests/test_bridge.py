@@ -652,3 +652,45 @@ def test_a_completed_cvat_job_is_scored_against_gold_from_a_cvat_export_and_a_re
     assert {x.item_id: x.result.score for x in scores}["frames/street_01.jpg"] == 1.0  # type: ignore[attr-defined]
     assert len({a.event_id for a in published}) == 2  # two deliveries and a sync: one event per frame
     assert (report["items"], report["known_answers"]) == (2, 2), report  # counted once
+
+
+def test_the_bridge_lays_out_keypoints_in_the_projects_own_keypoint_schema() -> None:
+    """Keypoints need the project's schema (the order of its points); the bridge reads the
+    project's criteria, so a hand is placed in the project's hand schema, not refused."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from goldstream.bridge import app
+
+    hand = s.KeypointSchema(names=["wrist", "thumb", "index"], sigmas=[0.05] * 3)
+    criteria = s.ProjectCriteria(project_id="cars", keypoint_schemas={"hand": hand},
+                                 labels=[s.LabelSpec(name="hand", keypoint_schema="hand")])  # fmt: skip
+    sent: list = []
+
+    async def send(messages: object) -> None:
+        sent.extend(messages)  # type: ignore[arg-type]
+
+    async def criteria_of(project_id: str) -> s.ProjectCriteria | None:
+        return criteria if project_id == "cars" else None
+
+    def point(rid: str, name: str, x: float) -> dict:
+        return {"id": rid, "type": "keypointlabels", "from_name": "kp", "to_name": "image",
+                "original_width": 1000, "original_height": 1000,
+                "value": {"x": x, "y": 50, "width": 0.5, "keypointlabels": [name]}}  # fmt: skip
+
+    result = [point("k1", "thumb", 10), point("k2", "index", 20),
+              {"type": "relation", "from_id": "k1", "to_id": "k2", "direction": "right"}]  # fmt: skip
+
+    async def main() -> list[int]:
+        async with TestClient(TestServer(app(send, PROJECTS, TOKEN, criteria_of=criteria_of))) as client:
+            statuses = []
+            for project in (3, 9):  # 3 is "cars"; 9 ("ls-9") has no criteria: the defaults have no hand
+                body = orjson.dumps(delivery(result=result, project=project))
+                r = await client.post("/label-studio/webhook", data=body, headers={"X-Goldstream-Token": TOKEN})
+                statuses.append(r.status)
+            return statuses
+
+    assert asyncio.run(main()) == [200, 422]
+    (annotation,) = [m for t, _, m in sent if t == "annotations"]
+    (obj,) = annotation.content.objects
+    assert obj.label == "hand" and obj.shape.schema_name == "hand"
+    assert obj.shape.points == [(0.0, 0.0, 0), (100.0, 500.0, 2), (200.0, 500.0, 2)]
