@@ -246,6 +246,56 @@ def _sync_cvat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from goldstream.api import serve
+
+    asyncio.run(serve(_settings(args), args.host, args.port))  # type: ignore[arg-type]
+    return 0
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """The leaderboard in the terminal: the same rows as GET /api/projects/P/workers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from goldstream.api import leaderboard_of
+
+    rows = asyncio.run(leaderboard_of(_settings(args), args.project))  # type: ignore[arg-type]
+    if args.json:
+        from goldstream.commands import print_json
+
+        print_json(rows)
+        return 0
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    table = Table(title=f"workers of {args.project}, best lower bound first")
+    for name in (
+        "worker",
+        "state",
+        "items",
+        "gold",
+        "level",
+        "lower bound",
+        "recent",
+        "trend",
+        "time on task",
+        "confusion",
+    ):
+        table.add_column(name, justify="right" if name not in ("worker", "state", "confusion") else "left")
+    for r in rows:
+        top = r["top_confusions"][0] if r["top_confusions"] else None
+        table.add_row(
+            r["worker_id"], r["state"], str(r["items"]), str(r["gold_items"]), pct(r["level"]), pct(r["lower_bound"]),
+            pct(r["recent_mean"]), "-" if r["trend"] is None else f"{100 * r['trend']:+.1f}",
+            "-" if r["time_on_task_s"] is None else f"{r['time_on_task_s']:.1f} s",
+            f"{top['truth'] or '(extra)'} -> {top['given'] or '(missed)'} x{top['n']}" if top else "",
+        )  # fmt: skip
+    Console().print(table)
+    return 0
+
+
 def _projects(args: argparse.Namespace) -> object:
     from goldstream.bridge import LabelStudioProjects
 
@@ -488,6 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "'https://img.example.com/{item_id}.jpg'")  # fmt: skip
     rls.add_argument("--once", action="store_true", help="send what is on the topic now, then exit (else run on)")
     rls.set_defaults(func=_review_label_studio)
+
+    sv = sub.add_parser("serve", help="the query API (JSON, /openapi.json) and the live dashboard page")
+    _connection_options(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free one, printed)")
+    sv.set_defaults(func=_serve)
+    wk = sub.add_parser("workers", help="a project's worker leaderboard in the terminal")
+    _connection_options(wk)
+    wk.add_argument("--project", required=True)
+    wk.add_argument("--json", action="store_true", help="the rows as JSON (what the API answers)")
+    wk.set_defaults(func=_workers)
 
     rp = sub.add_parser("replay", help="run the engine over an events file: outputs as JSONL, no Kafka")
     rp.add_argument("events", help="JSONL of envelopes {topic, key, value}")

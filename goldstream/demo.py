@@ -198,9 +198,16 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
     started = time.monotonic()
     published = 0
     worker = DemoWorker(settings, log)
+    pages = contextlib.AsyncExitStack()
     try:
         worker.start()
         console.print(f"starting a goldstream worker (log: {log}) ...")
+        from goldstream.api import running
+
+        port = int(os.environ.get("GOLDSTREAM_DASHBOARD_PORT", "0"))
+        url = await pages.enter_async_context(running(settings, "127.0.0.1", port))
+        first = next(iter(criteria), "")
+        console.print(f"dashboard: {url}/?project={first}  (API: {url}/api/projects, {url}/openapi.json)")
         for c in criteria.values():
             await set_criteria(settings, c, wait_s=120)  # returns once the worker runs
         items = [e for e in envelopes(sim) if e[0] != "projects"]
@@ -248,6 +255,7 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
         return _final(console, sim, watch, board, published, time.monotonic() - started)
     finally:
         stop.set()
+        await pages.aclose()
         worker.stop()  # shielded: a stop signal now waits for the worker to be gone
         await redis.aclose()
 

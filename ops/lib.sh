@@ -31,3 +31,14 @@ ensure_venv() {
     echo "$want" >"$stamp"
   fi
 }
+
+# ensure_chromium: Debian's chromium for the browser tests of pages goldstream serves
+ensure_chromium() {
+  command -v chromium >/dev/null && return 0
+  command -v apt-get >/dev/null || { echo "[ops] chromium is missing and apt-get is not here: install it" >&2; exit 1; }
+  local root=()
+  [ "$(id -u)" = 0 ] || root=(sudo)
+  echo "[ops] installing Debian's chromium (browser tests)" >&2
+  "${root[@]}" apt-get update -qq
+  "${root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+}

@@ -360,6 +360,8 @@ def record_increments(record: ScoreRecord, criteria: ProjectCriteria, keys: Keys
     w, value = record.worker_id, record.result.score
     totals = {k: v for k, v in Counters().update(record.result).to_fields().items() if v}
     totals[f"{record.kind.value}_items"] = 1
+    if record.time_on_task_s is not None and record.kind is not ScoreKind.REVIEW:
+        totals["tot_n"], totals["tot_ms"] = 1, round(record.time_on_task_s * 1000)  # the worker's pace
     bucket_s = criteria.proficiency.bucket_s
     start = int(record.event_time.timestamp()) // bucket_s * bucket_s
     buckets: dict[str, int] = {}

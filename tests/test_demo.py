@@ -40,4 +40,5 @@ def test_demo_runs_the_whole_system_and_stops_by_itself(tmp_path: Path) -> None:
     assert figures["escalations"] < figures["scores"]  # not everything is sent to review
     assert figures["dead_letters"] == 0
     assert "final: goldstream's proficiency against the simulator's" in res.stdout
+    assert "dashboard: http://127.0.0.1:" in res.stdout  # the QC lead's page, served while the demo runs
     print(f"\ndemo: {figures}")
