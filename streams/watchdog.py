@@ -180,23 +180,31 @@ class HealthServer(threading.Thread):
     """`/healthz` and `/ready` on a port of its own, answered from a thread (a stuck event loop
     must still be reported, not time out the probe)."""
 
-    def __init__(self, health: Health, port: int, loop_block_s: float, host: str = "0.0.0.0") -> None:
+    def __init__(
+        self, health: Health, port: int, loop_block_s: float, host: str = "0.0.0.0", metrics: Any = None
+    ) -> None:
         super().__init__(name="goldstream-health", daemon=True)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/metrics" and outer.metrics is not None:  # Prometheus' text format
+                    self._answer(200, outer.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
+                    return
                 state = outer.health.as_dict(outer.loop_block_s)
-                if self.path.split("?")[0] == "/healthz":
+                if path == "/healthz":
                     ok = state["alive"]
-                elif self.path.split("?")[0] == "/ready":
+                elif path == "/ready":
                     ok = state["alive"] and state["ready"]
                 else:
-                    self.send_error(404, "try /healthz or /ready")
+                    self.send_error(404, "try /healthz, /ready or /metrics")
                     return
-                body = json.dumps(state).encode()
-                self.send_response(200 if ok else 503)
-                self.send_header("Content-Type", "application/json")
+                self._answer(200 if ok else 503, json.dumps(state).encode(), "application/json")
+
+            def _answer(self, status: int, body: bytes, kind: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -206,6 +214,7 @@ class HealthServer(threading.Thread):
 
         self.health = health
         self.loop_block_s = loop_block_s
+        self.metrics = metrics
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.port = self.server.server_address[1]
 

@@ -38,6 +38,7 @@ from goldstream.streams.engine import Emit, Engine, ItemState, Record
 from goldstream.streams.engine import Settings as EngineSettings
 from goldstream.streams.items import ITEM_TOPICS
 from goldstream.streams.memory import tune_gc
+from goldstream.streams.metrics import Metrics
 from goldstream.streams.settings import Settings
 from goldstream.streams.state import (
     AlertFlags,
@@ -199,6 +200,7 @@ class Worker:
         self.items = ItemStore(self.state)
         self.parsed = ParsedItems()
         self.health = Health()
+        self.metrics = Metrics(self.guard)
         self.stopping = asyncio.Event()
         self.fault = Fault.parse(settings.fault)
         self.consumers: dict[str, AIOKafkaConsumer] = {}
@@ -248,6 +250,7 @@ class Worker:
             pending.append(await self.producer.send(self.topics.name(e.topic), value, key=key))
         if pending:
             await asyncio.gather(*pending)
+            self.metrics.emitted(e.value for e in emits)
 
     async def commit(self, consumer: AIOKafkaConsumer, batch: Mapping[Any, Sequence[Any]]) -> None:
         try:
@@ -282,6 +285,7 @@ class Worker:
             async with lock:
                 await self.score_batch(engine, batch)
                 await commits.submit(batch)
+            self.metrics.batch_done("score", [r.timestamp for rs in batch.values() for r in rs])
             if self.fault is not None:
                 await commits.flush()  # a fault counts committed records
                 await self.fault.after_records(sum(len(r) for r in batch.values()))
@@ -345,6 +349,7 @@ class Worker:
             async with lock:
                 await self.send(await engine.apply_scores(recs))
                 await commits.submit(batch)
+            self.metrics.batch_done("proficiency", [r.timestamp for rs in batch.values() for r in rs])
         await commits.flush()
 
     async def consensus_timer(self) -> None:
@@ -392,6 +397,7 @@ class Worker:
                         consumer = self.consumers.get(name)
                         parts = sorted(consumer.assignment()) if consumer is not None else []
                         committed, ends = await lag_and_offsets(admin, probe, group, parts)
+                        self.metrics.set_lag(name, committed, ends)
                         signal_ += (tuple(sorted(committed.items())),)
                         lag += total_lag(committed, ends)
                         assigned += len(parts)
@@ -486,7 +492,7 @@ def main(settings: Settings) -> None:
     lifeline.start()
     if settings.health_port:
         try:
-            HealthServer(worker.health, settings.health_port, settings.loop_block_s).start()
+            HealthServer(worker.health, settings.health_port, settings.loop_block_s, metrics=worker.metrics).start()
         except OSError as exc:  # several workers on one host: only the first gets the port
             log.error("no /healthz on port %d: %s", settings.health_port, exc)
     try:
