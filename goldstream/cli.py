@@ -296,6 +296,13 @@ def _workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alerts_forward(args: argparse.Namespace) -> int:
+    from goldstream.alertmanager import run
+
+    asyncio.run(run(_settings(args), args.alertmanager, args.resend_s))  # type: ignore[arg-type]
+    return 0
+
+
 def _projects(args: argparse.Namespace) -> object:
     from goldstream.bridge import LabelStudioProjects
 
@@ -549,6 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--project", required=True)
     wk.add_argument("--json", action="store_true", help="the rows as JSON (what the API answers)")
     wk.set_defaults(func=_workers)
+
+    al = sub.add_parser("alerts", help="quality alerts out to other systems")
+    al_sub = al.add_subparsers(dest="alerts_command", metavar="ACTION", required=True)
+    alf = al_sub.add_parser("forward", help="send firing and resolved alerts to Prometheus Alertmanager")
+    _connection_options(alf)
+    alf.add_argument("--alertmanager", required=True, help="Alertmanager's address, e.g. http://alertmanager:9093")
+    alf.add_argument(
+        "--resend-s", type=float, default=60.0, help="re-send firing alerts this often (below resolve_timeout; 60)"
+    )
+    alf.set_defaults(func=_alerts_forward)
 
     rp = sub.add_parser("replay", help="run the engine over an events file: outputs as JSONL, no Kafka")
     rp.add_argument("events", help="JSONL of envelopes {topic, key, value}")
