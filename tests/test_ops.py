@@ -80,7 +80,8 @@ def test_probe_fails_cleanly_when_nothing_listens() -> None:
 def test_docker_compose_runs_the_pinned_kafka_with_redis_and_a_worker() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"kafka", "redis", "worker"}
+    default = {name for name, svc in services.items() if not svc.get("profiles")}
+    assert default == {"kafka", "redis", "worker", "serve"}
     assert services["kafka"]["image"] == f"apache/kafka:{_versions()['KAFKA_VERSION']}"
     env = services["kafka"]["environment"]
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, combined node
@@ -111,6 +112,44 @@ def test_docker_compose_restarts_whatever_exits_and_probes_the_workers_health() 
     assert grace > Settings().shutdown_timeout_s  # compose must not SIGKILL before the worker's own deadline
 
 
+def test_the_observability_profile_scrapes_every_worker_and_its_dashboard_asks_for_metrics_workers_export() -> None:
+    """Prometheus scrapes the workers' /metrics port; each PromQL expression of the Grafana
+    dashboard names a metric a worker exports (a renamed metric would leave a panel empty)."""
+    import json
+    import re
+
+    from goldstream.streams.metrics import Metrics
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    observability = {name for name, svc in services.items() if "observability" in svc.get("profiles", [])}
+    assert observability == {"prometheus", "grafana", "alertmanager", "alerts-forward"}
+    port = services["worker"]["environment"]["GOLDSTREAM_HEALTH_PORT"]
+    prometheus = yaml.safe_load((REPO / "ops/observability/prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" and job["dns_sd_configs"][0] == {
+        "names": ["worker"], "type": "A", "port": int(port), "refresh_interval": "30s"}  # fmt: skip
+    for mount in (
+        *services["prometheus"]["volumes"],
+        *services["grafana"]["volumes"],
+        *services["alertmanager"]["volumes"],
+    ):
+        assert (REPO / mount.split(":")[0]).exists(), mount
+    datasource = yaml.safe_load(
+        (REPO / "ops/observability/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    uid = datasource["datasources"][0]["uid"]
+    dashboard = json.loads((REPO / "ops/observability/grafana/dashboards/goldstream.json").read_text())
+    exported = {m.name for m in Metrics(guard=type("G", (), {"retries": 0})()).registry.collect()}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10 and all(p["datasource"]["uid"] == uid for p in dashboard["panels"])
+    for expr in exprs:
+        for name in re.findall(r"goldstream_[a-z_]+", expr):
+            base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+            assert base in exported, f"{name} in {expr!r} is not exported by a worker"
+    forward = services["alerts-forward"]["command"]
+    assert forward[:3] == ["goldstream", "alerts", "forward"] and "http://alertmanager:9093" in forward
+
+
 def test_the_wheel_installs_everything_under_one_goldstream_namespace(tmp_path: Path) -> None:
     """`schemas` and `scoring` are names of unrelated distributions on PyPI: installed as top-level
     packages, goldstream would shadow them (or be shadowed). The wheel holds only `goldstream/`,
@@ -137,5 +176,5 @@ def test_the_wheel_installs_everything_under_one_goldstream_namespace(tmp_path: 
     assert tops == {"goldstream"}
     for inside in ("goldstream/schemas/messages.py", "goldstream/scoring/item.py", "goldstream/streams/worker.py",
                    "goldstream/streams/settings.py", "goldstream/streams/lua/apply_once.lua",
-                   "goldstream/schemas/json/AnnotationSubmitted.json"):  # fmt: skip
+                   "goldstream/schemas/json/AnnotationSubmitted.json", "goldstream/dashboard.html"):  # fmt: skip
         assert inside in names, inside
