@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-BENCHMARKS = ("scoring_bench", "stream_bench", "replay_bench", "bridge_bench", "qc_bench")
+BENCHMARKS = ("scoring_bench", "stream_bench", "replay_bench", "bridge_bench", "ops_bench", "qc_bench")
 
 
 def run(name: str, out: Path, quick: bool) -> tuple[dict[str, Any], float]:
@@ -110,6 +110,18 @@ def markdown(summary: dict[str, Any]) -> str:
             "",
             f"Label Studio gives up after about {b['label_studio_timeout_ms']} ms.",
         ]  # fmt: skip
+    if "ops" in summary:
+        o = summary["ops"]
+        lines += [
+            "",
+            "## Operating it (metrics per annotation; the query API's answer times)",
+            "",
+            f"Worker metrics: {o['metrics_us_per_annotation']} µs per annotation against the engine's "
+            f"{o['replay_us_per_annotation']} µs in the same run ({o['metrics_share']:.1%}). "
+            f"API over {o['workers']} workers: "
+            + ", ".join(f"{k} {v['p50_ms']} / {v['p99_ms']} ms (p50 / p99)" for k, v in o["api"].items())
+            + ".",
+        ]
     lines += ["", *qc_markdown(summary["qc"]), ""]
     lines += [
         "## Scoring library (items/s, no I/O)",

@@ -94,3 +94,22 @@ def test_the_bridge_benchmark_times_the_bridge_and_the_bare_receiver_on_the_same
         assert r["n"] == 40 and 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["deliveries_per_s"] > 0
     assert figures["ratios"]["p99_vs_receiver"] == round(ours["p99_ms"] / floor["p99_ms"], 2)
+
+
+def test_the_ops_benchmark_times_metrics_against_the_engine_and_the_api_and_leaves_no_keys(services: Endpoints) -> None:
+    from benchmarks.ops_bench import run as ops_bench
+
+    figures = asyncio.run(ops_bench(Settings.load(redis_url=services.redis_url), items=40, requests=3))
+    assert figures["annotations"] > 0 and figures["outputs"] > figures["annotations"] / 2 and figures["workers"] > 1
+    assert 0 < figures["metrics_us_per_annotation"] and 0 < figures["replay_us_per_annotation"]
+    assert 0 < figures["metrics_share"] < 1
+    assert set(figures["api"]) == {"leaderboard", "labels", "report", "worker"}
+
+    async def left() -> list:
+        redis = Redis.from_url(services.redis_url)
+        try:
+            return [k async for k in redis.scan_iter(match="bench-ops-*")]
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(left()) == []
