@@ -32,13 +32,18 @@ ensure_venv() {
   fi
 }
 
-# ensure_chromium: Debian's chromium for the browser tests of pages goldstream serves
-ensure_chromium() {
-  command -v chromium >/dev/null && return 0
-  command -v apt-get >/dev/null || { echo "[ops] chromium is missing and apt-get is not here: install it" >&2; exit 1; }
+# ensure_test_tools: Debian packages the tests drive for real: chromium (the dashboard's browser
+# test), prometheus and prometheus-alertmanager (scraping a worker, receiving goldstream's alerts)
+ensure_test_tools() {
+  local missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || { echo "[ops] missing ${missing[*]} and apt-get is not here: install them" >&2; exit 1; }
   local root=()
   [ "$(id -u)" = 0 ] || root=(sudo)
-  echo "[ops] installing Debian's chromium (browser tests)" >&2
+  echo "[ops] installing ${missing[*]} from Debian packages (tests drive them)" >&2
   "${root[@]}" apt-get update -qq
-  "${root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  "${root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
