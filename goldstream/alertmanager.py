@@ -124,7 +124,7 @@ async def forward(
     fwd = Forwarder(alertmanager, resend_s)
     ep = endpoints(settings)
     name = Topics(settings.topic_prefix).name("alerts")
-    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, enable_auto_commit=False)
     await consumer.start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:

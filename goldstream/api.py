@@ -124,7 +124,7 @@ class Tail:
     async def follow(self, stop: asyncio.Event) -> None:
         ep = endpoints(self.settings)
         name = Topics(self.settings.topic_prefix).name(self.logical)
-        consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, enable_auto_commit=False)
         await consumer.start()
         try:
             while not (numbers := await topic_partitions(ep, name)):
@@ -408,7 +408,7 @@ def openapi() -> dict[str, Any]:
 
 async def leaderboard_of(settings: Settings, project_id: str) -> list[dict[str, Any]]:
     """The leaderboard without a server (`goldstream workers`)."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     try:
         return await Api(settings, redis, {}).leaderboard(project_id)
     finally:
@@ -418,7 +418,7 @@ async def leaderboard_of(settings: Settings, project_id: str) -> list[dict[str, 
 @contextlib.asynccontextmanager
 async def running(settings: Settings, host: str, port: int) -> AsyncIterator[str]:
     """The server with its topic tails, until the block ends; yields its address."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     tails = {
         "escalations": Tail(settings, "escalations", s.Escalation),
         "alerts": Tail(settings, "alerts", s.QualityAlert),

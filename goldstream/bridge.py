@@ -349,7 +349,7 @@ def criteria_reader(settings: Settings, timeout_s: float = 2.0) -> tuple[Criteri
     keypoint set they cannot place is dead-lettered, not guessed."""
     from goldstream.streams.state import CriteriaStore, Keys, connect
 
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, **settings.redis())
     store = CriteriaStore(redis, Keys(settings.key_prefix), ttl_s=10.0)
 
     async def criteria_of(project_id: str) -> s.ProjectCriteria | None:
@@ -373,7 +373,7 @@ async def serve(
     ep = endpoints(settings)
     topics = Topics(settings.topic_prefix)
     await ensure_topics(ep, topics, settings.partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=ep.bootstrap_servers, **ep.producer_options())
+    producer = AIOKafkaProducer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.producer_options())
     await producer.start()
     criteria_of, close_redis = criteria_reader(settings)
     client = CvatClient(cvat.url, cvat.token, cvat.scheme) if cvat else None

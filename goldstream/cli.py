@@ -632,7 +632,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # a refused login or certificate: say which setting, never a secret
+        from goldstream.streams.security import SecurityError, explain
+
+        if isinstance(exc, SecurityError):
+            print(f"goldstream: {exc}", file=sys.stderr)
+            return 2
+        try:
+            settings = _settings(args)
+        except Exception:
+            raise exc from None
+        message = explain(exc, settings)  # type: ignore[arg-type]
+        if message is None:
+            raise
+        print(f"goldstream: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -40,7 +40,10 @@ MODEL_OF = {m.topic: m for m in MESSAGES}
 
 
 def endpoints(settings: Settings) -> Endpoints:
-    return Endpoints(settings.kafka_bootstrap, settings.redis_url, settings.services_kind)
+    """Where the services are, with the security options of every client (streams.security)."""
+    return Endpoints(
+        settings.kafka_bootstrap, settings.redis_url, settings.services_kind, settings.kafka(), settings.redis()
+    )
 
 
 # ----------------------------------------------------------------------------- worker
@@ -71,7 +74,7 @@ async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
     empty replica): rebuild it from the topics ('rebuilt'), one worker at a time under a lock,
     never count on from zero. `redis_lost_state: stop` refuses instead, and so does a `scores`
     topic that retention already truncated (the history is not there to rebuild from)."""
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, **settings.redis())
     keys = Keys(settings.key_prefix)
     guard = RedisGuard(redis)
     try:
@@ -123,7 +126,7 @@ async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
 async def restore_state(settings: Settings) -> dict[str, int]:
     """`goldstream rebuild-state`: rebuild from the topics, then mark Redis as holding the state."""
     counts = await rebuild_state(settings)
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, **settings.redis())
     try:
         await redis.set(Keys(settings.key_prefix).epoch(), _new_epoch(), nx=True)
     finally:
@@ -146,7 +149,7 @@ async def has_committed(settings: Settings) -> bool:
         return False
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.kafka)
     await admin.start()
     try:
         delay = 0.2
@@ -175,7 +178,7 @@ async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int =
     project), proficiency from `scores`, dead letter counts from `deadletter`, alert states from
     `alerts`. Counters go through the apply-once script, so what a worker applied meanwhile (or a
     second rebuild) is not counted twice."""
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, **settings.redis())
     keys = Keys(settings.key_prefix)
     state = RedisState(redis, keys, settings.dedup_ttl_s)
     criteria = CriteriaStore(redis, keys, ttl_s=float("inf"), state=state)
@@ -283,7 +286,7 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
 async def topic_bounds(settings: Settings, logicals: Iterable[str]) -> tuple[dict[str, int], dict[str, int]]:
     """For each topic, the sum over partitions of its first offset, and of its end offset."""
     ep = endpoints(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers)
+    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.kafka)
     await consumer.start()
     begins: dict[str, int] = {}
     ends: dict[str, int] = {}
@@ -314,7 +317,7 @@ async def iter_topic(
     if not partitions:
         return
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest"
+        bootstrap_servers=ep.bootstrap_servers, **ep.kafka, enable_auto_commit=False, auto_offset_reset="earliest"
     )
     await consumer.start()
     try:
@@ -389,7 +392,9 @@ async def publish(
     ep = endpoints(settings)
     topics = Topics(settings.topic_prefix)
     await ensure_topics(ep, topics, settings.partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=ep.bootstrap_servers, linger_ms=5, **ep.producer_options())
+    producer = AIOKafkaProducer(
+        bootstrap_servers=ep.bootstrap_servers, **ep.kafka, linger_ms=5, **ep.producer_options()
+    )
     await producer.start()
     n = 0
     start = time.monotonic()
@@ -423,7 +428,7 @@ async def set_criteria(settings: Settings, criteria: ProjectCriteria, wait_s: fl
     await publish(settings, [("projects", criteria.project_id, criteria.to_bytes())])
     if wait_s <= 0:
         return
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     try:
         store = CriteriaStore(redis, Keys(settings.key_prefix), ttl_s=0)
         deadline = time.monotonic() + wait_s
@@ -443,7 +448,7 @@ async def topic_partitions(ep: Endpoints, name: str) -> list[int]:
     """Partition numbers of a topic (empty if it does not exist)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.kafka)
     await admin.start()
     try:
         (desc,) = await admin.describe_topics([name])
@@ -460,8 +465,8 @@ async def committed_to_end(settings: Settings, group: str, logical: str) -> bool
     from aiokafka.admin import AIOKafkaAdminClient
 
     name = Topics(settings.topic_prefix).name(logical)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka(), **settings.kafka())
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka(), **settings.kafka())
     await consumer.start()
     await admin.start()
     try:
@@ -479,7 +484,7 @@ async def group_members(settings: Settings, group: str) -> tuple[str, int]:
     """A consumer group's state ('Stable', 'Empty', 'PreparingRebalance', ...) and member count."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka(), **settings.kafka())
     await admin.start()
     try:
         (resp,) = await admin.describe_consumer_groups([group])
@@ -507,7 +512,7 @@ async def rebuild_proficiency(
     Returns (scores applied, records skipped as unreadable). Counters are integers, so the result
     does not depend on the order the scores are read in: it equals the live state. A prefix that
     already holds proficiency is refused (FileExistsError) unless `force` deletes it first."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     keys = keys or Keys(settings.key_prefix)
     try:
         existing = [k async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)]
@@ -545,7 +550,7 @@ async def rebuild_proficiency(
 @contextlib.asynccontextmanager
 async def project_state(settings: Settings, project_id: str) -> AsyncIterator[tuple[ProficiencyStore, ProjectCriteria]]:
     """The proficiency store and a project's criteria (its defaults when it has none), for a report."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     keys = Keys(settings.key_prefix)
     try:
         criteria = await CriteriaStore(redis, keys).get(project_id, time.monotonic())

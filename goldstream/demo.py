@@ -35,9 +35,9 @@ from rich.table import Table
 from scipy.stats import spearmanr
 
 from goldstream import schemas as s
-from goldstream.commands import committed_to_end, publish, set_criteria, topic_partitions
+from goldstream.commands import committed_to_end, endpoints, publish, set_criteria, topic_partitions
 from goldstream.proc import WorkerProcess
-from goldstream.services import STOPS, EmbeddedServices, Endpoints, stop_process
+from goldstream.services import STOPS, EmbeddedServices, stop_process
 from goldstream.simulator import Simulation, envelopes, load_spec, simulate
 from goldstream.streams.settings import Settings
 from goldstream.streams.state import Keys, ProficiencyStore, RedisState
@@ -81,12 +81,12 @@ class DemoWorker(WorkerProcess):
 
 
 async def _follow(settings: Settings, watch: Watch, stop: asyncio.Event) -> None:
-    ep = Endpoints(settings.kafka_bootstrap, settings.redis_url, settings.services_kind)
+    ep = endpoints(settings)
     topics = Topics(settings.topic_prefix)
     names = {topics.name(t): t for t in ("scores", "escalations", "alerts", "deadletter")}
     parts = [TopicPartition(n, p) for n in names for p in await topic_partitions(ep, n)]
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest"
+        bootstrap_servers=ep.bootstrap_servers, **ep.kafka, enable_auto_commit=False, auto_offset_reset="earliest"
     )
     await consumer.start()
     consumer.assign(parts)
@@ -188,10 +188,10 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
     """Run the demo against `settings`' services; returns the final figures."""
     sim = simulate(load_spec(spec), seed)
     criteria = {m.project_id: m for t, m in sim.events if t == "projects"}
-    ep = Endpoints(settings.kafka_bootstrap, settings.redis_url, settings.services_kind)
+    ep = endpoints(settings)
     await ensure_topics(ep, Topics(settings.topic_prefix), settings.partitions)
     log = Path(tempfile.gettempdir()) / f"goldstream-demo-worker-{os.getpid()}.log"
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     store = ProficiencyStore(RedisState(redis, Keys(settings.key_prefix)))
     watch = Watch()
     stop = asyncio.Event()

@@ -217,7 +217,7 @@ async def push_escalations(
     name = Topics(settings.topic_prefix).name("escalations")
     group = group or f"goldstream-review-label-studio-{pusher.review_project}"
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=ep.bootstrap_servers, group_id=group, enable_auto_commit=False,
+        bootstrap_servers=ep.bootstrap_servers, **ep.kafka, group_id=group, enable_auto_commit=False,
         auto_offset_reset="earliest",
     )  # fmt: skip
     await consumer.start()

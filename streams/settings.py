@@ -18,7 +18,7 @@ RETIRED = frozenset({"web_enabled", "web_port"})
 STEPS = frozenset({"score", "proficiency"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     """Everything a worker needs beyond the projects' criteria (which live on `projects`)."""
 
@@ -52,6 +52,43 @@ class Settings:
     loop_block_s: float = 120.0  # an event loop stuck this long ends the process
     fault: str = ""  # tests only: fault injection (streams.worker.Fault)
     redis_lost_state: str = "rebuild"  # or "stop": what a worker does at start when Redis lost its state
+    # secured services (streams.security): Kafka SASL / TLS, a Redis ACL user and TLS
+    kafka_security_protocol: str = "PLAINTEXT"  # SSL, SASL_PLAINTEXT, SASL_SSL
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"  # or PLAIN, SCRAM-SHA-256
+    kafka_username: str = ""
+    kafka_password: str = ""  # secret: masked in repr, never logged
+    kafka_password_file: str = ""  # or the password in a file (a mounted secret)
+    kafka_ssl_cafile: str = ""  # the CA the broker's certificate is checked against (else the system's)
+    kafka_ssl_certfile: str = ""  # mutual TLS: the client's certificate and key
+    kafka_ssl_keyfile: str = ""
+    redis_username: str = ""  # an ACL user
+    redis_password: str = ""  # secret: masked in repr, never logged
+    redis_password_file: str = ""
+    redis_ssl_cafile: str = ""  # with a rediss:// URL
+    redis_ssl_certfile: str = ""
+    redis_ssl_keyfile: str = ""
+
+    def __repr__(self) -> str:
+        """Secrets masked: settings are logged and printed, passwords must not be."""
+        from goldstream.streams.security import MASK, SECRET_FIELDS
+
+        def shown(name: str) -> str:
+            value = getattr(self, name)
+            return MASK if name in SECRET_FIELDS and value else repr(value)
+
+        return f"Settings({', '.join(f'{f.name}={shown(f.name)}' for f in dataclasses.fields(self))})"
+
+    def kafka(self) -> dict[str, Any]:
+        """Security options of every aiokafka client (none for PLAINTEXT)."""
+        from goldstream.streams.security import kafka_options
+
+        return kafka_options(self)
+
+    def redis(self) -> dict[str, Any]:
+        """Options of every Redis client beside its URL: ACL user, password, TLS files."""
+        from goldstream.streams.security import redis_options
+
+        return redis_options(self)
 
     @classmethod
     def load(
@@ -112,6 +149,8 @@ class Endpoints:
     bootstrap_servers: str
     redis_url: str
     kind: str = "external"  # "external" (Apache Kafka + redis-server) or "embedded"
+    kafka: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # Settings.kafka()
+    redis: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # Settings.redis()
 
     @property
     def idempotent_producer(self) -> bool:

@@ -52,7 +52,9 @@ def topic_config(logical: str) -> dict[str, str]:
 
 async def ensure_topics(endpoints: Endpoints, topics: Topics, partitions: int = 4, replication: int = 1) -> list[str]:
     """Create every goldstream topic that is missing; return the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.bootstrap_servers, client_id="goldstream-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=endpoints.bootstrap_servers, client_id="goldstream-admin", **endpoints.kafka
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -75,7 +77,9 @@ async def ensure_topics(endpoints: Endpoints, topics: Topics, partitions: int = 
 
 async def delete_topics(endpoints: Endpoints, topics: Topics) -> None:
     """Delete every goldstream topic under the prefix (tests and `demo` clean up with it)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.bootstrap_servers, client_id="goldstream-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=endpoints.bootstrap_servers, client_id="goldstream-admin", **endpoints.kafka
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())

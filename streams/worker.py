@@ -194,7 +194,7 @@ class Worker:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.keys = Keys(settings.key_prefix)
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(settings.redis_url, **settings.redis())
         self.guard = RedisGuard(self.redis, epoch_key=self.keys.epoch())
         self.state = RedisState(self.redis, self.keys, settings.dedup_ttl_s, self.guard)
         self.items = ItemStore(self.state)
@@ -227,6 +227,7 @@ class Worker:
         linger = {"fetch_min_bytes": 1 << 20, "fetch_max_wait_ms": linger_ms} if linger_ms > 0 else {}
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
+            **s.kafka(),
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -375,8 +376,8 @@ class Worker:
         from aiokafka.admin import AIOKafkaAdminClient
 
         s = self.settings
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
-        probe = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, **s.kafka(), **s.kafka())
+        probe = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **s.kafka(), enable_auto_commit=False)
         await admin.start()
         await probe.start()
         progress = Progress(s.stall_timeout_s)
@@ -420,6 +421,7 @@ class Worker:
         s = self.settings
         self.producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap,
+            **s.kafka(),
             acks="all",
             enable_idempotence=s.services_kind != "embedded",  # Tansu takes no idempotent producer
             linger_ms=0,  # a batch's outputs are all sent before the sender runs: lingering only adds latency
