@@ -149,7 +149,7 @@ async def has_committed(settings: Settings) -> bool:
         return False
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.kafka)
+    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka)
     await admin.start()
     try:
         delay = 0.2
@@ -286,7 +286,7 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
 async def topic_bounds(settings: Settings, logicals: Iterable[str]) -> tuple[dict[str, int], dict[str, int]]:
     """For each topic, the sum over partitions of its first offset, and of its end offset."""
     ep = endpoints(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.kafka)
+    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka)
     await consumer.start()
     begins: dict[str, int] = {}
     ends: dict[str, int] = {}
@@ -448,7 +448,7 @@ async def topic_partitions(ep: Endpoints, name: str) -> list[int]:
     """Partition numbers of a topic (empty if it does not exist)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.kafka)
+    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka)
     await admin.start()
     try:
         (desc,) = await admin.describe_topics([name])
@@ -465,8 +465,8 @@ async def committed_to_end(settings: Settings, group: str, logical: str) -> bool
     from aiokafka.admin import AIOKafkaAdminClient
 
     name = Topics(settings.topic_prefix).name(logical)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka(), **settings.kafka())
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka(), **settings.kafka())
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
     await consumer.start()
     await admin.start()
     try:
@@ -484,7 +484,7 @@ async def group_members(settings: Settings, group: str) -> tuple[str, int]:
     """A consumer group's state ('Stable', 'Empty', 'PreparingRebalance', ...) and member count."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka(), **settings.kafka())
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
     await admin.start()
     try:
         (resp,) = await admin.describe_consumer_groups([group])

@@ -17,6 +17,15 @@ from goldstream.services import die_with_parent
 from goldstream.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+SECURITY_FIELDS = tuple(
+    f"{service}_{name}"
+    for service, names in (
+        ("kafka", ("security_protocol", "sasl_mechanism", "username", "password", "password_file",
+                   "ssl_cafile", "ssl_certfile", "ssl_keyfile")),
+        ("redis", ("username", "password", "password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")),
+    )
+    for name in names
+)  # fmt: skip
 
 
 def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
@@ -42,6 +51,9 @@ def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
         "GOLDSTREAM_UNKNOWN_PROJECTS": settings.unknown_projects,
         "GOLDSTREAM_SESSION_TIMEOUT_S": str(settings.session_timeout_s),
         "GOLDSTREAM_BATCH_MAX": str(settings.batch_max),
+        **{  # streams.security: the child connects as its parent does
+            f"GOLDSTREAM_{name.upper()}": getattr(settings, name) for name in SECURITY_FIELDS if getattr(settings, name)
+        },
     }
 
 

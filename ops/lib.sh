@@ -33,12 +33,14 @@ ensure_venv() {
 }
 
 # ensure_test_tools: Debian packages the tests drive for real: chromium (the dashboard's browser
-# test), prometheus and prometheus-alertmanager (scraping a worker, receiving goldstream's alerts)
+# test), prometheus and prometheus-alertmanager (scraping a worker, receiving goldstream's alerts),
+# openssl (the secured profile's certificates, ops/secure)
 ensure_test_tools() {
   local missing=()
   command -v chromium >/dev/null || missing+=(chromium)
   command -v prometheus >/dev/null || missing+=(prometheus)
   command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+  command -v openssl >/dev/null || missing+=(openssl)  # ops/secure's certificates
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null || { echo "[ops] missing ${missing[*]} and apt-get is not here: install them" >&2; exit 1; }
   local root=()

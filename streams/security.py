@@ -18,6 +18,7 @@ untrusted certificate fails at once with that explanation (`explain`), not after
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,24 @@ PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 SECRET_FIELDS = frozenset({"kafka_password", "redis_password"})
 MASK = "***"
+
+
+class _KafkaRefusals(logging.Handler):
+    """aiokafka logs why a broker refused a connection (a failed SASL login, an untrusted
+    certificate) and then raises a bare "Unable to bootstrap": keep the reason, to explain it."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "SaslAuthenticationFailed" in text or "CERTIFICATE_VERIFY_FAILED" in text or "SSL" in text:
+            self.last = text
+
+
+KAFKA_REFUSALS = _KafkaRefusals()
+logging.getLogger("aiokafka").addHandler(KAFKA_REFUSALS)
 
 
 class SecurityError(ValueError):
@@ -132,12 +151,14 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     from redis.exceptions import AuthenticationError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    text = f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc} {exc.__context__!r}"
+    if isinstance(exc, KafkaConnectionError):
+        text += " " + KAFKA_REFUSALS.last
     name = type(exc).__name__
     if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
-        if isinstance(exc, RedisConnectionError) or "redis" in text.lower():
-            return "Redis's TLS certificate is not trusted: check GOLDSTREAM_REDIS_SSL_CAFILE"
-        return "the TLS certificate is not trusted: check GOLDSTREAM_KAFKA_SSL_CAFILE (or GOLDSTREAM_REDIS_SSL_CAFILE)"
+        if isinstance(exc, RedisConnectionError):
+            return "Redis's TLS certificate is not signed by a trusted CA: check GOLDSTREAM_REDIS_SSL_CAFILE"
+        return "Kafka's TLS certificate is not signed by a trusted CA: check GOLDSTREAM_KAFKA_SSL_CAFILE"
     if isinstance(exc, AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
         return "Redis refused the login: check GOLDSTREAM_REDIS_USERNAME and GOLDSTREAM_REDIS_PASSWORD(_FILE)"
     if isinstance(exc, ResponseError) and "NOPERM" in text:

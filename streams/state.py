@@ -82,6 +82,15 @@ class StateLost(RuntimeError):
     changed): counting on would start from zero. Rebuild from the topics instead."""
 
 
+def refused(exc: BaseException) -> bool:
+    """Redis answered, and said no: a refused login, or a TLS certificate not trusted. Waiting
+    will not change it; the operator must (streams.security.explain says which setting)."""
+    from redis.exceptions import AuthenticationError
+
+    text = str(exc)
+    return isinstance(exc, AuthenticationError) or "CERTIFICATE_VERIFY_FAILED" in text or "WRONGPASS" in text
+
+
 @dataclass
 class RedisGuard:
     """Runs Redis calls through outages: capped exponential backoff, forever (or `give_up_s`).
@@ -116,6 +125,8 @@ class RedisGuard:
             try:
                 result = await call()
             except RETRYABLE as exc:
+                if refused(exc):
+                    raise  # a wrong password or an untrusted certificate is not an outage: fail now
                 now = time.monotonic()
                 if self.down_since is None:
                     self.down_since = now

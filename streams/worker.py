@@ -376,7 +376,7 @@ class Worker:
         from aiokafka.admin import AIOKafkaAdminClient
 
         s = self.settings
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, **s.kafka(), **s.kafka())
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, **s.kafka())
         probe = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **s.kafka(), enable_auto_commit=False)
         await admin.start()
         await probe.start()
