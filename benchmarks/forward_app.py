@@ -25,6 +25,22 @@ from goldstream.commands import endpoints
 FORWARDED = "forwarded"  # the output topic, under the same prefix (created by the benchmark)
 
 
+def credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """The broker credentials of a Faust app from goldstream's security settings, so the baseline
+    runs wherever goldstream does (streams.security)."""
+    options = settings.kafka()
+    if not options:
+        return None
+    if options["security_protocol"] == "SSL":
+        return faust.SSLCredentials(options["ssl_context"])
+    from faust.types.auth import SASLMechanism
+
+    return faust.SASLCredentials(
+        username=options["sasl_plain_username"], password=options["sasl_plain_password"],
+        ssl_context=options.get("ssl_context"), mechanism=SASLMechanism(options["sasl_mechanism"]),
+    )  # fmt: skip
+
+
 def base_app(settings: Settings) -> faust.App:
     """The Faust app and its broker settings, without agents (the benchmarks' forwarding baseline
     uses it too, so that both differ only in what their agents do)."""
@@ -32,6 +48,7 @@ def base_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=credentials(settings),
         store="memory://",
         # Faust makes a data directory even for memory stores; keep it out of the working directory
         datadir=os.path.join(tempfile.gettempdir(), "goldstream-faust-{conf.name}"),

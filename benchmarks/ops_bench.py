@@ -54,7 +54,7 @@ async def run(settings: Settings, items: int, requests: int) -> dict[str, Any]:
     records = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, i) for i, (t, m) in enumerate(case.events)]
     n_ann = sum(1 for r in records if r.topic == "annotations")
     project = next(m.project_id for t, m in case.events if t == "annotations")
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     prefix = f"bench-ops-{uuid.uuid4().hex[:8]}"
     try:
         t0 = time.perf_counter()

@@ -350,7 +350,7 @@ def evaluate_baselines(case: Case, budget: float) -> dict[str, Any]:
 
 
 async def run(settings: Settings, cases: Sequence[tuple[str, int]], items: int) -> dict[str, Any]:
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     out = []
     try:
         for family, seed in cases:

@@ -57,7 +57,7 @@ async def rate(redis: Redis, records: list[Record], batch: int, repeats: int) ->
 
 
 async def run(settings: Settings, items: int, repeats: int) -> dict[str, Any]:
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     rows = []
     try:
         for family, make in (

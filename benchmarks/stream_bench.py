@@ -107,7 +107,7 @@ def fresh_settings(base: Settings, name: str) -> Settings:
 
 
 async def create_topic(settings: Settings, name: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
     await admin.start()
     try:
         if name not in set(await admin.list_topics()):
@@ -118,7 +118,7 @@ async def create_topic(settings: Settings, name: str) -> None:
 
 async def cleanup(settings: Settings) -> None:
     """Drop the run's topics (its own and Faust's changelogs) and its Redis keys."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
     await admin.start()
     try:
         names = [n for n in await admin.list_topics() if n.startswith((settings.topic_prefix, settings.app_id))]
@@ -126,7 +126,7 @@ async def cleanup(settings: Settings) -> None:
             await admin.delete_topics(names)
     finally:
         await admin.close()
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **settings.redis())
     try:
         async for key in redis.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
             await redis.delete(key)
@@ -174,6 +174,7 @@ class Follower:
     async def start(self) -> None:
         consumer = self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
+            **self.settings.kafka(),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=10,
@@ -291,7 +292,7 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
 
 
 async def _count(settings: Settings, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
     await consumer.start()
     try:
         parts = [TopicPartition(topic, p) for p in range(settings.partitions)]
@@ -365,7 +366,7 @@ def latencies(
 async def offer(settings: Settings, anns: Sequence[s.AnnotationSubmitted], rate: float) -> dict[str, tuple[str, float]]:
     """Send annotations at `rate` per second, each stamped with submitted_at = the moment it is sent."""
     topic = Topics(settings.topic_prefix).name("annotations")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka(), linger_ms=5)
     await producer.start()
     stamps: dict[str, tuple[str, float]] = {}
     pending = []
