@@ -150,6 +150,37 @@ def test_the_observability_profile_scrapes_every_worker_and_its_dashboard_asks_f
     assert forward[:3] == ["goldstream", "alerts", "forward"] and "http://alertmanager:9093" in forward
 
 
+def test_the_secure_compose_file_grants_what_ops_secure_grants_and_names_only_real_settings() -> None:
+    """docker-compose.secure.yml cannot run here (no Docker): its Redis ACL must be the one
+    tests/test_security.py proves on ops/secure, and its client settings must be settings."""
+    import dataclasses
+    import re
+
+    from goldstream.streams.settings import Settings
+
+    secure = (REPO / "docker-compose.secure.yml").read_text()
+    compose = yaml.safe_load(secure)
+    ops = (REPO / "ops" / "secure").read_text()
+
+    def rules(text: str) -> str:
+        line = re.search(r"(resetkeys ~\S+ .*?)[\"\n]", text)
+        assert line, text[:200]
+        return re.sub(r"~\S+", "~PREFIX", line.group(1))
+
+    assert rules(secure) == rules(ops)
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    aliases = {"KAFKA_BOOTSTRAP": "kafka_bootstrap", "REDIS_URL": "redis_url"}
+    client = compose["x-secure-client"]
+    for name in client:
+        key = name.removeprefix("GOLDSTREAM_")
+        assert aliases.get(key, key.lower()) in fields, name
+    assert client["GOLDSTREAM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and client["GOLDSTREAM_REDIS_URL"].startswith(
+        "rediss://"
+    )
+    assert compose["services"]["worker"]["environment"]["GOLDSTREAM_KAFKA_BOOTSTRAP"] == "kafka:19093"
+    assert (REPO / "ops" / "secure-certs").exists()
+
+
 def test_the_wheel_installs_everything_under_one_goldstream_namespace(tmp_path: Path) -> None:
     """`schemas` and `scoring` are names of unrelated distributions on PyPI: installed as top-level
     packages, goldstream would shadow them (or be shadowed). The wheel holds only `goldstream/`,
