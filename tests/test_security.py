@@ -115,15 +115,66 @@ def test_a_worker_and_the_commands_score_and_keep_proficiency_on_the_secured_ser
         report = orjson.loads(cli("report", "--project", "p1").stdout)
         board = orjson.loads(cli("workers", "--project", "p1", "--json").stdout)
         cli("rebuild-proficiency", "--into", f"{settings.key_prefix}-rebuilt")
+        queue, published = _serve_and_bridge(env, outputs)
     finally:
         worker.stop()
         outputs.append(log.read_text())
     assert report["workers"] == 2 and report["figures"]["items"] == 8
     assert {r["worker_id"]: r["state"] for r in board} == {"w-good": "qualified", "w-bad": "suspended"}
     assert len(messages_of(settings, "scores", s.ScoreRecord)) == 8
+    escalated = {e.annotation.event_id for e in messages_of(settings, "escalations", s.Escalation)}  # type: ignore[attr-defined]
+    assert escalated and {e["annotation_event_id"] for e in queue["escalations"]} == escalated  # serve's Kafka tail
+    assert published["published"][0]["topic"] == "annotations"  # the bridge's producer
     everything = "\n".join(outputs)
     for password in secure["passwords"].split():
         assert password not in everything  # nothing goldstream printed or logged holds a password
+
+
+def _serve_and_bridge(env: dict[str, str], outputs: list[str]) -> tuple[dict, dict]:
+    """`goldstream serve` and `goldstream bridge` on the secured services: the review queue as
+    serve's topic tail read it, and the bridge's answer to a Label Studio delivery."""
+    import re
+    import time
+    import urllib.request
+
+    full = {**os.environ, **{k: v for k, v in env.items() if k.startswith("GOLDSTREAM_")}}
+    procs = {
+        "serve": [sys.executable, "-m", "goldstream.cli", "serve", "--port", "0"],
+        "bridge": [sys.executable, "-m", "goldstream.cli", "bridge", "--port", "0", "--no-auth"],
+    }
+    logs = {name: Path(tempfile.mkdtemp()) / f"{name}.log" for name in procs}
+    running = {name: subprocess.Popen(argv, cwd=REPO, env=full, stdout=open(logs[name], "wb"), stderr=subprocess.STDOUT)
+               for name, argv in procs.items()}  # fmt: skip
+    try:
+        urls = {}
+        deadline = time.monotonic() + 120
+        while len(urls) < 2:
+            for name in procs:
+                if m := re.search(r"on (http://[0-9.]+:\d+)", logs[name].read_text()):
+                    urls[name] = m.group(1)
+                assert running[name].poll() is None, logs[name].read_text()
+            assert time.monotonic() < deadline, "serve and bridge did not start within 120 s"
+            time.sleep(0.1)
+
+        def get(path: str) -> dict:
+            with urllib.request.urlopen(urls["serve"] + path, timeout=10) as r:
+                return orjson.loads(r.read())
+
+        wait_for(lambda: all(get("/api/status")["topics_caught_up"].values()), 60, "serve's topic tails")
+        queue = get("/api/projects/p1/escalations?pending=false")
+        body = orjson.dumps({"action": "ANNOTATION_CREATED", "annotation": {
+            "id": 1, "task": 5, "project": 3, "completed_by": 2, "result": [], "created_at": "2026-12-01T10:00:00Z",
+            "updated_at": "2026-12-01T10:00:00Z"}})  # fmt: skip
+        request = urllib.request.Request(f"{urls['bridge']}/label-studio/webhook", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as r:
+            published = orjson.loads(r.read())
+    finally:
+        for proc in running.values():
+            proc.terminate()
+            proc.wait(30)
+        outputs.extend(log.read_text() for log in logs.values())
+    return queue, published
 
 
 @pytest.mark.parametrize(
