@@ -94,7 +94,15 @@ def create_forwarder(settings: Settings) -> faust.App:
 
 def main() -> None:
     settings = Settings.load()
-    asyncio.run(ensure_topics(endpoints(settings), Topics(settings.topic_prefix), settings.partitions))
+    asyncio.run(
+        ensure_topics(
+            endpoints(settings),
+            Topics(settings.topic_prefix),
+            settings.partitions,
+            settings.replication_factor,
+            settings.min_insync_replicas,
+        )
+    )
     faust.Worker(create_forwarder(settings), loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
 

@@ -236,7 +236,9 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
     settings = fresh_settings(base, f"{kind}{processes}")
     topics = Topics(settings.topic_prefix)
     crit, gold, anns = split(sim)
-    await ensure_topics(endpoints(settings), topics, settings.partitions)
+    await ensure_topics(
+        endpoints(settings), topics, settings.partitions, settings.replication_factor, settings.min_insync_replicas
+    )
     argv = None
     if kind == "forward":
         out_topic = settings.topic_prefix + FORWARDED
@@ -394,7 +396,9 @@ async def latency(
     `split_steps`: the worker's two steps in two processes (`--steps score`, `--steps proficiency`)."""
     settings = fresh_settings(base, "latency-split" if split_steps else "latency")
     topics = Topics(settings.topic_prefix)
-    await ensure_topics(endpoints(settings), topics, settings.partitions)
+    await ensure_topics(
+        endpoints(settings), topics, settings.partitions, settings.replication_factor, settings.min_insync_replicas
+    )
     steps = ("score", "proficiency") if split_steps else ("score,proficiency",)
     workers = [
         WorkerProcess(replace(settings, steps=step), logs / f"{settings.app_id}-{step}.log").start() for step in steps

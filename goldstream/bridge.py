@@ -372,7 +372,7 @@ async def serve(
     """Run the bridge until SIGTERM / SIGINT: one producer (acks from all in-sync replicas)."""
     ep = endpoints(settings)
     topics = Topics(settings.topic_prefix)
-    await ensure_topics(ep, topics, settings.partitions)
+    await ensure_topics(ep, topics, settings.partitions, settings.replication_factor, settings.min_insync_replicas)
     producer = AIOKafkaProducer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.producer_options())
     await producer.start()
     criteria_of, close_redis = criteria_reader(settings)

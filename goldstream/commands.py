@@ -54,7 +54,15 @@ def run_worker(settings: Settings) -> None:
     worker (`streams.worker`) until it is stopped."""
     from goldstream.streams.worker import main
 
-    asyncio.run(ensure_topics(endpoints(settings), Topics(settings.topic_prefix), settings.partitions))
+    asyncio.run(
+        ensure_topics(
+            endpoints(settings),
+            Topics(settings.topic_prefix),
+            settings.partitions,
+            settings.replication_factor,
+            settings.min_insync_replicas,
+        )
+    )
     outcome = asyncio.run(ensure_state(settings))
     print(f"goldstream worker: Redis state {outcome}", file=sys.stderr, flush=True)
     main(settings)
@@ -391,7 +399,7 @@ async def publish(
     """Send (logical topic, key, value) to Kafka; `rate`: messages per second, else as fast as acked."""
     ep = endpoints(settings)
     topics = Topics(settings.topic_prefix)
-    await ensure_topics(ep, topics, settings.partitions)
+    await ensure_topics(ep, topics, settings.partitions, settings.replication_factor, settings.min_insync_replicas)
     producer = AIOKafkaProducer(
         bootstrap_servers=ep.bootstrap_servers, **ep.kafka, linger_ms=5, **ep.producer_options()
     )
@@ -445,24 +453,23 @@ async def set_criteria(settings: Settings, criteria: ProjectCriteria, wait_s: fl
 
 
 async def topic_partitions(ep: Endpoints, name: str) -> list[int]:
-    """Partition numbers of a topic (empty if it does not exist)."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka)
-    await admin.start()
+    """Partition numbers of a topic (empty if it does not exist), from the cluster's metadata as
+    any live broker has it: an admin request goes to one node, which may be the one that is down."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False, **ep.kafka)
+    await consumer.start()
     try:
-        (desc,) = await admin.describe_topics([name])
-        if desc.get("error_code", 0) != 0:
-            return []
-        return sorted(p["partition"] for p in desc["partitions"])
+        # the client's metadata request goes to a live node; aiokafka exposes its answer only here
+        cluster = await consumer._client.fetch_all_metadata()
+        return sorted(cluster.partitions_for_topic(name) or ())
     finally:
-        await admin.close()
+        await consumer.stop()
 
 
 async def committed_to_end(settings: Settings, group: str, logical: str) -> bool:
     """Has `group` committed every partition of a topic up to its end? (Kafka orders partitions,
     not topics: whoever needs gold consumed before annotations arrive must wait for this.)"""
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaConnectionError, NodeNotReadyError, RequestTimedOutError
 
     name = Topics(settings.topic_prefix).name(logical)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
@@ -473,7 +480,10 @@ async def committed_to_end(settings: Settings, group: str, logical: str) -> bool
         parts = [TopicPartition(name, p) for p in await topic_partitions(endpoints(settings), name)]
         end = await consumer.end_offsets(parts)
         # with the partitions named: Tansu (the embedded broker) answers only that form
-        committed = await admin.list_consumer_group_offsets(group, partitions=parts) if parts else {}
+        try:
+            committed = await admin.list_consumer_group_offsets(group, partitions=parts) if parts else {}
+        except (NodeNotReadyError, KafkaConnectionError, RequestTimedOutError):
+            return False  # the node asked is down (a broker lost): not known yet, ask again
         return all(end[tp] == 0 or (committed.get(tp) is not None and committed[tp].offset >= end[tp]) for tp in parts)
     finally:
         await consumer.stop()

@@ -189,7 +189,13 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
     sim = simulate(load_spec(spec), seed)
     criteria = {m.project_id: m for t, m in sim.events if t == "projects"}
     ep = endpoints(settings)
-    await ensure_topics(ep, Topics(settings.topic_prefix), settings.partitions)
+    await ensure_topics(
+        ep,
+        Topics(settings.topic_prefix),
+        settings.partitions,
+        settings.replication_factor,
+        settings.min_insync_replicas,
+    )
     log = Path(tempfile.gettempdir()) / f"goldstream-demo-worker-{os.getpid()}.log"
     redis = Redis.from_url(settings.redis_url, **settings.redis())
     store = ProficiencyStore(RedisState(redis, Keys(settings.key_prefix)))

@@ -39,6 +39,8 @@ def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
         "GOLDSTREAM_KEY_PREFIX": settings.key_prefix,
         "GOLDSTREAM_APP_ID": settings.app_id,
         "GOLDSTREAM_PARTITIONS": str(settings.partitions),
+        "GOLDSTREAM_REPLICATION_FACTOR": str(settings.replication_factor),
+        "GOLDSTREAM_MIN_INSYNC_REPLICAS": str(settings.min_insync_replicas),
         "GOLDSTREAM_LOG_LEVEL": log_level,
         "GOLDSTREAM_CONSENSUS_CHECK_S": str(settings.consensus_check_s),
         "GOLDSTREAM_STALL_TIMEOUT_S": str(settings.stall_timeout_s),

@@ -29,6 +29,8 @@ class Settings:
     key_prefix: str = "gs"
     app_id: str = "goldstream"
     partitions: int = 4
+    replication_factor: int = 1  # copies of each topic partition goldstream creates (3 on a cluster)
+    min_insync_replicas: int = 0  # acks=all writes need this many copies (0: the broker's default)
     unknown_projects: str = "default"  # or "deadletter"
     dedup_ttl_s: int = 7 * 86_400
     batch_max: int = 500

@@ -44,14 +44,19 @@ class Topics:
         return {logical: self.name(logical) for logical in LOGICAL}
 
 
-def topic_config(logical: str) -> dict[str, str]:
-    if logical in COMPACTED:
-        return {"cleanup.policy": "compact"}
-    return {}
+def topic_config(logical: str, min_insync_replicas: int = 0) -> dict[str, str]:
+    config = {"cleanup.policy": "compact"} if logical in COMPACTED else {}
+    if min_insync_replicas:
+        config["min.insync.replicas"] = str(min_insync_replicas)
+    return config
 
 
-async def ensure_topics(endpoints: Endpoints, topics: Topics, partitions: int = 4, replication: int = 1) -> list[str]:
-    """Create every goldstream topic that is missing; return the names created."""
+async def ensure_topics(
+    endpoints: Endpoints, topics: Topics, partitions: int = 4, replication: int = 1, min_insync_replicas: int = 0
+) -> list[str]:
+    """Create every goldstream topic that is missing; return the names created. On a replicated
+    cluster: `replication` copies of each partition, and writes (acks=all) refused unless
+    `min_insync_replicas` of them have it, so an acknowledged event survives a broker's loss."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=endpoints.bootstrap_servers, client_id="goldstream-admin", **endpoints.kafka
     )
@@ -60,7 +65,10 @@ async def ensure_topics(endpoints: Endpoints, topics: Topics, partitions: int = 
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(
-                name, num_partitions=partitions, replication_factor=replication, topic_configs=topic_config(logical)
+                name,
+                num_partitions=partitions,
+                replication_factor=replication,
+                topic_configs=topic_config(logical, min_insync_replicas),
             )
             for logical, name in topics.all().items()
             if name not in existing
