@@ -17,10 +17,10 @@ import tempfile
 
 import faust
 from goldstream.streams.settings import Settings
-from goldstream.streams.topics import Topics, ensure_topics
+from goldstream.streams.topics import Topics
 from goldstream.streams.worker import ITEM_TOPICS
 
-from goldstream.commands import endpoints
+from goldstream.commands import create_topics
 
 FORWARDED = "forwarded"  # the output topic, under the same prefix (created by the benchmark)
 
@@ -94,15 +94,7 @@ def create_forwarder(settings: Settings) -> faust.App:
 
 def main() -> None:
     settings = Settings.load()
-    asyncio.run(
-        ensure_topics(
-            endpoints(settings),
-            Topics(settings.topic_prefix),
-            settings.partitions,
-            settings.replication_factor,
-            settings.min_insync_replicas,
-        )
-    )
+    asyncio.run(create_topics(settings))
     faust.Worker(create_forwarder(settings), loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
 

@@ -37,14 +37,10 @@ from goldstream.streams.state import Keys
 from redis.asyncio import Redis
 
 from benchmarks.qc_bench import independent_case
+from benchmarks.replay_bench import _clear
 from goldstream.simulator import key_of
 
 RESULTS = Path(__file__).parent / "results"
-
-
-async def _clear(redis: Redis, prefix: str) -> None:
-    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
-        await redis.delete(key)
 
 
 async def run(settings: Settings, items: int, requests: int) -> dict[str, Any]:

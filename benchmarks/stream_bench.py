@@ -40,12 +40,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 from goldstream.streams.settings import Settings
-from goldstream.streams.topics import Topics, ensure_topics
+from goldstream.streams.topics import Topics
 from redis.asyncio import Redis
 
 from benchmarks.forward_app import FORWARDED
 from goldstream import schemas as s
-from goldstream.commands import committed_to_end, endpoints, group_members, publish, set_criteria
+from goldstream.commands import committed_to_end, create_topics, group_members, publish, set_criteria
 from goldstream.proc import WorkerProcess
 from goldstream.simulator import ProjectSpec, ReviewSpec, Simulation, WorkerSpec, WorkforceSpec, simulate
 
@@ -236,9 +236,7 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
     settings = fresh_settings(base, f"{kind}{processes}")
     topics = Topics(settings.topic_prefix)
     crit, gold, anns = split(sim)
-    await ensure_topics(
-        endpoints(settings), topics, settings.partitions, settings.replication_factor, settings.min_insync_replicas
-    )
+    await create_topics(settings)
     argv = None
     if kind == "forward":
         out_topic = settings.topic_prefix + FORWARDED
@@ -396,9 +394,7 @@ async def latency(
     `split_steps`: the worker's two steps in two processes (`--steps score`, `--steps proficiency`)."""
     settings = fresh_settings(base, "latency-split" if split_steps else "latency")
     topics = Topics(settings.topic_prefix)
-    await ensure_topics(
-        endpoints(settings), topics, settings.partitions, settings.replication_factor, settings.min_insync_replicas
-    )
+    await create_topics(settings)
     steps = ("score", "proficiency") if split_steps else ("score,proficiency",)
     workers = [
         WorkerProcess(replace(settings, steps=step), logs / f"{settings.app_id}-{step}.log").start() for step in steps

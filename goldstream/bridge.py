@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from goldstream import schemas as s
-from goldstream.commands import endpoints
+from goldstream.commands import create_topics, endpoints
 from goldstream.cvat import CvatProjects, Labels, Unsupported, frame_contents, job_annotations, submitted
 from goldstream.label_studio import (
     BadDelivery,
@@ -48,7 +48,7 @@ from goldstream.label_studio import (
     label_studio_messages,
 )
 from goldstream.streams.settings import Settings
-from goldstream.streams.topics import Topics, ensure_topics
+from goldstream.streams.topics import Topics
 
 TOKEN_HEADER = "X-Goldstream-Token"
 SIGNATURE_HEADER = "X-Signature-256"
@@ -372,7 +372,7 @@ async def serve(
     """Run the bridge until SIGTERM / SIGINT: one producer (acks from all in-sync replicas)."""
     ep = endpoints(settings)
     topics = Topics(settings.topic_prefix)
-    await ensure_topics(ep, topics, settings.partitions, settings.replication_factor, settings.min_insync_replicas)
+    await create_topics(settings)
     producer = AIOKafkaProducer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka, **ep.producer_options())
     await producer.start()
     criteria_of, close_redis = criteria_reader(settings)

@@ -139,11 +139,10 @@ def _gold_load(args: argparse.Namespace) -> int:
 
 
 def _bridge(args: argparse.Namespace) -> int:
-    import os
 
     from goldstream.bridge import serve
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("GOLDSTREAM_BRIDGE_TOKEN")
+    token = _secret(args.token_file, "GOLDSTREAM_BRIDGE_TOKEN")
     if not token and not args.no_auth:
         raise SystemExit("give the webhook token (GOLDSTREAM_BRIDGE_TOKEN or --token-file), or --no-auth")
     asyncio.run(serve(_settings(args), args.host, args.port, _projects(args), token or None, _cvat(args)))  # type: ignore[arg-type]
@@ -181,12 +180,11 @@ def _pair(text: str, option: str) -> tuple[str, str]:
 
 
 def _sync_label_studio(args: argparse.Namespace) -> int:
-    import os
 
     from goldstream.bridge import pull_label_studio
     from goldstream.commands import publish
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("LABEL_STUDIO_TOKEN")
+    token = _secret(args.token_file, "LABEL_STUDIO_TOKEN")
     if not token:
         raise SystemExit("give Label Studio's API token (LABEL_STUDIO_TOKEN or --token-file)")
     messages, counts = asyncio.run(pull_label_studio(args.url, token, args.project, _projects(args)))
@@ -196,11 +194,10 @@ def _sync_label_studio(args: argparse.Namespace) -> int:
 
 
 def _review_label_studio(args: argparse.Namespace) -> int:
-    import os
 
     from goldstream import review_tasks
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("LABEL_STUDIO_TOKEN")
+    token = _secret(args.token_file, "LABEL_STUDIO_TOKEN")
     if not token:
         raise SystemExit("give Label Studio's API token (LABEL_STUDIO_TOKEN or --token-file)")
     try:

@@ -39,6 +39,17 @@ from goldstream.streams.topics import LOGICAL, Topics, ensure_topics
 MODEL_OF = {m.topic: m for m in MESSAGES}
 
 
+async def create_topics(settings: Settings) -> list[str]:
+    """The deployment's missing topics, as its settings have them (partitions, replication)."""
+    return await ensure_topics(
+        endpoints(settings),
+        Topics(settings.topic_prefix),
+        settings.partitions,
+        settings.replication_factor,
+        settings.min_insync_replicas,
+    )
+
+
 def endpoints(settings: Settings) -> Endpoints:
     """Where the services are, with the security options of every client (streams.security)."""
     return Endpoints(
@@ -54,15 +65,7 @@ def run_worker(settings: Settings) -> None:
     worker (`streams.worker`) until it is stopped."""
     from goldstream.streams.worker import main
 
-    asyncio.run(
-        ensure_topics(
-            endpoints(settings),
-            Topics(settings.topic_prefix),
-            settings.partitions,
-            settings.replication_factor,
-            settings.min_insync_replicas,
-        )
-    )
+    asyncio.run(create_topics(settings))
     outcome = asyncio.run(ensure_state(settings))
     print(f"goldstream worker: Redis state {outcome}", file=sys.stderr, flush=True)
     main(settings)
@@ -399,7 +402,7 @@ async def publish(
     """Send (logical topic, key, value) to Kafka; `rate`: messages per second, else as fast as acked."""
     ep = endpoints(settings)
     topics = Topics(settings.topic_prefix)
-    await ensure_topics(ep, topics, settings.partitions, settings.replication_factor, settings.min_insync_replicas)
+    await create_topics(settings)
     producer = AIOKafkaProducer(
         bootstrap_servers=ep.bootstrap_servers, **ep.kafka, linger_ms=5, **ep.producer_options()
     )

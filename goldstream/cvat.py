@@ -156,15 +156,21 @@ def gold_from_xml(raw: bytes, project_id: str, criteria: s.ProjectCriteria | Non
             content = content_of(image, criteria)
         except (ValueError, s.SchemaError) as exc:
             raise Unsupported(f"image {name!r}: {exc}") from None
-        item = item_id(name)
-        yield s.GoldAnswer(
-            event_id=s.derive_id("cvat-gold", project_id, item, content.model_dump_json()),
-            project_id=project_id,
-            item_id=item,
-            content=content,
-            created_at=created,
-            source="import",
-        )
+        yield imported_gold("cvat-gold", project_id, name, content, created)
+
+
+def imported_gold(kind: str, project_id: str, image_name: str, content: s.Content, at: datetime) -> s.GoldAnswer:
+    """The gold of one image of an export: its id from the image and the content, so loading
+    the same export again publishes the same ids (the item is the image's, as the webhook's)."""
+    item = item_id(image_name)
+    return s.GoldAnswer(
+        event_id=s.derive_id(kind, project_id, item, content.model_dump_json()),
+        project_id=project_id,
+        item_id=item,
+        content=content,
+        created_at=at,
+        source="import",
+    )
 
 
 # ----------------------------------------------------------------------------- the REST API (the bridge)
@@ -337,6 +343,7 @@ __all__ = [
     "content_of",
     "frame_contents",
     "gold_from_xml",
+    "imported_gold",
     "is_cvat_xml",
     "item_id",
     "job_annotations",

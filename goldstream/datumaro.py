@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from goldstream import schemas as s
-from goldstream.cvat import Unsupported, box, item_id, skeleton
+from goldstream.cvat import Unsupported, box, imported_gold, skeleton
 
 GEOMETRY_ATTRIBUTES = frozenset({"rotation", "occluded", "track_id", "keyframe", "z_order", "outside"})
 """Attributes CVAT's exporter adds for its own geometry and tracking: not the object's
@@ -115,15 +115,7 @@ def gold_from_datumaro(
             content = content_of(item, names, order, criteria)
         except (Unsupported, s.SchemaError, KeyError, TypeError, ValueError) as exc:
             raise Unsupported(f"item {name!r}: {exc}") from None
-        key = item_id(name)
-        yield s.GoldAnswer(
-            event_id=s.derive_id("datumaro-gold", project_id, key, content.model_dump_json()),
-            project_id=project_id,
-            item_id=key,
-            content=content,
-            created_at=created,
-            source="import",
-        )
+        yield imported_gold("datumaro-gold", project_id, name, content, created)
 
 
 __all__ = ["content_of", "gold_from_datumaro", "is_datumaro"]

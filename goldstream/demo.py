@@ -35,13 +35,13 @@ from rich.table import Table
 from scipy.stats import spearmanr
 
 from goldstream import schemas as s
-from goldstream.commands import committed_to_end, endpoints, publish, set_criteria, topic_partitions
+from goldstream.commands import committed_to_end, create_topics, endpoints, publish, set_criteria, topic_partitions
 from goldstream.proc import WorkerProcess
 from goldstream.services import STOPS, EmbeddedServices, stop_process
 from goldstream.simulator import Simulation, envelopes, load_spec, simulate
 from goldstream.streams.settings import Settings
 from goldstream.streams.state import Keys, ProficiencyStore, RedisState
-from goldstream.streams.topics import Topics, ensure_topics
+from goldstream.streams.topics import Topics
 
 
 @dataclass
@@ -188,14 +188,7 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
     """Run the demo against `settings`' services; returns the final figures."""
     sim = simulate(load_spec(spec), seed)
     criteria = {m.project_id: m for t, m in sim.events if t == "projects"}
-    ep = endpoints(settings)
-    await ensure_topics(
-        ep,
-        Topics(settings.topic_prefix),
-        settings.partitions,
-        settings.replication_factor,
-        settings.min_insync_replicas,
-    )
+    await create_topics(settings)
     log = Path(tempfile.gettempdir()) / f"goldstream-demo-worker-{os.getpid()}.log"
     redis = Redis.from_url(settings.redis_url, **settings.redis())
     store = ProficiencyStore(RedisState(redis, Keys(settings.key_prefix)))

@@ -265,7 +265,7 @@ def label_studio_messages(
     result = a.get("result")
     if not isinstance(result, list):
         raise BadDelivery("schema", "annotation.result is not a list")
-    data = _task_data(payload, a)
+    data = _task_data(payload)
     review = REVIEW_FIELD in data
     try:
         content = content_of([r for r in result if not _is_review_control(r)] if review else result, criteria)
@@ -329,7 +329,7 @@ def _is_review_control(r: Mapping[str, Any]) -> bool:
     return str(r.get("from_name", "")).startswith("goldstream_")
 
 
-def _task_data(payload: Mapping[str, Any], a: Mapping[str, Any]) -> Mapping[str, Any]:
+def _task_data(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     task = payload.get("task")
     data = task.get("data") if isinstance(task, dict) else None
     return data if isinstance(data, dict) else {}

@@ -14,18 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from goldstream.services import die_with_parent
+from goldstream.streams.security import SETTINGS
 from goldstream.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-SECURITY_FIELDS = tuple(
-    f"{service}_{name}"
-    for service, names in (
-        ("kafka", ("security_protocol", "sasl_mechanism", "username", "password", "password_file",
-                   "ssl_cafile", "ssl_certfile", "ssl_keyfile")),
-        ("redis", ("username", "password", "password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")),
-    )
-    for name in names
-)  # fmt: skip
+SECURITY_FIELDS = SETTINGS  # streams.security's: a child worker connects as its parent does
 
 
 def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
