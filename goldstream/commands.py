@@ -34,7 +34,7 @@ from goldstream.streams.state import (
     connect,
     dead_letter_increment,
 )
-from goldstream.streams.topics import LOGICAL, Topics, ensure_topics
+from goldstream.streams.topics import LOGICAL, Topics, ensure_topics, live_metadata
 
 MODEL_OF = {m.topic: m for m in MESSAGES}
 
@@ -457,15 +457,15 @@ async def set_criteria(settings: Settings, criteria: ProjectCriteria, wait_s: fl
 
 async def topic_partitions(ep: Endpoints, name: str) -> list[int]:
     """Partition numbers of a topic (empty if it does not exist), from the cluster's metadata as
-    any live broker has it: an admin request goes to one node, which may be the one that is down."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, enable_auto_commit=False, **ep.kafka)
-    await consumer.start()
+    any live broker has it (`streams.topics.live_metadata`)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka)
+    await admin.start()
     try:
-        # the client's metadata request goes to a live node; aiokafka exposes its answer only here
-        cluster = await consumer._client.fetch_all_metadata()
-        return sorted(cluster.partitions_for_topic(name) or ())
+        return sorted((await live_metadata(admin)).partitions_for_topic(name) or ())
     finally:
-        await consumer.stop()
+        await admin.close()
 
 
 async def committed_to_end(settings: Settings, group: str, logical: str) -> bool:

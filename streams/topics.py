@@ -7,10 +7,12 @@ item (co-partitioning, DESIGN §3).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, NodeNotReadyError, NotControllerError, TopicAlreadyExistsError
 from goldstream.schemas.messages import MESSAGES
 from goldstream.streams.settings import Endpoints
 
@@ -51,6 +53,29 @@ def topic_config(logical: str, min_insync_replicas: int = 0) -> dict[str, str]:
     return config
 
 
+CONTROLLER_ATTEMPTS = 10
+
+
+async def live_metadata(admin: AIOKafkaAdminClient) -> Any:
+    """The cluster's metadata from whichever broker answers. aiokafka's admin requests go to a
+    random known node, which after a broker's loss may be the dead one until the controller
+    fences it; the client's own metadata fetch tries the brokers in turn."""
+    return await admin._client.fetch_all_metadata()
+
+
+async def to_controller(admin: AIOKafkaAdminClient, call: Callable[[], Awaitable[Any]]) -> Any:
+    """A create / delete request, asked again of the controller the refreshed metadata names
+    while the one asked is unreachable (a broker lost: KRaft names a live broker each time)."""
+    for attempt in range(CONTROLLER_ATTEMPTS):
+        try:
+            return await call()
+        except (NodeNotReadyError, KafkaConnectionError, NotControllerError):
+            if attempt == CONTROLLER_ATTEMPTS - 1:
+                raise
+            await admin._client.force_metadata_update()
+    return None
+
+
 async def ensure_topics(
     endpoints: Endpoints, topics: Topics, partitions: int = 4, replication: int = 1, min_insync_replicas: int = 0
 ) -> list[str]:
@@ -62,7 +87,7 @@ async def ensure_topics(
     )
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
+        existing = set((await live_metadata(admin)).topics(exclude_internal_topics=False))
         wanted = [
             NewTopic(
                 name,
@@ -75,7 +100,7 @@ async def ensure_topics(
         ]
         if wanted:
             try:
-                await admin.create_topics(wanted)
+                await to_controller(admin, lambda: admin.create_topics(wanted))
             except TopicAlreadyExistsError:
                 pass  # another worker created them first
         return [t.name for t in wanted]
@@ -90,9 +115,9 @@ async def delete_topics(endpoints: Endpoints, topics: Topics) -> None:
     )
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
+        existing = set((await live_metadata(admin)).topics(exclude_internal_topics=False))
         names = [n for n in topics.all().values() if n in existing]
         if names:
-            await admin.delete_topics(names)
+            await to_controller(admin, lambda: admin.delete_topics(names))
     finally:
         await admin.close()
