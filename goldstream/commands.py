@@ -26,7 +26,9 @@ from goldstream.streams.settings import Settings
 from goldstream.streams.state import (
     AlertFlags,
     CriteriaStore,
+    Increment,
     Keys,
+    Position,
     ProficiencyStore,
     RedisGuard,
     RedisState,
@@ -147,17 +149,22 @@ async def restore_state(settings: Settings) -> dict[str, int]:
 
 async def has_committed(settings: Settings) -> bool:
     """Has the score step's group committed any offset of its inputs?"""
-    from aiokafka.admin import AIOKafkaAdminClient
-
     from goldstream.streams.worker import SCORE_INPUTS
+
+    return any(o > 0 for o in (await committed_offsets(settings, SCORE_INPUTS)).values())
+
+
+async def committed_offsets(settings: Settings, logicals: Iterable[str]) -> dict[TopicPartition, int]:
+    """The score step's group's committed offsets on these topics (0 where it has none)."""
+    from aiokafka.admin import AIOKafkaAdminClient
 
     ep = endpoints(settings)
     parts = []
-    for logical in SCORE_INPUTS:
+    for logical in logicals:
         name = Topics(settings.topic_prefix).name(logical)
         parts += [TopicPartition(name, p) for p in await topic_partitions(ep, name)]
     if not parts:
-        return False
+        return {}
     from aiokafka.errors import KafkaError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=ep.bootstrap_servers, **ep.kafka)
@@ -175,7 +182,8 @@ async def has_committed(settings: Settings) -> bool:
                 delay = min(delay * 2, 2.0)
     finally:
         await admin.close()
-    return any(o is not None and o.offset > 0 for o in committed.values())
+    found = {tp: o.offset for tp, o in committed.items() if o is not None and o.offset > 0}
+    return {tp: found.get(tp, 0) for tp in parts}
 
 
 def _new_epoch() -> str:
@@ -210,26 +218,32 @@ async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int =
             except SchemaError:
                 continue
         counts["items"] = await rebuild_items(settings, state, keep_alive)
-        async for records in iter_topic(settings, "scores", batch):
-            pending = []
-            for _, value in records:
+        async for records in iter_topic(settings, "scores", batch, raw=True):
+            pending, lanes = [], []
+            for r in records:
                 try:
-                    rec = decode(ScoreRecord, value or b"")
+                    rec = decode(ScoreRecord, r.value or b"")
                 except SchemaError:
                     continue
                 c = await criteria.get(rec.project_id, 0.0) or ProjectCriteria(project_id=rec.project_id)
                 pending.append((rec, c))
-            counts["scores"] += sum(await proficiency.apply(pending))
+                lanes.append(r.partition)  # as the worker applied it
+            counts["scores"] += sum(await proficiency.apply(pending, lanes))
             if keep_alive is not None:
                 await keep_alive()
+        # dead letters are counted by their source position, as the worker counted them: in the
+        # order of those positions (the deadletter topic's partitions interleave them)
+        letters: dict[str, Increment] = {}
         async for records in iter_topic(settings, "deadletter", batch):
-            incs = []
             for _, value in records:
                 try:
-                    incs.append(dead_letter_increment(decode(DeadLetter, value or b"")))
+                    letter = decode(DeadLetter, value or b"")
                 except SchemaError:
                     continue
-            counts["dead letters"] += sum(await state.apply(incs))
+                letters[letter.event_id] = dead_letter_increment(letter)
+        ordered = sorted(letters.values(), key=lambda inc: (inc.at is not None, inc.at or Position("", 0)))
+        for start in range(0, len(ordered), batch):
+            counts["dead letters"] += sum(await state.apply(ordered[start : start + batch]))
         states: dict[tuple[str, str], str] = {}
         async for records in iter_topic(settings, "alerts", batch):
             for _, value in records:
@@ -250,21 +264,26 @@ async def rebuild_state(settings: Settings, keep_alive: Any = None, batch: int =
 
 async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any = None) -> int:
     """Item states (gold, annotations, rounds) and the waiting index, by running the engine over
-    the input topics again, outputs discarded (they are on the output topics already, with the
-    same ids). Records are taken in the order they were appended (their timestamps), which is
-    the order the worker saw them in up to the interleaving of partitions; an item's records
-    share one partition, so each item's history is replayed in its own order."""
+    the input topics again up to the score step's committed offsets, outputs discarded (they are
+    on the output topics already, with the same ids). Not further: a state that records an input
+    says its outputs were sent, so the worker, which resumes at the committed offsets, would make
+    nothing for the inputs past them. Records are taken in the order they were appended (their
+    timestamps), which is the order the worker saw them in up to the interleaving of partitions;
+    an item's records share one partition, so each item's history is replayed in its own order."""
     from goldstream.streams.engine import Engine, ItemState, Record
     from goldstream.streams.engine import Settings as EngineSettings
     from goldstream.streams.state import ItemStore
     from goldstream.streams.worker import ITEM_TOPICS
 
     records: list[tuple[int, int, Record]] = []
+    done = await committed_offsets(settings, ITEM_TOPICS)
     for logical in ITEM_TOPICS:
         name = Topics(settings.topic_prefix).name(logical)
         async for batch in iter_topic(settings, logical, 500, raw=True):
             for r in batch:
-                records.append((r.timestamp, r.offset, Record(logical, r.value, r.key, r.partition, r.offset, name)))
+                if r.offset < done.get(TopicPartition(name, r.partition), 0):
+                    rec = Record(logical, r.value, r.key, r.partition, r.offset, name)
+                    records.append((r.timestamp, r.offset, rec))
     records.sort(key=lambda x: (x[0], x[2].partition, x[1]))
     items: dict[str, ItemState] = {}
     engine = Engine(
@@ -539,19 +558,19 @@ async def rebuild_proficiency(
         criteria = CriteriaStore(redis, Keys(settings.key_prefix))  # bucket sizes come from the criteria
         store = ProficiencyStore(RedisState(redis, keys, settings.dedup_ttl_s))
         applied = skipped = 0
-        pending: list[tuple[ScoreRecord, ProjectCriteria]] = []
-        for _, value in await read_topic(settings, "scores"):
-            try:
-                rec = decode(ScoreRecord, value or b"")
-            except SchemaError:
-                skipped += 1
-                continue
-            c = await criteria.get(rec.project_id, time.monotonic()) or ProjectCriteria(project_id=rec.project_id)
-            pending.append((rec, c))
-            if len(pending) >= batch:
-                applied += sum(await store.apply(pending))
-                pending.clear()
-        applied += sum(await store.apply(pending))
+        async for records in iter_topic(settings, "scores", batch, raw=True):  # to its end, however long
+            pending: list[tuple[ScoreRecord, ProjectCriteria]] = []
+            lanes: list[int] = []
+            for r in records:
+                try:
+                    rec = decode(ScoreRecord, r.value or b"")
+                except SchemaError:
+                    skipped += 1
+                    continue
+                c = await criteria.get(rec.project_id, time.monotonic()) or ProjectCriteria(project_id=rec.project_id)
+                pending.append((rec, c))
+                lanes.append(r.partition)
+            applied += sum(await store.apply(pending, lanes))
         return applied, skipped
     finally:
         await redis.aclose()

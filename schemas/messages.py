@@ -272,6 +272,13 @@ class ScoreRecord(Message):
         "worker's level and its pace",
     )
     escalated: bool = Field(False, description="this score sent the annotation to review (risk above the budget's)")
+    source_topic: Annotated[str, Field(min_length=1, max_length=249)] | None = Field(
+        None,
+        description="the input that made this score (an annotation, a review, a round's timeout): its topic, "
+        "partition and offset. Proficiency applies each score once by it (streams.state.Position)",
+    )
+    source_partition: Annotated[int, Field(ge=0)] | None = None
+    source_offset: Annotated[int, Field(ge=0)] | None = None
 
     @staticmethod
     def make_id(annotation_event_id: str, kind: ScoreKind, reference_id: str) -> str:

@@ -145,10 +145,10 @@ class Ingress:
         return self.dead(rec, "unknown_project", f"project {project_id!r} has no criteria")
 
     async def count_dead(self, emits: Sequence[Emit]) -> None:
-        """Count dead letters by reason in Redis, once each (their ids derive from the source offset)."""
-        incs = [
-            dead_letter_increment(e.value) for e in emits if e.topic == "deadletter" and isinstance(e.value, DeadLetter)
-        ]
+        """Count dead letters by reason in Redis, once each (by their source position; their ids
+        derive from it, so two letters with one id are one)."""
+        letters = {e.value.event_id: e.value for e in emits if isinstance(e.value, DeadLetter)}
+        incs = [dead_letter_increment(letter) for letter in letters.values()]
         if incs:
             await self.state.apply(incs)
 

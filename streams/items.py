@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from itertools import combinations
 
@@ -71,13 +71,16 @@ log = logging.getLogger(__name__)
 class ItemState(Model):
     """What the engine remembers of one item (its row in the item store, keyed by item_id).
 
-    Enough to re-derive every output of a re-delivered input: the annotations (for reviews and
-    consensus), which were scored against the current gold, and which form consensus rounds."""
+    What later inputs need: the annotations (for reviews and consensus), the gold, which wait for
+    a round and which form rounds. An input already recorded here was fully handled (its outputs
+    acknowledged before the state was stored), so its redelivery makes nothing again."""
 
     gold: GoldAnswer | None = None
     annotations: list[AnnotationSubmitted] = Field(default_factory=list)
     waiting: list[Id] = Field(default_factory=list, description="annotations without gold, not yet in a round")
-    gold_scored: list[Id] = Field(default_factory=list, description="annotations scored against the current gold")
+    gold_scored: list[Id] = Field(
+        default_factory=list, description="no longer written: a redelivered gold makes nothing again (items._on_gold)"
+    )
     rounds: dict[Id, list[Id]] = Field(default_factory=dict, description="consensus round -> annotation ids")
     parked_reviews: list[ReviewResult] = Field(
         default_factory=list, description="reviews that arrived before their annotation (topics are not ordered)"
@@ -109,6 +112,7 @@ class _Job:
     answers: list[AnnotationSubmitted] = field(default_factory=list)  # whose workers it judges
     results: list[ItemScore] | None = None
     failed: str | None = None
+    origin: Record | None = None  # the input whose position its scores carry, when not `rec`
 
     @property
     def a(self) -> AnnotationSubmitted:
@@ -172,6 +176,7 @@ class ItemProcessor:
     _waiting: dict[str, tuple[datetime, str, int]] = field(default_factory=dict, repr=False)
     _indexed: set[str] = field(default_factory=set, repr=False)
     _rescan: bool = field(default=True, repr=False)
+    _ticks: int = field(default=0, repr=False)  # a replay's timer requests so far: their positions
 
     # ------------------------------------------------------------------ batch
 
@@ -273,11 +278,11 @@ class ItemProcessor:
         if problems:
             return [self.ingress.dead(rec, *problems)]
         st = self._item(g.item_id)
-        same_gold = st.gold is not None and st.gold.event_id == g.event_id
-        # annotations waiting for a consensus round are scored against the new gold; on a
-        # re-delivery of the same gold, what it scored before is scored (and emitted) again
-        targets = [*st.waiting, *(st.gold_scored if same_gold else [])]
-        st = st.model_copy(update={"gold": g, "waiting": [], "gold_scored": targets})
+        if st.gold is not None and st.gold.event_id == g.event_id:
+            return []  # redelivered after its state was stored, so after its outputs were acknowledged
+        # annotations waiting for a consensus round are scored against the new gold
+        targets = st.waiting
+        st = st.model_copy(update={"gold": g, "waiting": []})
         self._save(g.item_id, st)
         return [
             _Gold(rec, c, [(a, g)], answers=[a], gold=g)
@@ -294,25 +299,27 @@ class ItemProcessor:
                 out.append(_Invalid(rec, c, answers=[a], detail=problems[1]))
             return out
         seen = self._item(a.item_id)
+        if seen.annotation(a.event_id) is not None:
+            # redelivered after its item's state was stored, so after its outputs were acknowledged
+            # (the worker stores states only then): nothing to make again. Redelivered before,
+            # it makes them again from the same state, with the same ids and positions
+            return []
         st = seen.with_annotation(a)
-        if _in_round(st, a.event_id):  # a redelivered round member: its round again, even if gold came since
-            return self._consensus(rec, a, st, c) + self._parked_reviews(a, seen, c)
         if st.gold is not None and st.gold.project_id == a.project_id:
-            if a.event_id not in st.gold_scored:
-                st = st.model_copy(update={"gold_scored": [*st.gold_scored, a.event_id][-MAX_ANNOTATIONS_PER_ITEM:]})
             self._save(a.item_id, st)
-            return [_Gold(rec, c, [(a, st.gold)], answers=[a], gold=st.gold), *self._parked_reviews(a, seen, c)]
+            return [_Gold(rec, c, [(a, st.gold)], answers=[a], gold=st.gold), *self._parked_reviews(rec, a, seen, c)]
         if a.event_id not in st.waiting:
             st = st.model_copy(update={"waiting": [*st.waiting, a.event_id]})
         self._save(a.item_id, st)
         # an item without gold: audit a random sample at a rate that falls as the worker proves
         # itself (the rest waits for its round, where its risk decides)
         out = [_Audit(rec, c, answers=[a])]
-        return out + self._consensus(rec, a, st, c) + self._parked_reviews(a, seen, c)
+        return out + self._consensus(rec, a, st, c) + self._parked_reviews(rec, a, seen, c)
 
-    def _parked_reviews(self, a: AnnotationSubmitted, seen: ItemState, c: ProjectCriteria) -> list[Slot]:
-        """Reviews that waited for this annotation. `seen`: the item state as this event found it
-        (only reviews park reviews, so when it holds none for `a` there is nothing to re-read)."""
+    def _parked_reviews(self, rec: Record, a: AnnotationSubmitted, seen: ItemState, c: ProjectCriteria) -> list[Slot]:
+        """Reviews that waited for this annotation (`rec`, whose position their scores carry: it
+        is what made them). `seen`: the item state as this event found it (only reviews park
+        reviews, so when it holds none for `a` there is nothing to re-read)."""
         if not any(r.annotation_event_id == a.event_id for r in seen.parked_reviews):
             return []
         st = self._item(a.item_id)
@@ -322,7 +329,8 @@ class ItemProcessor:
         self._save(a.item_id, st.model_copy(update={"parked_reviews": [r for r in st.parked_reviews if r not in mine]}))
         out: list[Slot] = []
         for r in mine:
-            out += self._review(Record("reviews", r.to_bytes(), r.item_id.encode()), r, a, c)
+            review = Record("reviews", r.to_bytes(), r.item_id.encode())
+            out += [replace(j, origin=rec) if isinstance(j, _Job) else j for j in self._review(review, r, a, c)]
         return out
 
     def _on_review(self, rec: Record, r: ReviewResult, c: ProjectCriteria) -> list[Slot]:
@@ -435,8 +443,14 @@ class ItemProcessor:
         for r in self._due(now, self.waiting_items(), criteria):
             c = criteria.get(r.project_id)
             if c is not None:
-                slots += self.close_round(r.item_id, c, Record("control", r.to_bytes(), r.item_id.encode()))
+                slots += self.close_round(r.item_id, c, self.timer_record(r))
         return slots
+
+    def timer_record(self, request: RoundTimeout) -> Record:
+        """A replay's timer request as an input, at the next position of the replay's timer stream
+        (the live timer's requests have theirs on `control`)."""
+        self._ticks += 1
+        return Record("control", request.to_bytes(), request.item_id.encode(), 0, self._ticks - 1, "replay|timer")
 
     def _due(
         self,
@@ -535,7 +549,7 @@ class ItemProcessor:
             elif slot.failed is not None:
                 out.append(self.ingress.dead(slot.rec, *_failure(slot.failed)))
             else:
-                out += _outputs(slot, views.get(slot.criteria.project_id), totals)
+                out += _from(slot.origin or slot.rec, _outputs(slot, views.get(slot.criteria.project_id), totals))
         return out
 
 
@@ -577,6 +591,18 @@ def _score_alone(job: _Job) -> None:
 def _failure(failed: str) -> tuple[str, str]:
     reason, _, error = failed.partition("\t")
     return reason, error
+
+
+def _from(rec: Record, emits: list[Emit]) -> list[Emit]:
+    """Scores carry the position of the input that made them: proficiency applies each once by
+    it (`streams.state.Position`), so a redelivered input's scores, sent again, count once."""
+    if rec.offset < 0 or rec.partition < 0:
+        return emits
+    source = {"source_topic": rec.source or rec.topic, "source_partition": rec.partition, "source_offset": rec.offset}
+    return [
+        Emit(e.topic, e.key, e.value.model_copy(update=source)) if isinstance(e.value, ScoreRecord) else e
+        for e in emits
+    ]
 
 
 def _outputs(job: _Job, view: ProjectView | None, totals: dict) -> list[Emit]:
@@ -748,10 +774,6 @@ def escalation(
         detail=detail,
     )
     return Emit("escalations", a.item_id, esc)
-
-
-def _in_round(st: ItemState, event_id: str) -> bool:
-    return any(event_id in members for members in st.rounds.values())
 
 
 def content_problems(content: Content, criteria: ProjectCriteria) -> tuple[str, str] | None:

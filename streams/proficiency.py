@@ -52,6 +52,7 @@ class ProficiencyProcessor:
         `dead`: the batch's dead letters so far, counted with those of unknown projects."""
         out: list[Emit] = []
         scored: list[tuple[ScoreRecord, ProjectCriteria]] = []
+        lanes: list[int] = []  # the scores partition each came through (streams.state.Position)
         criteria = await self.ingress.projects(s.project_id for _, s in decoded)
         for rec, s in decoded:
             c = criteria[s.project_id]
@@ -60,12 +61,13 @@ class ProficiencyProcessor:
                 out.append(self.ingress.unknown(raw, s.project_id))
             else:
                 scored.append((s, c))
+                lanes.append(max(rec.partition, 0))
         await self.ingress.count_dead([*dead, *out])
         if not scored:
             return out
         workers = sorted({(s.project_id, s.worker_id) for s, _ in scored})
         crit = {s.project_id: c for s, c in scored}
-        applied, before, after = await self.store.apply_standing(scored, [(p, w, crit[p]) for p, w in workers])
+        applied, before, after = await self.store.apply_standing(scored, [(p, w, crit[p]) for p, w in workers], lanes)
         latest = {}
         for (s, _), done in zip(scored, applied, strict=True):
             if done:

@@ -108,7 +108,7 @@ async def replay(
     async def close(now: datetime | None) -> None:
         """Close the rounds waiting past their timeout at `now` (None: every waiting round)."""
         requests = await engine.timed_out(now)
-        await run([Record("control", r.to_bytes(), r.item_id.encode()) for r in requests])
+        await run([engine.item_processor.timer_record(r) for r in requests])
 
     def gold_may_race() -> bool:
         """Whether a pending review is of an item whose round the next tick could close: gold it
@@ -198,14 +198,19 @@ def _collect(result: ReplayResult, emits: Iterable[Emit]) -> None:
 
 async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, int]]:
     """Every counter hash and evidence sequence under the prefix (key names without the prefix;
-    a sequence as member -> event time in ms). Left out: dedup keys, criteria, alert flags, item
+    a sequence as member -> event time in ms). Left out: applied positions and dedup keys (a live
+    run's positions are Kafka offsets, a replay's its file's lines), criteria, alert flags, item
     states, and the risk histograms (`:risks`): a risk is judged with the model as it stood when
     the annotation was scored, which depends on how far the proficiency step had got, so a live
     run and a replay of its inputs differ there (a rebuild from the scores topic does not)."""
     out: dict[str, dict[str, int]] = {}
     async for raw_key in redis.scan_iter(match=f"{keys.prefix}:*", count=1000):
         key = raw_key.decode()
-        if ":seen:" in key or key.startswith(f"{keys.prefix}:criteria:") or key.endswith((":alerts", ":risks")):
+        if (
+            ":seen:" in key
+            or key.startswith(f"{keys.prefix}:criteria:")
+            or key.endswith((":alerts", ":risks", ":applied"))
+        ):
             continue
         kind = await redis.type(raw_key)
         if kind == b"hash":

@@ -1,9 +1,13 @@
 """goldstream's one Redis module: key names, the Lua script that changes state, and the reads.
 
-Every change of counters goes through one Lua script that applies it atomically and only once per
-event id (a dedup key with a TTL), which turns Kafka's at-least-once delivery into exactly-once
-effects. All state is integer counters (HINCRBY), so it is the same whatever order events arrive
-in; proficiency, windows and EWMA are derived from the counters when read (scoring.policy).
+Every change of counters goes through one Lua script that applies it atomically and only once:
+each event carries the position of the input it derives from (`Position`), and each slot keeps,
+per input stream, the last offset it applied and the ids applied there, which turns Kafka's
+at-least-once delivery into exactly-once effects with memory per stream and slot, not per event
+(an event without a position, e.g. a score written by an older goldstream, falls back to a dedup
+key with a TTL). All state is integer counters (HINCRBY), so it
+is the same whatever order events arrive in; proficiency, windows and EWMA are derived from the
+counters when read (scoring.policy).
 Keys of one worker share a {hash tag}, as do a project's, so each script call touches one Redis
 Cluster slot. Calls are pipelined: a few round trips per batch of events, not per event.
 
@@ -210,6 +214,10 @@ class Keys:
     def seen(self, tag: str, event_id: str) -> str:
         return self.key(tag, f"seen:{event_id}")
 
+    def applied(self, tag: str) -> str:
+        """A slot's applied positions: stream -> the last offset the apply-once script applied."""
+        return self.key(tag, "applied")
+
     def worker(self, project_id: str, worker_id: str, suffix: str = "totals") -> str:
         return self.key(self.tag(project_id, worker_id), suffix)
 
@@ -233,15 +241,41 @@ class Keys:
         return f"{self.prefix}:epoch"
 
 
+@dataclass(frozen=True, order=True)
+class Position:
+    """The position of the input an event derives from: a stream (a Kafka topic-partition, or a
+    replay file's) and its offset there. The score step reads a stream in order, from a committed
+    offset, and emits what each input makes in that order, so a slot that remembers, per stream,
+    the last offset it applied and the ids applied at that offset knows every event it applied: a
+    redelivered input's outputs come again with the same ids at the same positions."""
+
+    stream: str
+    offset: int
+
+    @classmethod
+    def of(
+        cls, topic: str | None, partition: int | None, offset: int | None, lane: int | None = None
+    ) -> Position | None:
+        """A record's position; None for one that has none (offset -1, or not recorded). `lane`:
+        the partition of the topic the event itself was read from, when events of one stream
+        reach a slot through several (a project's scores come through every `scores` partition,
+        each in order, but not in order with each other)."""
+        if topic is None or partition is None or offset is None or offset < 0:
+            return None
+        return cls(f"{topic}:{partition}" + (f">{lane}" if lane is not None else ""), offset)
+
+
 @dataclass(frozen=True)
 class Increment:
     """State changes of one event in one slot: counters (hash suffix -> field -> integer amount)
-    and sequence entries (sorted-set suffix -> (member, event time, how many latest to keep))."""
+    and sequence entries (sorted-set suffix -> (member, event time, how many latest to keep)).
+    `at`: the event's position, by which it is applied once; None: by `event_id` (a dedup key)."""
 
     tag: str
     event_id: str
     changes: Mapping[str, Mapping[str, int]]
     entries: Mapping[str, tuple[str, float, int]] = field(default_factory=dict)
+    at: Position | None = None
 
 
 class RedisState:
@@ -261,9 +295,17 @@ class RedisState:
         self._apply_once: AsyncScript = client.register_script(load_script("apply_once"))
 
     def _call_args(self, group: Sequence[Increment]) -> tuple[list[str], list[str | int | bytes]]:
-        """One script call for the increments of one slot: their dedup keys, the keys they change
-        (each once), and each one's changes as [op, a, b] triplets naming keys by position."""
-        keys = [self.keys.seen(inc.tag, inc.event_id) for inc in group]
+        """One script call for the increments of one slot: the slot's applied positions, the dedup
+        keys of increments without a position, the keys they change (each once), and each one's
+        guard and changes naming keys by their index."""
+        keys = [self.keys.applied(group[0].tag)]
+        guards: list[Any] = []
+        for inc in group:
+            if inc.at is not None:
+                guards.append([inc.at.stream, inc.at.offset, inc.event_id])
+            else:
+                keys.append(self.keys.seen(inc.tag, inc.event_id))
+                guards.append(len(keys))
         index: dict[str, int] = {}
 
         def at(tag: str, suffix: str) -> int:
@@ -273,22 +315,25 @@ class RedisState:
                 index[name] = len(keys)
             return index[name]
 
-        changes = []
-        for inc in group:
+        events = []
+        for inc, guard in zip(group, guards, strict=True):
             hincr = [(at(inc.tag, suffix), fields) for suffix, fields in inc.changes.items() if fields]
             entries = [(at(inc.tag, suffix), m, repr(float(s)), keep) for suffix, (m, s, keep) in inc.entries.items()]
-            changes.append((hincr, entries))
-        return keys, [self.dedup_ttl_s, len(group), orjson.dumps(changes)]
+            events.append((guard, hincr, entries))
+        return keys, [self.dedup_ttl_s, orjson.dumps(events)]
 
     async def apply(self, batch: Sequence[Increment]) -> list[bool]:
         """Apply each increment once; True where applied, False where it was a re-delivery. One
         script call per slot (hash tag) for the whole batch: the changes of a batch's events are
-        summed in the script and written once per field."""
+        summed in the script and written once per field. Within a slot, increments go in the
+        order of their positions (the changes are sums: their order changes nothing else)."""
         if not batch:
             return []
         groups: dict[str, list[int]] = {}
         for i, inc in enumerate(batch):
             groups.setdefault(inc.tag, []).append(i)
+        for members in groups.values():
+            members.sort(key=lambda i: (batch[i].at is not None, batch[i].at or Position("", 0)))
 
         async def call() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
@@ -363,7 +408,9 @@ def high_water(fields: Mapping[str, int]) -> int | None:
 KNOWN_KINDS = (ScoreKind.GOLD, ScoreKind.REVIEW)
 
 
-def record_increments(record: ScoreRecord, criteria: ProjectCriteria, keys: Keys) -> list[Increment]:
+def record_increments(
+    record: ScoreRecord, criteria: ProjectCriteria, keys: Keys, lane: int | None = None
+) -> list[Increment]:
     """What one score changes: its worker's counters, buckets, confusions and evidence sequence,
     and its project's (with the per-label buckets, the batch's counters and the sums the
     reliability model is fitted from). Two slots, two script calls. Every change is a sum or a
@@ -408,9 +455,10 @@ def record_increments(record: ScoreRecord, criteria: ProjectCriteria, keys: Keys
         project[f"label:{label}"] = {k: v for k, v in fields.items() if v}
     if record.batch_id is not None:
         project[f"batch:{record.batch_id}"] = totals
+    at = Position.of(record.source_topic, record.source_partition, record.source_offset, lane)
     return [
-        Increment(keys.tag(record.project_id, w), record.event_id, worker, worker_entries),
-        Increment(keys.tag(record.project_id), record.event_id, project),
+        Increment(keys.tag(record.project_id, w), record.event_id, worker, worker_entries, at),
+        Increment(keys.tag(record.project_id), record.event_id, project, at=at),
     ]
 
 
@@ -509,27 +557,34 @@ class ProficiencyStore:
         self.client = state.client
         self._views: dict[str, ProjectView] = {}
 
-    async def apply(self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]]) -> list[bool]:
-        """Apply each score once (both slots); True where this call applied it."""
-        applied, _ = await self._apply(records)
+    async def apply(
+        self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]], lanes: Sequence[int] | None = None
+    ) -> list[bool]:
+        """Apply each score once (both slots); True where this call applied it. `lanes`: the
+        `scores` partition each was read from (`Position.of`); None: one lane (a replay)."""
+        applied, _ = await self._apply(records, lanes)
         return applied
 
     async def _apply(
-        self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]]
+        self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]], lanes: Sequence[int] | None = None
     ) -> tuple[list[bool], list[Mapping[str, int]]]:
         """Apply each score once; (applied, each score's change to its worker's totals)."""
-        incs = [record_increments(rec, crit, self.keys) for rec, crit in records]
+        lane = lanes if lanes is not None else [0] * len(records)
+        incs = [record_increments(r, c, self.keys, n) for (r, c), n in zip(records, lane, strict=True)]
         done = await self.state.apply([inc for pair in incs for inc in pair])
         return [done[2 * i] for i in range(len(records))], [pair[0].changes["totals"] for pair in incs]
 
     async def apply_standing(
-        self, records: Sequence[tuple[ScoreRecord, ProjectCriteria]], pairs: Sequence[tuple[str, str, ProjectCriteria]]
+        self,
+        records: Sequence[tuple[ScoreRecord, ProjectCriteria]],
+        pairs: Sequence[tuple[str, str, ProjectCriteria]],
+        lanes: Sequence[int] | None = None,
     ) -> tuple[list[bool], list[Proficiency], list[Proficiency]]:
         """Apply each score once, with the standings of `pairs` (project, worker, criteria) before
         and after. After is before plus what this call applied, not a second read: a worker's
         hashes are written only by the consumer of its scores partition."""
         views, before = await self.views_and_totals({p: c for p, _, c in pairs}, [(p, w) for p, w, _ in pairs])
-        applied, changes = await self._apply(records)
+        applied, changes = await self._apply(records, lanes)
         after = {(p, w): dict(t) for (p, w, _), t in zip(pairs, before, strict=True)}
         for (rec, _), ok, change in zip(records, applied, changes, strict=True):
             totals = after.get((rec.project_id, rec.worker_id))
@@ -784,8 +839,11 @@ class AlertFlags:
 
 
 def dead_letter_increment(letter: DeadLetter) -> Increment:
-    """A dead letter's count by reason, once each (its id derives from the source offset)."""
-    return Increment("{deadletter}", letter.event_id, {"counts": {letter.reason: 1, "total": 1}})
+    """A dead letter's count by reason, once each: by its source position (stage, topic,
+    partition, offset), from which its id derives too; a source without one (a replay's timer)
+    by its id."""
+    source = Position.of(f"{letter.stage}|{letter.source_topic}", letter.source_partition, letter.source_offset)
+    return Increment("{deadletter}", letter.event_id, {"counts": {letter.reason: 1, "total": 1}}, at=source)
 
 
 def alert_flag(alert: QualityAlert) -> tuple[str, str] | None:

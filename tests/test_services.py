@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from goldstream.streams.state import Increment, Keys, RedisState
+from goldstream.streams.state import Increment, Keys, Position, RedisState
 from goldstream.streams.topics import Topics, delete_topics, ensure_topics
 from redis.asyncio import Redis
 
@@ -141,12 +141,53 @@ def test_lua_apply_once_counts_each_event_once(backend: Endpoints, redis_keys: K
     assert car == {"tp": 2}
 
 
+def test_lua_apply_once_remembers_positions_per_stream_not_one_key_per_event(
+    backend: Endpoints, redis_keys: Keys
+) -> None:
+    """Events are applied once by the position of the input they derive from and their id: a
+    redelivered input's events sent again, and a batch that overlaps what was applied, change
+    only what is new; one input's several events all count; the slot keeps two fields per
+    stream and no key per event."""
+    keys = redis_keys
+
+    def inc(stream: str, offset: int, n: int = 0) -> Increment:
+        return Increment(keys.tag("p1", "w1"), f"{stream}-{offset}-{n}", {"totals": {"items": 1, "sum": offset}},
+                         at=Position(stream, offset))  # fmt: skip
+
+    async def main() -> tuple[list[list[bool]], dict[str, int], dict[str, str], list[bytes]]:
+        client = Redis.from_url(backend.redis_url)
+        try:
+            state = RedisState(client, keys, dedup_ttl_s=60)
+            runs = [
+                await state.apply([inc("s:0", o) for o in (3, 5, 8)] + [inc("s:1", 2)]),
+                await state.apply([inc("s:0", o) for o in (3, 5, 8, 9)]),  # redelivered from 3, and 9 new
+                await state.apply([inc("s:1", 1), inc("s:1", 4), inc("s:0", 9)]),  # below the mark, new, seen
+                await state.apply([inc("s:0", 12), inc("s:0", 10)]),  # out of order in one call: both new
+                await state.apply([inc("s:0", 12, 1), inc("s:0", 12, 2)]),  # more events of input 12
+                await state.apply([inc("s:0", 12, 2), inc("s:0", 12), inc("s:0", 12, 3)]),  # again, and one more
+            ]
+            marks = await client.hgetall(keys.applied(keys.tag("p1", "w1")))
+            names = [k async for k in client.scan_iter(match=f"{keys.prefix}:*")]
+            applied = {k.decode(): v.decode() for k, v in marks.items()}
+            return runs, await state.counters(keys.worker("p1", "w1")), applied, sorted(names)
+        finally:
+            await client.aclose()
+
+    runs, totals, applied, names = asyncio.run(main())
+    assert runs == [[True] * 4, [False, False, False, True], [False, True, False], [True, True], [True, True],
+                    [False, False, True]]  # fmt: skip
+    assert totals == {"items": 11, "sum": 3 + 5 + 8 + 2 + 9 + 4 + 10 + 12 * 4}
+    assert applied == {"s:0": "12", "s:0@": "|s:0-12-0|s:0-12-1|s:0-12-2|s:0-12-3|", "s:1": "4", "s:1@": "|s:1-4-0|"}
+    assert not [n for n in names if b":seen:" in n]
+    assert len(names) == 2  # the totals and the applied positions
+
+
 def test_keys_of_one_worker_share_a_cluster_slot(keys: Keys) -> None:
     from redis.crc import key_slot
 
-    names = [keys.seen(keys.tag("p", "w"), "e1"), keys.worker("p", "w"), keys.worker("p", "w", "buckets")]
+    names = [keys.applied(keys.tag("p", "w")), keys.worker("p", "w"), keys.worker("p", "w", "buckets")]
     assert len({key_slot(n.encode()) for n in names}) == 1
-    project = [keys.seen(keys.tag("p"), "e1"), keys.project("p"), keys.project("p", "label:car")]
+    project = [keys.applied(keys.tag("p")), keys.project("p"), keys.project("p", "label:car")]
     assert len({key_slot(n.encode()) for n in project}) == 1
     assert keys.tag("a:b", "c") != keys.tag("a", "b:c")
 
