@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from goldstream import __version__
+from goldstream.streams.settings import Settings as WORKER_DEFAULTS  # a plain dataclass: cheap to import
 
 
 def _settings(args: argparse.Namespace) -> object:
@@ -317,6 +318,7 @@ def _replay(args: argparse.Namespace) -> int:
             args.key_prefix or "replay",
             close_rounds=args.close_rounds,
             batch=args.batch,
+            item_retention_s=args.item_retention_s,
         )
     )
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
@@ -575,6 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=500,
         help="records per batch, as a worker reads them (default 500); 1: every decision sees the scores before it",
+    )
+    rp.add_argument(
+        "--item-retention-s",
+        type=float,
+        default=WORKER_DEFAULTS.item_retention_s,
+        help="keep an item this long after its latest input, in event time, as the worker does "
+        f"(default {WORKER_DEFAULTS.item_retention_s:.0f}; 0: for ever)",
     )
     rp.set_defaults(func=_replay)
 

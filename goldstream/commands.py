@@ -291,7 +291,9 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
         criteria=CriteriaStore(state.client, state.keys, ttl_s=float("inf"), state=state),
         proficiency=ProficiencyStore(state),
         alerts=AlertFlags(state.client, state.keys, state),
-        settings=EngineSettings(unknown_projects=settings.unknown_projects, stage="worker"),
+        settings=EngineSettings(
+            unknown_projects=settings.unknown_projects, stage="worker", item_retention_s=settings.item_retention_s
+        ),
     )
     partition_of: dict[str, int] = {}
     for _, _, rec in records:
@@ -309,7 +311,9 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
     names = sorted(items)
     for i in range(0, len(names), 500):
         chunk = names[i : i + 500]
-        await store.store({k: items[k].model_dump_json().encode() for k in chunk}, {k: waiting[k] for k in chunk})
+        states = {k: items[k].model_dump_json().encode() for k in chunk}
+        due = {k: (waiting[k][0], engine.item_processor.due(items[k])) for k in chunk}  # the worker's sweep expires
+        await store.store(states, {k: waiting[k] for k in chunk}, None, due)
     return len(items)
 
 

@@ -6,6 +6,7 @@ counted as separate group members, and measured the way they run in production.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,42 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from goldstream.services import die_with_parent
-from goldstream.streams.security import SETTINGS
 from goldstream.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-SECURITY_FIELDS = SETTINGS  # streams.security's: a child worker connects as its parent does
 
 
 def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
-    """The GOLDSTREAM_* variables that give a child worker these settings."""
-    return {
-        **os.environ,
-        "GOLDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "GOLDSTREAM_REDIS_URL": settings.redis_url,
-        "GOLDSTREAM_SERVICES_KIND": settings.services_kind,
-        "GOLDSTREAM_TOPIC_PREFIX": settings.topic_prefix,
-        "GOLDSTREAM_KEY_PREFIX": settings.key_prefix,
-        "GOLDSTREAM_APP_ID": settings.app_id,
-        "GOLDSTREAM_PARTITIONS": str(settings.partitions),
-        "GOLDSTREAM_REPLICATION_FACTOR": str(settings.replication_factor),
-        "GOLDSTREAM_MIN_INSYNC_REPLICAS": str(settings.min_insync_replicas),
-        "GOLDSTREAM_LOG_LEVEL": log_level,
-        "GOLDSTREAM_CONSENSUS_CHECK_S": str(settings.consensus_check_s),
-        "GOLDSTREAM_STALL_TIMEOUT_S": str(settings.stall_timeout_s),
-        "GOLDSTREAM_WATCH_EVERY_S": str(settings.watch_every_s),
-        "GOLDSTREAM_HEALTH_PORT": str(settings.health_port),
-        "GOLDSTREAM_SHUTDOWN_TIMEOUT_S": str(settings.shutdown_timeout_s),
-        "GOLDSTREAM_REDIS_LOST_STATE": settings.redis_lost_state,
-        "GOLDSTREAM_STEPS": settings.steps,
-        "GOLDSTREAM_FAULT": settings.fault,
-        "GOLDSTREAM_UNKNOWN_PROJECTS": settings.unknown_projects,
-        "GOLDSTREAM_SESSION_TIMEOUT_S": str(settings.session_timeout_s),
-        "GOLDSTREAM_BATCH_MAX": str(settings.batch_max),
-        **{  # streams.security: the child connects as its parent does
-            f"GOLDSTREAM_{name.upper()}": getattr(settings, name) for name in SECURITY_FIELDS if getattr(settings, name)
-        },
-    }
+    """The GOLDSTREAM_* variables that give a child worker exactly these settings: every field,
+    so that neither a hand-kept list (which once left a new setting out) nor a variable the
+    parent inherited can make the child differ."""
+    env = {**os.environ}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        env[f"GOLDSTREAM_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["GOLDSTREAM_LOG_LEVEL"] = log_level
+    return env
 
 
 @dataclass

@@ -6,13 +6,20 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from goldstream.streams.ingress import Settings
 from goldstream.streams.memory import tune_gc
 from goldstream.streams.replay import BATCH, proficiency_snapshot, read_envelopes, replay, write_outputs
 from goldstream.streams.state import Keys
 
 
 async def run_replay(
-    events: Path, out: Path, redis_url: str | None, prefix: str, close_rounds: bool = False, batch: int = BATCH
+    events: Path,
+    out: Path,
+    redis_url: str | None,
+    prefix: str,
+    close_rounds: bool = False,
+    batch: int = BATCH,
+    item_retention_s: float = 0.0,
 ) -> dict:
     tune_gc()  # a long replay holds every item it has seen: see streams.memory
     embedded = None
@@ -27,7 +34,10 @@ async def run_replay(
     try:
         async for key in client.scan_iter(match=f"{prefix}:*", count=1000):  # a replay starts empty
             await client.delete(key)
-        result = await replay(read_envelopes(events), client, keys, close_rounds=close_rounds, batch=batch)
+        settings = Settings(stage="replay", item_retention_s=item_retention_s)
+        result = await replay(
+            read_envelopes(events), client, keys, settings=settings, close_rounds=close_rounds, batch=batch
+        )
         counts = write_outputs(result, await proficiency_snapshot(client, keys), out)
         counts["inputs"] = result.inputs
         return counts

@@ -61,6 +61,9 @@ class Settings:
 
     unknown_projects: str = "default"  # or "deadletter"
     stage: str = "score"
+    # how long an item is kept after its latest input, in event time (0: for ever): then what is
+    # left is a marker, so that a review of one of its annotations is dead-lettered as such
+    item_retention_s: float = 0.0
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import combinations
 
 import numpy as np
@@ -84,6 +84,14 @@ class ItemState(Model):
     rounds: dict[Id, list[Id]] = Field(default_factory=dict, description="consensus round -> annotation ids")
     parked_reviews: list[ReviewResult] = Field(
         default_factory=list, description="reviews that arrived before their annotation (topics are not ordered)"
+    )
+    active_at: float | None = Field(
+        None, description="event time (epoch s) of the latest input that changed the item: its retention counts from it"
+    )
+    expired_at: float | None = Field(
+        None,
+        description="set on what is left of an item past its retention (`item_retention_s`): its annotations are "
+        "no longer kept, and a review of one is dead-lettered (item_expired)",
     )
 
     def annotation(self, event_id: str) -> AnnotationSubmitted | None:
@@ -177,6 +185,8 @@ class ItemProcessor:
     _indexed: set[str] = field(default_factory=set, repr=False)
     _rescan: bool = field(default=True, repr=False)
     _ticks: int = field(default=0, repr=False)  # a replay's timer requests so far: their positions
+    _at: float | None = field(default=None, repr=False)  # the event time of the input in hand
+    removed: set[str] = field(default_factory=set)  # items whose state retention deleted
 
     # ------------------------------------------------------------------ batch
 
@@ -236,6 +246,7 @@ class ItemProcessor:
         return self.ingress.dead(rec, "internal_error", f"{type(exc).__name__}: {exc}")
 
     def _on(self, rec: Record, msg: object, c: ProjectCriteria) -> list[Slot]:
+        self._at = event_time_of(msg)
         if isinstance(msg, AnnotationSubmitted):
             return self._on_annotation(rec, msg, c)
         if isinstance(msg, GoldAnswer):
@@ -247,13 +258,58 @@ class ItemProcessor:
 
     # ------------------------------------------------------------------ state
 
-    def _item(self, item_id: str) -> ItemState:
-        return self.items.get(item_id) or ItemState()
+    def _item(self, item_id: str, marker: bool = False) -> ItemState:
+        """An item's state; what retention left of an expired item (`marker`) reads as a new item
+        unless asked for (a review wants to know)."""
+        st = self.items.get(item_id)
+        if st is None or (st.expired_at is not None and not marker):
+            return ItemState()
+        return st
 
     def _save(self, item_id: str, state: ItemState) -> None:
+        if self._at is not None and (state.active_at is None or state.active_at < self._at):
+            state = state.model_copy(update={"active_at": self._at})
         self.items[item_id] = state
         self.dirty.add(item_id)
+        self.removed.discard(item_id)
         self._index(item_id, state)
+
+    # ------------------------------------------------------------------ retention
+
+    def due(self, st: ItemState) -> float | None:
+        """When an item's state falls out of retention (event time, epoch s); None: never."""
+        retention = self.ingress.settings.item_retention_s
+        if retention <= 0 or st.active_at is None:
+            return None
+        return st.active_at + retention
+
+    def expire(self, item_ids: Iterable[str], now: float) -> list[Emit]:
+        """Retention: each of these items whose latest input is older than `item_retention_s` at
+        event time `now` keeps only a marker, and a marker that old is deleted (`removed`). The
+        reviews still parked for an annotation that never came are dead-lettered
+        (review_unmatched); annotations still waiting for a round leave without one."""
+        out: list[Emit] = []
+        for item_id in sorted(set(item_ids)):
+            st = self.items.get(item_id)
+            due = None if st is None else self.due(st)
+            if st is None or due is None or due > now:
+                continue
+            if st.expired_at is not None:
+                del self.items[item_id]
+                self.dirty.discard(item_id)
+                self.removed.add(item_id)
+                self._waiting.pop(item_id, None)
+                self._indexed.discard(item_id)
+                continue
+            for r in st.parked_reviews:
+                rec = Record("reviews", r.to_bytes(), r.item_id.encode())
+                out.append(self.ingress.dead(rec, "review_unmatched",
+                                             f"its annotation {r.annotation_event_id!r} never arrived while item "
+                                             f"{item_id!r} was kept (item_retention_s)"))  # fmt: skip
+            self.items[item_id] = ItemState(expired_at=st.active_at, active_at=now)
+            self.dirty.add(item_id)
+            self._index(item_id, self.items[item_id])
+        return out
 
     def _index(self, item_id: str, st: ItemState) -> None:
         self._indexed.add(item_id)
@@ -338,8 +394,12 @@ class ItemProcessor:
             problems = content_problems(r.corrected, c)
             if problems:
                 return [self.ingress.dead(rec, *problems)]
-        st = self._item(r.item_id)
+        st = self._item(r.item_id, marker=True)
         a = st.annotation(r.annotation_event_id)
+        if a is None and st.expired_at is not None:
+            when = datetime.fromtimestamp(st.expired_at, UTC).isoformat()
+            return [self.ingress.dead(rec, "item_expired", f"item {r.item_id!r} was last active at {when}, longer "
+                                      "ago than item_retention_s: its annotations are no longer kept")]  # fmt: skip
         if a is None:
             # Kafka orders a partition, not two topics: the annotation may still be on its way.
             if all(p.event_id != r.event_id for p in st.parked_reviews):
@@ -774,6 +834,15 @@ def escalation(
         detail=detail,
     )
     return Emit("escalations", a.item_id, esc)
+
+
+def event_time_of(msg: object) -> float | None:
+    """The event time an input carries (epoch s): what item retention is counted in."""
+    for name in ("submitted_at", "reviewed_at", "created_at", "requested_at"):
+        at = getattr(msg, name, None)
+        if isinstance(at, datetime):
+            return at.timestamp()
+    return None
 
 
 def content_problems(content: Content, criteria: ProjectCriteria) -> tuple[str, str] | None:

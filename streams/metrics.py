@@ -60,6 +60,8 @@ class Metrics:
         )  # fmt: skip
         self.batch = Histogram("goldstream_batch_size_records", "records per batch, by step", ["step"],
                                buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
+        self.expired = Counter("goldstream_items_expired", "item states past item_retention_s (made markers, "
+                               "or markers deleted)", registry=r)  # fmt: skip
         self.lag = Gauge("goldstream_consumer_lag_records", "records not yet committed, by step and partition",
                          ["step", "topic", "partition"], registry=r)  # fmt: skip
         if guard is not None:
@@ -79,6 +81,9 @@ class Metrics:
                 self.alerts.labels(m.project_id, m.scope.value, m.state).inc()
             elif isinstance(m, DeadLetter):
                 self.dead_letters.labels(m.reason).inc()
+
+    def items_expired(self, n: int) -> None:
+        self.expired.inc(n)
 
     def batch_done(self, step: str, timestamps_ms: Sequence[int]) -> None:
         """A batch's records, applied and their outputs acknowledged, by their Kafka timestamps."""

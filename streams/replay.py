@@ -83,12 +83,14 @@ async def replay(
         clock=lambda: 0.0,  # logical time: replays are byte-for-byte repeatable
     )
     result = ReplayResult()
+    swept: list[float] = []  # event time of the last retention sweep
     pending: list[Record] = []
     ticks: list[tuple[int, datetime]] = []  # timer ticks inside the pending batch: (position, moment)
     tick: list[float] = []  # the timer's last tick, in event time (epoch seconds)
     earliest: list[float] = []  # the earliest submission among the pending records
 
     async def run(batch_: list[Record], ticks_: Sequence[tuple[int, datetime]] = ()) -> None:
+        await expire()  # retention first, at the event time reached before the batch, as the worker
         while batch_ or ticks_:
             emits = await engine.process(batch_, ticks_)
             ticks_ = ()
@@ -97,6 +99,20 @@ async def replay(
             for start in range(0, len(scores), batch):
                 _collect(result, await engine.proficiency_processor.apply(scores[start : start + batch]))  # type: ignore[arg-type]
             batch_ = [_fed_back(e) for e in emits if e.topic == "gold"]
+
+    async def expire() -> None:
+        """Item retention on event time, as the worker applies it per batch; a sweep of every
+        item each time the clock moved a tenth of the retention (a replay holds all its items)."""
+        processor, retention = engine.item_processor, engine.settings.item_retention_s
+        now = processor.event_time
+        if retention <= 0 or now is None or (swept and now - swept[0] < retention / 10):
+            return
+        swept[:] = [now]
+        due = [k for k, st in processor.items.items() if (d := processor.due(st)) is not None and d <= now]
+        expired = processor.expire(due, now)
+        processor.removed.clear()
+        await engine.count_dead(expired)
+        _collect(result, expired)
 
     async def flush() -> None:
         if pending or ticks:

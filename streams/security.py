@@ -29,15 +29,6 @@ if TYPE_CHECKING:
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 SECRET_FIELDS = frozenset({"kafka_password", "redis_password"})
-SETTINGS = tuple(  # the Settings fields this module reads (a child process must be given them all)
-    f"{service}_{name}"
-    for service, names in (
-        ("kafka", ("security_protocol", "sasl_mechanism", "username", "password", "password_file",
-                   "ssl_cafile", "ssl_certfile", "ssl_keyfile")),
-        ("redis", ("username", "password", "password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")),
-    )
-    for name in names
-)  # fmt: skip
 MASK = "***"
 
 

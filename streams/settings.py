@@ -33,6 +33,9 @@ class Settings:
     min_insync_replicas: int = 0  # acks=all writes need this many copies (0: the broker's default)
     unknown_projects: str = "default"  # or "deadletter"
     dedup_ttl_s: int = 7 * 86_400
+    # an item's state is kept this long after its latest input, in event time (0: for ever); then
+    # a marker for as long again, so that a late review of it is dead-lettered as item_expired
+    item_retention_s: float = 30 * 86_400.0
     batch_max: int = 500
     batch_within_s: float = 0.2
     # the broker may hold the proficiency step's fetch this long to fill a batch: alerts may wait

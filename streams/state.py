@@ -231,6 +231,10 @@ class Keys:
         """An item's state (gold, annotations, rounds): one string, its own slot."""
         return self.key("{item" + SEP + item_id + "}", "state")
 
+    def expiry(self, partition: int) -> str:
+        """Items of an input partition by when their state falls out of retention (event time)."""
+        return self.key("{expiry}", str(partition))
+
     def waiting(self, partition: int) -> str:
         """Items of an input partition waiting for a consensus round, scored by the oldest
         waiting submission (the consensus timer reads its own partitions')."""
@@ -712,13 +716,14 @@ class ItemStore:
 
     # write an item's state only over the state it was derived from (or its absence): a worker
     # that lost its partitions during a long Redis outage must not set an item back
+    # (an empty new state deletes it: retention)
     SWAP = """
     local cur = redis.call('GET', KEYS[1])
     if cur == ARGV[1] or (cur == false and ARGV[1] == '') then
-      redis.call('SET', KEYS[1], ARGV[2])
+      if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
       return 1
     end
-    if cur == ARGV[2] then return 1 end
+    if cur == ARGV[2] or (cur == false and ARGV[2] == '') then return 1 end
     return 0
     """
 
@@ -727,13 +732,16 @@ class ItemStore:
         changed: Mapping[str, bytes],
         waiting: Mapping[str, tuple[int, float | None]],
         loaded: Mapping[str, bytes] | None = None,
+        due: Mapping[str, tuple[int, float | None]] | None = None,
     ) -> None:
-        """Write changed item states, each only over the state it was derived from (`loaded`;
-        raises `ItemConflict` when another worker wrote it meanwhile; None: unconditionally, as a
-        rebuild does), and each item's place in
-        its partition's waiting index (`waiting[item] = (partition, oldest waiting submission as
-        epoch seconds, or None)`). A write seen again (a retry after a lost reply) succeeds."""
-        if not changed and not waiting:
+        """Write changed item states (an empty one deletes the item: retention), each only over
+        the state it was derived from (`loaded`; raises `ItemConflict` when another worker wrote
+        it meanwhile; None: unconditionally, as a rebuild does), each item's place in its
+        partition's waiting index (`waiting[item] = (partition, oldest waiting submission as epoch
+        seconds, or None)`) and in its retention index (`due[item] = (partition, when it falls
+        out of retention, or None)`). A write seen again (a retry after a lost reply) succeeds."""
+        due = due or {}
+        if not changed and not waiting and not due:
             return
         names = list(changed)
 
@@ -742,7 +750,10 @@ class ItemStore:
             for item_id in names:
                 key, new = self.keys.item(item_id), changed[item_id]
                 if loaded is None:  # a rebuild: the topics are the truth
-                    pipe.set(key, new)
+                    if new:
+                        pipe.set(key, new)
+                    else:
+                        pipe.delete(key)
                 else:
                     await self._swap(keys=[key], args=[loaded.get(item_id, b""), new], client=pipe)
             for item_id, (partition, since) in waiting.items():
@@ -750,6 +761,11 @@ class ItemStore:
                     pipe.zrem(self.keys.waiting(partition), item_id)
                 else:
                     pipe.zadd(self.keys.waiting(partition), {item_id: since})
+            for item_id, (partition, when) in due.items():
+                if when is None:
+                    pipe.zrem(self.keys.expiry(partition), item_id)
+                else:
+                    pipe.zadd(self.keys.expiry(partition), {item_id: when})
             return await pipe.execute()
 
         results = await self.state.guard.run(call, "items")
@@ -757,6 +773,18 @@ class ItemStore:
         if lost:
             await self.state.guard.verify()  # a flushed Redis loses the states too: StateLost first
             raise ItemConflict(f"{len(lost)} item state(s) changed by another worker meanwhile, e.g. {lost[0]!r}")
+
+    async def due(self, partitions: Sequence[int], now: float, limit: int = 500) -> list[tuple[str, int]]:
+        """(item, partition) of up to `limit` items per partition out of retention at `now`."""
+
+        def build(pipe: Any) -> None:
+            for p in partitions:
+                pipe.zrangebyscore(self.keys.expiry(p), "-inf", now, start=0, num=limit)
+
+        out: list[tuple[str, int]] = []
+        for p, found in zip(partitions, await self.state.read(build, "expiry"), strict=True):
+            out += [(k.decode() if isinstance(k, bytes) else k, p) for k in found]
+        return out
 
     async def waiting(self, partitions: Sequence[int]) -> list[tuple[str, float]]:
         """(item, oldest waiting submission) of the items waiting in these partitions."""

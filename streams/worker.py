@@ -25,6 +25,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -215,7 +216,11 @@ class Worker:
             criteria=CriteriaStore(self.redis, self.keys, state=self.state),
             proficiency=ProficiencyStore(self.state),
             alerts=AlertFlags(self.redis, self.keys, self.state),
-            settings=EngineSettings(unknown_projects=self.settings.unknown_projects, stage="worker"),
+            settings=EngineSettings(
+                unknown_projects=self.settings.unknown_projects,
+                stage="worker",
+                item_retention_s=self.settings.item_retention_s,
+            ),
         )
 
     def consumer(
@@ -284,7 +289,7 @@ class Worker:
             if not batch:
                 continue
             async with lock:
-                await self.score_batch(engine, batch)
+                await self.score_batch(engine, batch, self.item_partitions(consumer))
                 await commits.submit(batch)
             self.metrics.batch_done("score", [r.timestamp for rs in batch.values() for r in rs])
             if self.fault is not None:
@@ -292,7 +297,14 @@ class Worker:
                 await self.fault.after_records(sum(len(r) for r in batch.values()))
         await commits.flush()
 
-    async def score_batch(self, engine: Engine, batch: Mapping[Any, Sequence[Any]]) -> None:
+    def item_partitions(self, consumer: AIOKafkaConsumer) -> list[int]:
+        """The input partitions this worker owns (every item topic has the same partitions)."""
+        items = {self.topics.name(t) for t in ITEM_TOPICS}
+        return sorted({tp.partition for tp in consumer.assignment() if tp.topic in items})
+
+    async def score_batch(self, engine: Engine, batch: Mapping[Any, Sequence[Any]], owned: Sequence[int] = ()) -> None:
+        """One batch: its items' states loaded, with those of the owned partitions (`owned`)
+        that fell out of retention; the records handled; outputs sent, then states stored."""
         records = [
             Record(self.logical.get(tp.topic, tp.topic), r.value, r.key, tp.partition, r.offset, tp.topic)
             for tp, rs in batch.items()
@@ -306,22 +318,52 @@ class Worker:
         for rec in records:
             if rec.topic in ITEM_TOPICS and (item := item_id_of(rec)) is not None:
                 partition_of.setdefault(item, rec.partition)
+        # retention first, at the event time reached before this batch: a record of an item out
+        # of retention finds what is left of it (a late review, its marker), as it would have
+        # had the item been swept the moment it fell out; every owned partition is swept, since
+        # the clock moves with any of them
+        now = self.retention_clock(engine)
+        parts = sorted(set(owned) | set(partition_of.values()))
+        expiring = await self.items.due(parts, now) if now is not None and parts else []
+        for item, partition in expiring:
+            partition_of.setdefault(item, partition)
         loaded = await self.items.load(sorted(partition_of))
         engine.items = self.parsed.parse(loaded)
-        emits = await engine.process(records)
+        processor = engine.item_processor
+        emits: list[Emit] = []
+        if expiring and now is not None:
+            emits = processor.expire([item for item, _ in expiring], now)
+            await engine.count_dead(emits)
+            self.metrics.items_expired(len([i for i, _ in expiring if i in loaded]))
+        emits += await engine.process(records)
         changed = {k: b for k in engine.dirty if (b := engine.items[k].model_dump_json().encode()) != loaded.get(k)}
-        kept = {k: (b, engine.items[k]) for k, b in changed.items()}
-        waiting = {}
-        for item in changed:
-            since = engine.waiting_since(item)
+        changed |= {k: b"" for k in processor.removed if k in loaded}
+        kept = {k: (b, engine.items[k]) for k, b in changed.items() if b}
+        waiting, due = {}, {}
+        for item, b in changed.items():
+            since = engine.waiting_since(item) if b else None
             waiting[item] = (partition_of.get(item, 0), None if since is None else since.timestamp())
+            due[item] = (partition_of.get(item, 0), processor.due(engine.items[item]) if b else None)
+        for item, partition in expiring:
+            if item not in loaded:  # gone already (an index entry left behind): drop the entry
+                due[item] = (partition, None)
+        processor.removed.clear()
         engine.forget(engine.items)
         # outputs first, then the states that record them: a state must never say "done" for
         # outputs that were not acknowledged (a redelivery re-derives them only from the state
         # as it was before, e.g. a round closed by a timeout or a parked review)
         await self.send(emits)
-        await self.items.store(changed, waiting, loaded)
+        await self.items.store(changed, waiting, loaded, due)
         self.parsed.keep(kept)
+
+    def retention_clock(self, engine: Engine) -> float | None:
+        """The event time item retention is judged at: the latest submission this worker has
+        seen, but never past the wall clock (one event stamped years ahead must not expire every
+        item); None until it has seen one, or when items are kept for ever."""
+        seen = engine.item_processor.event_time
+        if self.settings.item_retention_s <= 0 or seen is None:
+            return None
+        return min(seen, time.time())
 
     async def proficiency_step(self) -> None:
         lock = asyncio.Lock()

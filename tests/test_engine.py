@@ -799,3 +799,38 @@ def test_a_replay_closes_timed_out_rounds_inside_its_batches_as_if_it_had_stoppe
     ]
     assert many_state == one_state
     assert len([n for n, _ in calls if n > 0]) <= -(-len(recs) // 500) + 3  # full batches, not cut at ticks
+
+
+def test_an_item_past_its_retention_keeps_a_marker_so_a_late_review_is_dead_lettered_and_new_work_starts_afresh(
+    run,
+) -> None:
+    """Retention on event time in a replay, as in the worker: an item idle longer than
+    `item_retention_s` keeps a marker; a review of its annotation is dead-lettered item_expired,
+    a review parked for an annotation that never came review_unmatched; a new annotation of the
+    item starts a new item (no round with the expired one)."""
+    day = 1440
+    c = criteria(consensus=s.ConsensusPolicy(overlap=2, timeout_s=1e9))
+    early, reviewed = annotation(1, "old", "w1", GOOD), annotation(6, "old2", "w3", GOOD)
+    orphan = review(2, annotation(99, "lost", "w9", GOOD), s.Verdict.APPROVE)
+    late = review(3, reviewed, s.Verdict.APPROVE).model_copy(update={"reviewed_at": T0 + timedelta(days=3)})
+    msgs = [
+        c,
+        early,
+        reviewed,
+        orphan,
+        annotation(4, "tick", "w2", GOOD, minutes=3 * day),  # the clock moves three days on
+        late,
+        annotation(5, "old", "w2", GOOD, minutes=3 * day + 1),  # alone in a new round: waits
+    ]
+    kept = Settings(stage="replay", item_retention_s=86_400.0)
+    result, prof = run(records(*msgs), settings=kept)
+    letters = {d.reason: d for d in out(result, "deadletter")}
+    assert set(letters) == {"item_expired", "review_unmatched"}
+    assert letters["item_expired"].source_offset == 5  # the late review's own record
+    assert "lost" in letters["review_unmatched"].error
+    assert out(result, "scores") == []  # w1's annotation and w2's never met in a round
+    forever, _ = run(records(*msgs))  # kept for ever: the late review is scored, w1 and w2 meet in a round
+    kinds = sorted(x.kind.value for x in out(forever, "scores"))
+    assert kinds == ["consensus", "consensus", "review"]
+    assert [d.reason for d in out(forever, "deadletter")] == []
+    assert prof.get("{p1}:totals") is None

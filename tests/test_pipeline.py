@@ -4,6 +4,7 @@ processes; events go in through Kafka and come out on the output topics and in R
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Iterator
@@ -264,41 +265,66 @@ def test_consensus_timeout_closes_rounds_in_the_stream(settings: Settings, worke
     assert kinds == {s.ScoreKind.CONSENSUS}
 
 
-async def _missing(settings: Settings) -> str:
-    """Which scores Redis lacks, where they sit on the topic, and the group's committed offsets."""
-    from aiokafka import AIOKafkaConsumer
-    from aiokafka.admin import AIOKafkaAdminClient
-    from redis.asyncio import Redis
+def test_items_past_their_retention_leave_redis_and_a_late_review_of_one_is_dead_lettered(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Item retention in the stream, on event time: a day's items are kept while they are within
+    `item_retention_s` of the latest submission, then a marker, then nothing; a review of an
+    expired item's annotation is dead-lettered as item_expired, one parked for an annotation that
+    never came as review_unmatched. The counters keep every score."""
+    from datetime import timedelta
 
-    redis = Redis.from_url(settings.redis_url)
-    keys = Keys(settings.key_prefix)
-    name = f"{settings.topic_prefix}scores"
-    consumer = AIOKafkaConsumer(
-        name, bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    from redis import Redis
+
+    kept = dataclasses.replace(settings, item_retention_s=86_400.0)
+    c = criteria(consensus=s.ConsensusPolicy(overlap=2, timeout_s=1e9))
+    asyncio.run(set_criteria(kept, c, wait_s=0))
+    day = 1440  # minutes; day 0 is nine days ago (retention never looks past the wall clock)
+    first = [annotation(n, f"d0-{n // 2}", f"w{n % 2}", GOOD, minutes=-9 * day + n) for n in range(8)]  # 4 rounds
+    orphan = review(9, annotation(99, "d0-lost", "w9", GOOD, minutes=-9 * day), s.Verdict.APPROVE)  # never comes
+    later = [annotation(100 + n, f"d3-{n // 2}", f"w{n % 2}", GOOD, minutes=-6 * day + n) for n in range(4)]
+    late_review = review(10, first[0], s.Verdict.APPROVE).model_copy(
+        update={"reviewed_at": first[0].submitted_at + timedelta(days=3)}
     )
-    await consumer.start()
-    missing = []
+    final = [annotation(200 + n, f"d6-{n // 2}", f"w{n % 2}", GOOD, minutes=-3 * day + n) for n in range(2)]
+    w = Worker(kept, tmp_path / "worker.log").start()
+    r = Redis.from_url(kept.redis_url)
+
+    def items() -> set[str]:
+        return {k.decode().split("|", 1)[1].split("}")[0] for k in r.scan_iter(match=f"{kept.key_prefix}:{{item|*")}
+
+    def markers() -> set[str]:
+        found = set()
+        for name in items():
+            state = r.get(f"{kept.key_prefix}:{{item|{name}}}:state")
+            if state is not None and b'"expired_at":null' not in state:
+                found.add(name)
+        return found
+
     try:
-        while True:
-            batch = await consumer.getmany(timeout_ms=1500)
-            if not batch:
-                break
-            for tp, records in batch.items():
-                for r in records:
-                    rec = s.ScoreRecord.from_bytes(r.value)
-                    if not await redis.exists(keys.seen(keys.tag(rec.project_id, rec.worker_id), rec.event_id)):
-                        missing.append((tp.partition, r.offset))
+        send(kept, [*first, orphan])
+        wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 8, 120, "day 0's scores", [w])
+        assert items() == {f"d0-{i}" for i in range(4)} | {"d0-lost"}
+        send(kept, later)  # three days on: day 0's items fall out of retention when their partition moves
+        wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 12, 120, "day 3's scores", [w])
+        send(kept, [late_review])
+        letters = lambda: {d.reason for d in messages_of(kept, "deadletter", s.DeadLetter)}  # noqa: E731
+        wait_for(lambda: {"item_expired", "review_unmatched"} <= letters(), 120, "the dead letters", [w])
+        assert markers() >= {"d0-0"}  # the reviewed item's marker said why
+        # six days on: the markers go too, swept at the event time reached before a batch (so the
+        # second annotation's batch sweeps at the first one's time)
+        send(kept, final[:1])
+        wait_for(lambda: bool(r.exists(f"{kept.key_prefix}:{{item|d6-0}}:state")), 60, "day 6's first stored", [w])
+        send(kept, final[1:])
+        wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 14, 120, "day 6's scores", [w])
+        wait_for(lambda: not {i for i in items() if i.startswith("d0-")}, 60, "day 0's markers gone", [w])
+        assert {i for i in items() if i.startswith("d3-")}  # still within the retention
+        assert live_snapshot(kept)["{p1}:totals"]["items"] == 14  # every score counted, none twice
+        (letter,) = [d for d in messages_of(kept, "deadletter", s.DeadLetter) if d.reason == "item_expired"]
+        assert "item_retention_s" in letter.error and letter.source_offset >= 0
     finally:
-        await consumer.stop()
-        await redis.aclose()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(settings.app_id)
-    finally:
-        await admin.close()
-    committed = {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == name}
-    return f"missing at (partition, offset) {sorted(missing)[:40]}; committed {committed}"
+        w.stop()
+        r.close()
 
 
 def test_the_score_and_proficiency_steps_run_in_separate_processes(settings: Settings, tmp_path: Path) -> None:
