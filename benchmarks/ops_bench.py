@@ -33,8 +33,7 @@ from goldstream.streams.memory import tune_gc
 from goldstream.streams.metrics import Metrics
 from goldstream.streams.replay import BATCH, replay
 from goldstream.streams.settings import Settings
-from goldstream.streams.state import Keys
-from redis.asyncio import Redis
+from goldstream.streams.state import Keys, connect
 
 from benchmarks.qc_bench import independent_case
 from benchmarks.replay_bench import _clear
@@ -50,7 +49,7 @@ async def run(settings: Settings, items: int, requests: int) -> dict[str, Any]:
     records = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, i) for i, (t, m) in enumerate(case.events)]
     n_ann = sum(1 for r in records if r.topic == "annotations")
     project = next(m.project_id for t, m in case.events if t == "annotations")
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     prefix = f"bench-ops-{uuid.uuid4().hex[:8]}"
     try:
         t0 = time.perf_counter()

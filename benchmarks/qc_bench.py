@@ -51,7 +51,7 @@ from goldstream.scoring import score_items
 from goldstream.streams.engine import Record
 from goldstream.streams.replay import ReplayResult, replay
 from goldstream.streams.settings import Settings
-from goldstream.streams.state import Keys, ProficiencyStore, RedisState, level_of
+from goldstream.streams.state import Keys, ProficiencyStore, RedisState, connect, level_of
 from redis.asyncio import Redis
 from scipy.stats import spearmanr
 
@@ -350,7 +350,7 @@ def evaluate_baselines(case: Case, budget: float) -> dict[str, Any]:
 
 
 async def run(settings: Settings, cases: Sequence[tuple[str, int]], items: int) -> dict[str, Any]:
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     out = []
     try:
         for family, seed in cases:

@@ -27,7 +27,7 @@ from goldstream.streams.engine import Record
 from goldstream.streams.memory import tune_gc
 from goldstream.streams.replay import BATCH, replay
 from goldstream.streams.settings import Settings
-from goldstream.streams.state import Keys
+from goldstream.streams.state import Keys, connect
 from redis.asyncio import Redis
 
 from benchmarks.qc_bench import independent_case, own_case
@@ -57,7 +57,7 @@ async def rate(redis: Redis, records: list[Record], batch: int, repeats: int) ->
 
 
 async def run(settings: Settings, items: int, repeats: int) -> dict[str, Any]:
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     rows = []
     try:
         for family, make in (

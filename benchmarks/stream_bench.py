@@ -40,8 +40,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 from goldstream.streams.settings import Settings
+from goldstream.streams.state import connect
 from goldstream.streams.topics import Topics
-from redis.asyncio import Redis
 
 from benchmarks.forward_app import FORWARDED
 from goldstream import schemas as s
@@ -126,7 +126,7 @@ async def cleanup(settings: Settings) -> None:
             await admin.delete_topics(names)
     finally:
         await admin.close()
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     try:
         async for key in redis.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
             await redis.delete(key)

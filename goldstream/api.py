@@ -43,6 +43,7 @@ from goldstream.streams.state import (
     ProficiencyStore,
     RedisState,
     buckets_of,
+    connect,
     level_of,
 )
 from goldstream.streams.topics import Topics
@@ -408,7 +409,7 @@ def openapi() -> dict[str, Any]:
 
 async def leaderboard_of(settings: Settings, project_id: str) -> list[dict[str, Any]]:
     """The leaderboard without a server (`goldstream workers`)."""
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     try:
         return await Api(settings, redis, {}).leaderboard(project_id)
     finally:
@@ -418,7 +419,7 @@ async def leaderboard_of(settings: Settings, project_id: str) -> list[dict[str, 
 @contextlib.asynccontextmanager
 async def running(settings: Settings, host: str, port: int) -> AsyncIterator[str]:
     """The server with its topic tails, until the block ends; yields its address."""
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     tails = {
         "escalations": Tail(settings, "escalations", s.Escalation),
         "alerts": Tail(settings, "alerts", s.QualityAlert),

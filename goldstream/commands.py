@@ -14,7 +14,6 @@ import orjson
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
-from redis.asyncio import Redis
 
 from goldstream.schemas.base import SchemaError, decode, validate
 from goldstream.schemas.criteria import ProjectCriteria
@@ -462,7 +461,7 @@ async def set_criteria(settings: Settings, criteria: ProjectCriteria, wait_s: fl
     await publish(settings, [("projects", criteria.project_id, criteria.to_bytes())])
     if wait_s <= 0:
         return
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     try:
         store = CriteriaStore(redis, Keys(settings.key_prefix), ttl_s=0)
         deadline = time.monotonic() + wait_s
@@ -548,7 +547,7 @@ async def rebuild_proficiency(
     Returns (scores applied, records skipped as unreadable). Counters are integers, so the result
     does not depend on the order the scores are read in: it equals the live state. A prefix that
     already holds proficiency is refused (FileExistsError) unless `force` deletes it first."""
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     keys = keys or Keys(settings.key_prefix)
     try:
         existing = [k async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)]
@@ -586,7 +585,7 @@ async def rebuild_proficiency(
 @contextlib.asynccontextmanager
 async def project_state(settings: Settings, project_id: str) -> AsyncIterator[tuple[ProficiencyStore, ProjectCriteria]]:
     """The proficiency store and a project's criteria (its defaults when it has none), for a report."""
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     keys = Keys(settings.key_prefix)
     try:
         criteria = await CriteriaStore(redis, keys).get(project_id, time.monotonic())

@@ -27,7 +27,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
-from redis.asyncio import Redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -40,7 +39,7 @@ from goldstream.proc import WorkerProcess
 from goldstream.services import STOPS, EmbeddedServices, stop_process
 from goldstream.simulator import Simulation, envelopes, load_spec, simulate
 from goldstream.streams.settings import Settings
-from goldstream.streams.state import Keys, ProficiencyStore, RedisState
+from goldstream.streams.state import Keys, ProficiencyStore, RedisState, connect
 from goldstream.streams.topics import Topics
 
 
@@ -190,7 +189,7 @@ async def run_demo(settings: Settings, duration: float, spec: str | None, seed: 
     criteria = {m.project_id: m for t, m in sim.events if t == "projects"}
     await create_topics(settings)
     log = Path(tempfile.gettempdir()) / f"goldstream-demo-worker-{os.getpid()}.log"
-    redis = Redis.from_url(settings.redis_url, **settings.redis())
+    redis = connect(settings.redis_url, **settings.redis())
     store = ProficiencyStore(RedisState(redis, Keys(settings.key_prefix)))
     watch = Watch()
     stop = asyncio.Event()

@@ -124,9 +124,9 @@ def kafka_options(settings: Settings) -> dict[str, Any]:
 
 
 def redis_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments of `redis.asyncio.Redis.from_url` beside the URL: the ACL user and
-    password, and TLS files for a `rediss://` URL."""
-    options: dict[str, Any] = {}
+    """Keyword arguments of `streams.state.connect` beside the URL: the ACL user and password,
+    TLS files for a `rediss://` URL, and `cluster` for a Redis Cluster."""
+    options: dict[str, Any] = {"cluster": True} if settings.redis_cluster else {}
     password = secret(settings, "redis_password")
     if settings.redis_username:
         options["username"] = settings.redis_username

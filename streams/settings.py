@@ -24,6 +24,7 @@ class Settings:
 
     kafka_bootstrap: str = "127.0.0.1:29192"
     redis_url: str = "redis://127.0.0.1:26479/0"
+    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster: use redis-py's cluster client
     services_kind: str = "external"  # "embedded": Tansu, whose producer takes no idempotence
     topic_prefix: str = "goldstream."
     key_prefix: str = "gs"

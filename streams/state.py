@@ -62,10 +62,12 @@ RETRYABLE = (
 )
 
 
-def connect(url: str, **options: Any) -> Redis:
-    """A client for goldstream's state. redis-py's own retries are cut to one immediate retry (a
-    stale pooled connection after a restart); outages are `RedisGuard`'s to wait out, with one
-    log line each way instead of a stack of retries per call."""
+def connect(url: str, cluster: bool = False, **options: Any) -> Redis:
+    """A client for goldstream's state: for one Redis, or (`cluster`) redis-py's Redis Cluster
+    client, which routes each call by its key's slot (goldstream's hash tags keep each script
+    call in one slot). redis-py's own retries are cut to one immediate retry (a stale pooled
+    connection after a restart); outages are `RedisGuard`'s to wait out, with one log line each
+    way instead of a stack of retries per call."""
     opts: dict[str, Any] = {
         "retry": Retry(NoBackoff(), 1),
         "socket_connect_timeout": 5.0,
@@ -73,6 +75,10 @@ def connect(url: str, **options: Any) -> Redis:
         "health_check_interval": 15,
     }
     opts.update(options)
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **opts)  # type: ignore[return-value]  # the same commands
     return Redis.from_url(url, **opts)
 
 
@@ -116,6 +122,7 @@ class RedisGuard:
     retries: int = field(default=0, init=False)
     last_outage_s: float = field(default=0.0, init=False)
     _back_at: float | None = field(default=None, init=False)
+    scripts: list[AsyncScript] = field(default_factory=list, init=False)  # loaded again on NOSCRIPT
     _logged: bool = field(default=False, init=False)
 
     @property
@@ -125,9 +132,18 @@ class RedisGuard:
 
     async def run(self, call: Callable[[], Awaitable[T]], what: str = "redis") -> T:
         delay = self.base_s
+        reloads = 0
         while True:
             try:
                 result = await call()
+            except redis_errors.NoScriptError:
+                # a restarted Redis, a cluster node new to this client: load the scripts and run
+                # the (idempotent) call again at once; not an outage
+                reloads += 1
+                if reloads > 3:
+                    raise
+                await self.run(self._load_scripts, "scripts")
+                continue
             except RETRYABLE as exc:
                 if refused(exc):
                     raise  # a wrong password or an untrusted certificate is not an outage: fail now
@@ -156,14 +172,23 @@ class RedisGuard:
                 await self._recovered()
             return result
 
+    async def _load_scripts(self) -> None:
+        """Load goldstream's scripts into Redis (on a cluster, into every primary): pipelined
+        script calls (`evalsha`) do not load a missing script by themselves."""
+        for script in self.scripts:
+            await self.client.script_load(script.script)
+
     async def _recovered(self) -> None:
         assert self.down_since is not None
         self._back_at = time.monotonic()
         self.last_outage_s = self._back_at - self.down_since
         self.down_since = None
         # pooled connections opened before the outage are dead: drop the idle ones now rather
-        # than meet them one call at a time
-        await self.client.connection_pool.disconnect(inuse_connections=False)
+        # than meet them one call at a time (a cluster client keeps a pool per node, and finds
+        # its nodes again by itself)
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            await pool.disconnect(inuse_connections=False)
         if self._logged:
             self._logged = False
             log.warning("Redis is back after %.1f s (%d retries in all)", self.last_outage_s, self.retries)
@@ -192,6 +217,13 @@ class RedisGuard:
 
 def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def evalsha(pipe: Any, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue a script call on a pipeline, plain or cluster: redis-py refuses `evalsha` on a
+    cluster pipeline but routes the raw command by its first key. A missing script (NOSCRIPT) is
+    `RedisGuard.run`'s to load; the scripts must be registered with the guard (`scripts`)."""
+    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def load_script(name: str) -> str:
@@ -297,6 +329,7 @@ class RedisState:
         self.dedup_ttl_s = dedup_ttl_s
         self.guard = guard or RedisGuard(client)
         self._apply_once: AsyncScript = client.register_script(load_script("apply_once"))
+        self.guard.scripts.append(self._apply_once)
 
     def _call_args(self, group: Sequence[Increment]) -> tuple[list[str], list[str | int | bytes]]:
         """One script call for the increments of one slot: the slot's applied positions, the dedup
@@ -343,7 +376,7 @@ class RedisState:
             pipe = self.client.pipeline(transaction=False)
             for members in groups.values():
                 keys, args = self._call_args([batch[i] for i in members])
-                await self._apply_once(keys=keys, args=args, client=pipe)
+                evalsha(pipe, self._apply_once, keys, args)
             return await pipe.execute()
 
         done = [False] * len(batch)
@@ -705,6 +738,7 @@ class ItemStore:
         self.state = state
         self.keys = state.keys
         self._swap: AsyncScript = state.client.register_script(self.SWAP)
+        state.guard.scripts.append(self._swap)
 
     async def load(self, item_ids: Sequence[str]) -> dict[str, bytes]:
         def build(pipe: Any) -> None:
@@ -755,7 +789,7 @@ class ItemStore:
                     else:
                         pipe.delete(key)
                 else:
-                    await self._swap(keys=[key], args=[loaded.get(item_id, b""), new], client=pipe)
+                    evalsha(pipe, self._swap, [key], [loaded.get(item_id, b""), new])
             for item_id, (partition, since) in waiting.items():
                 if since is None:
                     pipe.zrem(self.keys.waiting(partition), item_id)

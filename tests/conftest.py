@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from goldstream.streams.state import Keys
+from goldstream.streams.state import Keys, connect
 from goldstream.streams.topics import Topics
-from redis.asyncio import Redis
 
 from goldstream.services import EmbeddedServices, Endpoints, from_env
 
@@ -80,8 +79,8 @@ def keys(run_id: str) -> Keys:
     return Keys(prefix=f"test-{run_id}")
 
 
-async def drop_keys(url: str, prefix: str) -> None:
-    client = Redis.from_url(url)
+async def drop_keys(url: str, prefix: str, cluster: bool = False) -> None:
+    client = connect(url, cluster=cluster)
     try:
         async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
             await client.delete(key)

@@ -10,9 +10,8 @@ from pathlib import Path
 from goldstream.streams.engine import Record
 from goldstream.streams.replay import envelope, proficiency_snapshot, replay
 from goldstream.streams.settings import Settings
-from goldstream.streams.state import Keys
+from goldstream.streams.state import Keys, connect
 from goldstream.streams.watchdog import EXIT_STALLED
-from redis.asyncio import Redis
 
 from goldstream import schemas as s
 from goldstream.commands import committed_to_end, publish, read_topic
@@ -110,7 +109,7 @@ def replay_snapshot(settings: Settings, messages: Sequence[s.Message], prefix: s
     """What `goldstream replay` makes of the same messages, under another key prefix."""
 
     async def main() -> dict:
-        client = Redis.from_url(settings.redis_url)
+        client = connect(settings.redis_url, **settings.redis())
         try:
             recs = [Record(TOPIC_OF[type(m)], m.to_bytes(), key_of(m).encode(), 0, i) for i, m in enumerate(messages)]
             await replay(recs, client, Keys(prefix))
@@ -123,7 +122,7 @@ def replay_snapshot(settings: Settings, messages: Sequence[s.Message], prefix: s
 
 def live_snapshot(settings: Settings, prefix: str | None = None) -> dict:
     async def main() -> dict:
-        client = Redis.from_url(settings.redis_url)
+        client = connect(settings.redis_url, **settings.redis())
         try:
             return await proficiency_snapshot(client, Keys(prefix or settings.key_prefix))
         finally:
