@@ -187,6 +187,10 @@ class ItemProcessor:
     _ticks: int = field(default=0, repr=False)  # a replay's timer requests so far: their positions
     _at: float | None = field(default=None, repr=False)  # the event time of the input in hand
     removed: set[str] = field(default_factory=set)  # items whose state retention deleted
+    # the latest submission per input partition: item retention's clock. Per partition, since an
+    # item's inputs all come through its own: a partition read behind the others (a backlog)
+    # must not find its items expired by the others' progress, before their rounds could form
+    clocks: dict[int, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ batch
 
@@ -348,6 +352,8 @@ class ItemProcessor:
 
     def _on_annotation(self, rec: Record, a: AnnotationSubmitted, c: ProjectCriteria) -> list[Slot]:
         self.event_time = max(self.event_time or 0.0, a.submitted_at.timestamp())
+        if rec.partition >= 0:
+            self.clocks[rec.partition] = max(self.clocks.get(rec.partition, 0.0), a.submitted_at.timestamp())
         problems = content_problems(a.content, c)
         if problems:
             out: list[Slot] = [self.ingress.dead(rec, *problems)]

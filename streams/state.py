@@ -808,12 +808,14 @@ class ItemStore:
             await self.state.guard.verify()  # a flushed Redis loses the states too: StateLost first
             raise ItemConflict(f"{len(lost)} item state(s) changed by another worker meanwhile, e.g. {lost[0]!r}")
 
-    async def due(self, partitions: Sequence[int], now: float, limit: int = 500) -> list[tuple[str, int]]:
-        """(item, partition) of up to `limit` items per partition out of retention at `now`."""
+    async def due(self, now: Mapping[int, float], limit: int = 500) -> list[tuple[str, int]]:
+        """(item, partition) of up to `limit` items per partition out of retention at its clock
+        (`now[partition]`, event time)."""
+        partitions = sorted(now)
 
         def build(pipe: Any) -> None:
             for p in partitions:
-                pipe.zrangebyscore(self.keys.expiry(p), "-inf", now, start=0, num=limit)
+                pipe.zrangebyscore(self.keys.expiry(p), "-inf", now[p], start=0, num=limit)
 
         out: list[tuple[str, int]] = []
         for p, found in zip(partitions, await self.state.read(build, "expiry"), strict=True):

@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -318,21 +318,20 @@ class Worker:
         for rec in records:
             if rec.topic in ITEM_TOPICS and (item := item_id_of(rec)) is not None:
                 partition_of.setdefault(item, rec.partition)
-        # retention first, at the event time reached before this batch: a record of an item out
-        # of retention finds what is left of it (a late review, its marker), as it would have
-        # had the item been swept the moment it fell out; every owned partition is swept, since
-        # the clock moves with any of them
-        now = self.retention_clock(engine)
-        parts = sorted(set(owned) | set(partition_of.values()))
-        expiring = await self.items.due(parts, now) if now is not None and parts else []
+        # retention first, at the event time each partition reached before this batch: a record
+        # of an item out of retention finds what is left of it (a late review, its marker), as
+        # it would have had the item been swept the moment it fell out
+        now = self.retention_clocks(engine, set(owned) | set(partition_of.values()))
+        expiring = await self.items.due(now) if now else []
         for item, partition in expiring:
             partition_of.setdefault(item, partition)
         loaded = await self.items.load(sorted(partition_of))
         engine.items = self.parsed.parse(loaded)
         processor = engine.item_processor
         emits: list[Emit] = []
-        if expiring and now is not None:
-            emits = processor.expire([item for item, _ in expiring], now)
+        for partition, at in sorted(now.items()):
+            emits += processor.expire([item for item, p in expiring if p == partition], at)
+        if expiring:
             await engine.count_dead(emits)
             self.metrics.items_expired(len([i for i, _ in expiring if i in loaded]))
         emits += await engine.process(records)
@@ -356,14 +355,15 @@ class Worker:
         await self.items.store(changed, waiting, loaded, due)
         self.parsed.keep(kept)
 
-    def retention_clock(self, engine: Engine) -> float | None:
-        """The event time item retention is judged at: the latest submission this worker has
-        seen, but never past the wall clock (one event stamped years ahead must not expire every
-        item); None until it has seen one, or when items are kept for ever."""
-        seen = engine.item_processor.event_time
-        if self.settings.item_retention_s <= 0 or seen is None:
-            return None
-        return min(seen, time.time())
+    def retention_clocks(self, engine: Engine, partitions: Iterable[int]) -> dict[int, float]:
+        """The event time item retention is judged at, per input partition: the latest submission
+        this worker has seen there, but never past the wall clock (one event stamped years ahead
+        must not expire every item); none for a partition without one yet, nor when items are
+        kept for ever."""
+        if self.settings.item_retention_s <= 0:
+            return {}
+        clocks, wall = engine.item_processor.clocks, time.time()
+        return {p: min(clocks[p], wall) for p in sorted(partitions) if p in clocks}
 
     async def proficiency_step(self) -> None:
         lock = asyncio.Lock()

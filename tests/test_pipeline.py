@@ -282,11 +282,14 @@ def test_items_past_their_retention_leave_redis_and_a_late_review_of_one_is_dead
     day = 1440  # minutes; day 0 is nine days ago (retention never looks past the wall clock)
     first = [annotation(n, f"d0-{n // 2}", f"w{n % 2}", GOOD, minutes=-9 * day + n) for n in range(8)]  # 4 rounds
     orphan = review(9, annotation(99, "d0-lost", "w9", GOOD, minutes=-9 * day), s.Verdict.APPROVE)  # never comes
-    later = [annotation(100 + n, f"d3-{n // 2}", f"w{n % 2}", GOOD, minutes=-6 * day + n) for n in range(4)]
+    # retention's clock is per input partition: three days on, a round in every partition
+    later = [annotation(100 + n, item, f"w{n % 2}", GOOD, minutes=-6 * day + n)
+             for item in _one_item_per_partition("d3", kept.partitions) for n in range(2)]  # fmt: skip
     late_review = review(10, first[0], s.Verdict.APPROVE).model_copy(
         update={"reviewed_at": first[0].submitted_at + timedelta(days=3)}
     )
-    final = [annotation(200 + n, f"d6-{n // 2}", f"w{n % 2}", GOOD, minutes=-3 * day + n) for n in range(2)]
+    ticks = _one_item_per_partition("d6", kept.partitions)
+    final = [annotation(200 + n, item, f"w{n % 2}", GOOD, minutes=-3 * day + n) for n in range(2) for item in ticks]
     w = Worker(kept, tmp_path / "worker.log").start()
     r = Redis.from_url(kept.redis_url)
 
@@ -306,25 +309,39 @@ def test_items_past_their_retention_leave_redis_and_a_late_review_of_one_is_dead
         wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 8, 120, "day 0's scores", [w])
         assert items() == {f"d0-{i}" for i in range(4)} | {"d0-lost"}
         send(kept, later)  # three days on: day 0's items fall out of retention when their partition moves
-        wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 12, 120, "day 3's scores", [w])
+        wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 16, 120, "day 3's scores", [w])
         send(kept, [late_review])
         letters = lambda: {d.reason for d in messages_of(kept, "deadletter", s.DeadLetter)}  # noqa: E731
         wait_for(lambda: {"item_expired", "review_unmatched"} <= letters(), 120, "the dead letters", [w])
         assert markers() >= {"d0-0"}  # the reviewed item's marker said why
-        # six days on: the markers go too, swept at the event time reached before a batch (so the
-        # second annotation's batch sweeps at the first one's time)
-        send(kept, final[:1])
-        wait_for(lambda: bool(r.exists(f"{kept.key_prefix}:{{item|d6-0}}:state")), 60, "day 6's first stored", [w])
-        send(kept, final[1:])
-        wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 14, 120, "day 6's scores", [w])
+        # six days on: the markers go too, swept at the event time a partition reached before a
+        # batch (so the second annotations' batches sweep at the first ones' time)
+        send(kept, final[: len(ticks)])
+        stored = lambda: all(r.exists(f"{kept.key_prefix}:{{item|{i}}}:state") for i in ticks)  # noqa: E731
+        wait_for(stored, 60, "day 6's first annotations stored", [w])
+        send(kept, final[len(ticks) :])
+        wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 24, 120, "day 6's scores", [w])
         wait_for(lambda: not {i for i in items() if i.startswith("d0-")}, 60, "day 0's markers gone", [w])
         assert {i for i in items() if i.startswith("d3-")}  # still within the retention
-        assert live_snapshot(kept)["{p1}:totals"]["items"] == 14  # every score counted, none twice
+        assert live_snapshot(kept)["{p1}:totals"]["items"] == 24  # every score counted, none twice
         (letter,) = [d for d in messages_of(kept, "deadletter", s.DeadLetter) if d.reason == "item_expired"]
         assert "item_retention_s" in letter.error and letter.source_offset >= 0
     finally:
         w.stop()
         r.close()
+
+
+def _one_item_per_partition(stem: str, partitions: int) -> list[str]:
+    """Item ids whose records land one in each partition (Kafka's default partitioner)."""
+    from aiokafka.partitioner import murmur2
+
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < partitions:
+        item = f"{stem}-{n}"
+        found.setdefault((murmur2(item.encode()) & 0x7FFFFFFF) % partitions, item)
+        n += 1
+    return [found[p] for p in range(partitions)]
 
 
 def test_the_score_and_proficiency_steps_run_in_separate_processes(settings: Settings, tmp_path: Path) -> None:
