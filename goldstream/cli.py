@@ -340,6 +340,14 @@ def _rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reset_positions(args: argparse.Namespace) -> int:
+    from goldstream.commands import reset_positions
+
+    n = asyncio.run(reset_positions(_settings(args)))  # type: ignore[arg-type]
+    print(f"forgot the applied positions of {n} slot(s); the counters are kept")
+    return 0
+
+
 def _rebuild_state(args: argparse.Namespace) -> int:
     from goldstream.commands import restore_state
 
@@ -621,6 +629,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _connection_options(rs)
     rs.set_defaults(func=_rebuild_state)
+    rp_ = sub.add_parser(
+        "reset-positions",
+        help="after input topics were recreated under kept state: count their offsets from the start again",
+        description="Forgets the input positions goldstream applied (the counters stay). A worker refuses to "
+        "start when an input partition ends before the offset it already handled there; run this with the "
+        "workers stopped, then start them.",
+    )
+    _connection_options(rp_)
+    rp_.set_defaults(func=_reset_positions)
 
     rep = sub.add_parser("report", help="quality figures of a project or a batch against its targets")
     _connection_options(rep)

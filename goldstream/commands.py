@@ -91,6 +91,7 @@ async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
     guard = RedisGuard(redis)
     try:
         if await guard.run(lambda: redis.get(keys.epoch()), "epoch") is not None:
+            await check_positions(settings, redis, keys)
             return "present"
         begins, ends = await topic_bounds(settings, STATE_TOPICS)
         # a new deployment: no worker ever wrote a score or a dead letter, nor committed an input
@@ -131,6 +132,54 @@ async def ensure_state(settings: Settings, *, lock_ttl_s: int = 60) -> str:
         summary = ", ".join(f"{v} {k}" for k, v in counts.items())
         print(f"{where}: state rebuilt ({summary})", file=sys.stderr, flush=True)
         return f"rebuilt ({summary})"
+    finally:
+        await redis.aclose()
+
+
+async def check_positions(settings: Settings, redis: Any, keys: Keys) -> None:
+    """Refuse to count on when an input partition ends before the offset the score step already
+    handled there: the topic was recreated, or the deployment points at another Kafka. Its new
+    inputs would reuse offsets that the applied positions (`streams.state.Position`) say were
+    applied, and their scores would be skipped as redeliveries."""
+    from goldstream.streams.worker import SCORE_INPUTS
+
+    handled = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.inputs())).items()}
+    if not handled:
+        return
+    ep = endpoints(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=ep.bootstrap_servers, **ep.kafka)
+    await consumer.start()
+    try:
+        for logical in SCORE_INPUTS:
+            name = Topics(settings.topic_prefix).name(logical)
+            parts = [TopicPartition(name, p) for p in await topic_partitions(ep, name)]
+            ends = await consumer.end_offsets(parts) if parts else {}
+            for tp, end in sorted(ends.items()):
+                last = handled.get(f"{tp.topic}:{tp.partition}")
+                if last is not None and last >= end:
+                    raise SystemExit(
+                        f"{tp.topic} partition {tp.partition} ends at offset {end}, but goldstream already handled "
+                        f"its offset {last}: the topic was recreated, or this deployment now points at another "
+                        "Kafka. New inputs there would be taken for ones already applied. Keep the state under "
+                        "a new key_prefix, or run `goldstream reset-positions` to count the new topic's "
+                        "offsets from the start."
+                    )
+    finally:
+        await consumer.stop()
+
+
+async def reset_positions(settings: Settings) -> int:
+    """`goldstream reset-positions`: forget which input positions were applied (every slot's
+    `applied` hash and the score step's progress), for topics recreated under kept state. The
+    counters stay; the next inputs count as new. Run it with the workers stopped."""
+    redis = connect(settings.redis_url, **settings.redis())
+    keys = Keys(settings.key_prefix)
+    try:
+        names = [k async for k in redis.scan_iter(match=f"{keys.prefix}:*:applied", count=1000)]
+        names.append(keys.inputs().encode())
+        for name in names:
+            await redis.delete(name)
+        return len(names) - 1
     finally:
         await redis.aclose()
 

@@ -272,6 +272,11 @@ class Keys:
         waiting submission (the consensus timer reads its own partitions')."""
         return self.key("{waiting}", str(partition))
 
+    def inputs(self) -> str:
+        """The score step's progress: '<topic>:<partition>' -> the last offset it handled there.
+        Compared with the topics at start, it tells a topic recreated under kept state."""
+        return f"{self.prefix}:inputs"
+
     def epoch(self) -> str:
         """Written once when the state is created (`ensure_state`): its absence means Redis lost it."""
         return f"{self.prefix}:epoch"
@@ -767,15 +772,17 @@ class ItemStore:
         waiting: Mapping[str, tuple[int, float | None]],
         loaded: Mapping[str, bytes] | None = None,
         due: Mapping[str, tuple[int, float | None]] | None = None,
+        progress: Mapping[str, int] | None = None,
     ) -> None:
         """Write changed item states (an empty one deletes the item: retention), each only over
         the state it was derived from (`loaded`; raises `ItemConflict` when another worker wrote
         it meanwhile; None: unconditionally, as a rebuild does), each item's place in its
         partition's waiting index (`waiting[item] = (partition, oldest waiting submission as epoch
         seconds, or None)`) and in its retention index (`due[item] = (partition, when it falls
-        out of retention, or None)`). A write seen again (a retry after a lost reply) succeeds."""
+        out of retention, or None)`), and the batch's `progress` ('<topic>:<partition>' -> last
+        offset, `Keys.inputs`). A write seen again (a retry after a lost reply) succeeds."""
         due = due or {}
-        if not changed and not waiting and not due:
+        if not changed and not waiting and not due and not progress:
             return
         names = list(changed)
 
@@ -800,6 +807,8 @@ class ItemStore:
                     pipe.zrem(self.keys.expiry(partition), item_id)
                 else:
                     pipe.zadd(self.keys.expiry(partition), {item_id: when})
+            if progress:
+                pipe.hset(self.keys.inputs(), mapping=dict(progress))
             return await pipe.execute()
 
         results = await self.state.guard.run(call, "items")

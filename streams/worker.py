@@ -351,8 +351,9 @@ class Worker:
         # outputs first, then the states that record them: a state must never say "done" for
         # outputs that were not acknowledged (a redelivery re-derives them only from the state
         # as it was before, e.g. a round closed by a timeout or a parked review)
+        progress = {f"{tp.topic}:{tp.partition}": rs[-1].offset for tp, rs in batch.items() if rs}
         await self.send(emits)
-        await self.items.store(changed, waiting, loaded, due)
+        await self.items.store(changed, waiting, loaded, due, progress)
         self.parsed.keep(kept)
 
     def retention_clocks(self, engine: Engine, partitions: Iterable[int]) -> dict[int, float]:

@@ -322,3 +322,39 @@ def test_a_worker_that_finds_the_state_created_while_it_read_the_topics_does_not
         assert not rebuilt
     finally:
         asyncio.run(drop_keys(settings.redis_url, settings.key_prefix))
+
+
+def test_a_worker_refuses_to_count_on_when_an_input_topic_was_recreated_under_kept_state(settings: Settings) -> None:
+    """Redis says annotations' partition 0 was handled up to offset 41; the topic there now ends
+    at 2 (recreated, or another Kafka). Counting on would take its new inputs for ones already
+    applied: the worker refuses, naming the topic and the way out, until `reset-positions`."""
+    from redis.asyncio import Redis
+
+    import goldstream.commands as commands
+
+    keys = Keys(settings.key_prefix)
+    asyncio.run(commands.create_topics(settings))
+    from tests.test_pipeline import _one_item_per_partition
+
+    send = [annotation(n, item, "w1", GOOD) for n, item in enumerate(_one_item_per_partition("i", 2))]
+    asyncio.run(commands.publish(settings, [("annotations", a.item_id, a.to_bytes()) for a in send]))
+
+    async def write(handled: int) -> None:
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            await redis.set(keys.epoch(), "kept")
+            tp = f"{settings.topic_prefix}annotations"
+            await redis.hset(keys.inputs(), mapping={f"{tp}:0": handled, f"{tp}:1": handled})
+            await redis.hset(keys.applied(keys.tag("p1", "w1")), mapping={f"{tp}:0>0": handled})
+        finally:
+            await redis.aclose()
+
+    asyncio.run(write(41))
+    with pytest.raises(SystemExit, match=r"annotations partition 0 ends at offset 1, but goldstream already "
+                       r"handled its offset 41.*reset-positions"):  # fmt: skip
+        asyncio.run(commands.ensure_state(settings))
+    done = _cli(settings, "reset-positions")
+    assert done.returncode == 0 and "forgot the applied positions of 1 slot(s)" in done.stdout, done.stderr
+    assert asyncio.run(commands.ensure_state(settings)) == "present"
+    asyncio.run(write(0))  # a topic that holds what was handled (one record in each partition) is fine
+    assert asyncio.run(commands.ensure_state(settings)) == "present"
