@@ -217,6 +217,11 @@ class ProficiencyPolicy(Model):
     """How a worker's standing is kept: the evidence sequence, the time buckets, the interval."""
 
     bucket_s: Annotated[int, Field(gt=0)] = 300
+    history_s: Annotated[int, Field(gt=0)] = Field(
+        7 * 86_400,
+        description="how long time buckets are kept (event time, behind the newest): the alert window and "
+        "the dashboard's trends read them; older buckets are deleted, so a worker's state does not grow with time",
+    )
     evidence_items: Annotated[int, Field(ge=10, le=1000)] = Field(
         100, description="the latest evidence items kept per worker, in event-time order, for drift"
     )

@@ -214,8 +214,9 @@ def _collect(result: ReplayResult, emits: Iterable[Emit]) -> None:
 
 async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, int]]:
     """Every counter hash and evidence sequence under the prefix (key names without the prefix;
-    a sequence as member -> event time in ms). Left out: applied positions and dedup keys (a live
-    run's positions are Kafka offsets, a replay's its file's lines), criteria, alert flags, item
+    a sequence as member -> event time in ms). Left out: applied positions, the score step's
+    progress and dedup keys (a live run's positions are Kafka offsets, a replay's its file's
+    lines), criteria, alert flags, item
     states, and the risk histograms (`:risks`): a risk is judged with the model as it stood when
     the annotation was scored, which depends on how far the proficiency step had got, so a live
     run and a replay of its inputs differ there (a rebuild from the scores topic does not)."""
@@ -226,12 +227,13 @@ async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, 
             ":seen:" in key
             or key.startswith(f"{keys.prefix}:criteria:")
             or key.endswith((":alerts", ":risks", ":applied"))
+            or key == keys.inputs()
         ):
             continue
         kind = await redis.type(raw_key)
-        if kind == b"hash":
+        if kind == b"hash":  # without a bucket hash's '_hi' / '_lo' (how far its pruning got)
             fields = await redis.hgetall(raw_key)
-            out[key[len(keys.prefix) + 1 :]] = {k.decode(): int(v) for k, v in sorted(fields.items())}
+            out[key[len(keys.prefix) + 1 :]] = {k.decode(): int(v) for k, v in sorted(fields.items()) if k[:1] != b"_"}
         elif kind == b"zset" and key.endswith(":evidence"):
             entries = await redis.zrange(raw_key, 0, -1, withscores=True)
             out[key[len(keys.prefix) + 1 :]] = {m.decode(): round(score * 1000) for m, score in sorted(entries)}

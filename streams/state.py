@@ -317,6 +317,8 @@ class Increment:
     changes: Mapping[str, Mapping[str, int]]
     entries: Mapping[str, tuple[str, float, int]] = field(default_factory=dict)
     at: Position | None = None
+    # time-bucket hashes kept to a history: suffix -> (seconds kept, bucket size, field parts)
+    history: Mapping[str, tuple[int, int, tuple[str, ...]]] = field(default_factory=dict)
 
 
 class RedisState:
@@ -358,11 +360,16 @@ class RedisState:
             return index[name]
 
         events = []
+        history: dict[int, tuple[int, int, tuple[str, ...]]] = {}
         for inc, guard in zip(group, guards, strict=True):
             hincr = [(at(inc.tag, suffix), fields) for suffix, fields in inc.changes.items() if fields]
             entries = [(at(inc.tag, suffix), m, repr(float(s)), keep) for suffix, (m, s, keep) in inc.entries.items()]
             events.append((guard, hincr, entries))
-        return keys, [self.dedup_ttl_s, orjson.dumps(events)]
+            for suffix, kept in inc.history.items():
+                if inc.changes.get(suffix):
+                    history[at(inc.tag, suffix)] = kept
+        prunes = [[k, keep, step, list(parts)] for k, (keep, step, parts) in sorted(history.items())]
+        return keys, [self.dedup_ttl_s, orjson.dumps(events), orjson.dumps(prunes)]
 
     async def apply(self, batch: Sequence[Increment]) -> list[bool]:
         """Apply each increment once; True where applied, False where it was a re-delivery. One
@@ -498,9 +505,13 @@ def record_increments(
     if record.batch_id is not None:
         project[f"batch:{record.batch_id}"] = totals
     at = Position.of(record.source_topic, record.source_partition, record.source_offset, lane)
+    kept = criteria.proficiency.history_s
+    scores = (kept, bucket_s, ("n", "s", "p"))
+    labels = (kept, bucket_s, ("tp", "fp", "fn"))
+    project_history = {"buckets": scores} | {f"label:{x}": labels for x in record.result.labels}
     return [
-        Increment(keys.tag(record.project_id, w), record.event_id, worker, worker_entries, at),
-        Increment(keys.tag(record.project_id), record.event_id, project, at=at),
+        Increment(keys.tag(record.project_id, w), record.event_id, worker, worker_entries, at, {"buckets": scores}),
+        Increment(keys.tag(record.project_id), record.event_id, project, at=at, history=project_history),
     ]
 
 

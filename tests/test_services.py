@@ -182,6 +182,44 @@ def test_lua_apply_once_remembers_positions_per_stream_not_one_key_per_event(
     assert len(names) == 2  # the totals and the applied positions
 
 
+def test_time_buckets_keep_their_history_and_end_the_same_whatever_the_order(
+    backend: Endpoints, redis_keys: Keys
+) -> None:
+    """A bucket hash keeps `keep` seconds behind its newest bucket: older buckets are deleted, and
+    an increment arriving for one is dropped, so two orders of the same events leave the same
+    buckets (what drives the deleting, '_lo', may differ)."""
+    keys = redis_keys
+    starts = [0, 100, 200, 300, 400, 500, 900, 200, 400, 1000, 100]
+
+    def inc(tag: str, n: int, start: int, offset: int) -> Increment:
+        return Increment(tag, f"e{n}", {"buckets": {f"{start}:n": 1, f"{start}:s": start}},
+                         at=Position("s:0", offset), history={"buckets": (600, 100, ("n", "s"))})  # fmt: skip
+
+    async def main() -> tuple[dict[str, int], dict[str, int]]:
+        client = Redis.from_url(backend.redis_url)
+        try:
+            state = RedisState(client, keys, dedup_ttl_s=60)
+            forward, backward = keys.tag("p1", "fw"), keys.tag("p1", "bw")
+            for n, start in enumerate(starts):  # one event per call: deleted as time goes on
+                await state.apply([inc(forward, n, start, n)])
+            order = [(i, n, start) for i, (n, start) in enumerate(list(enumerate(starts))[::-1])]
+            await state.apply([inc(backward, n, start, i) for i, n, start in order[:4]])
+            await state.apply([inc(backward, n, start, i) for i, n, start in order[4:]])
+            return (
+                await state.counters(keys.worker("p1", "fw", "buckets")),
+                await state.counters(keys.worker("p1", "bw", "buckets")),
+            )
+        finally:
+            await client.aclose()
+
+    forward, backward = asyncio.run(main())
+    kept = {k: v for k, v in forward.items() if not k.startswith("_")}
+    assert kept == {"400:n": 2, "400:s": 800, "500:n": 1, "500:s": 500, "900:n": 1, "900:s": 900,
+                    "1000:n": 1, "1000:s": 1000}  # fmt: skip
+    assert {k: v for k, v in backward.items() if not k.startswith("_")} == kept
+    assert forward["_hi"] == backward["_hi"] == 1000
+
+
 def test_keys_of_one_worker_share_a_cluster_slot(keys: Keys) -> None:
     from redis.crc import key_slot
 

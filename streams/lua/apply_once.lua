@@ -18,6 +18,11 @@
 --              entries:  [[k, member, score, keep], ...]: ZADD KEYS[k] score member, then keep
 --                        the `keep` highest-scored members of KEYS[k] (the latest by event time,
 --                        whatever order they arrived in)
+-- ARGV[3]      JSON: time-bucket hashes to keep to a history, [[k, keep, step, [part, ...]], ...]:
+--              fields '<start>:<part>' of KEYS[k] whose start lies more than `keep` seconds behind
+--              the newest start ever written there ('_hi') are deleted ('_lo': where the deleting
+--              has got to), and increments to them dropped, so the hash holds `keep` of history
+--              whatever the order the events arrive in
 -- Returns, for each event, 1 if this call applied it, 0 if it had been applied before.
 local events = cjson.decode(ARGV[2])
 local sums, order, keep, applied = {}, {}, {}, {}
@@ -64,6 +69,43 @@ for i, ev in ipairs(events) do
     end
   else
     applied[i] = 0
+  end
+end
+local function start_of(field)
+  return tonumber(string.match(field, '^(%-?%d+):'))
+end
+for _, pr in ipairs(cjson.decode(ARGV[3])) do
+  local k, keep, step, parts = pr[1], pr[2], pr[3], pr[4]
+  local fields = sums[k]
+  if fields then
+    local marks = redis.call('HMGET', KEYS[k], '_hi', '_lo')
+    local hi = tonumber(marks[1])
+    for field in pairs(fields) do
+      local s = start_of(field)
+      if s and (hi == nil or s > hi) then hi = s end
+    end
+    if hi then
+      local horizon = math.floor((hi - keep) / step) * step
+      for field in pairs(fields) do
+        local s = start_of(field)
+        if s and s < horizon then fields[field] = nil end
+      end
+      local lo = tonumber(marks[2])
+      if lo == nil or (horizon - lo) / step > 20000 then
+        for _, field in ipairs(redis.call('HKEYS', KEYS[k])) do
+          local s = start_of(field)
+          if s and s < horizon then redis.call('HDEL', KEYS[k], field) end
+        end
+      else
+        for b = lo, horizon - step, step do
+          for _, part in ipairs(parts) do
+            redis.call('HDEL', KEYS[k], string.format('%d:%s', b, part))
+          end
+        end
+      end
+      if lo == nil or horizon > lo then lo = horizon end
+      redis.call('HSET', KEYS[k], '_hi', string.format('%d', hi), '_lo', string.format('%d', lo))
+    end
   end
 end
 for _, k in ipairs(order) do
