@@ -283,11 +283,13 @@ def wait_drained(settings: Settings, worker: WorkerProcess, timeout_s: float = 3
     raise TimeoutError("the worker did not drain the chunk")
 
 
-def recovery(settings: Settings, log: Path, redis: Redis, probe: int, t0: datetime) -> tuple[WorkerProcess, float]:
-    """Start a worker and time it until it has scored a probe annotation on a gold item."""
+def recovery(settings: Settings, log: Path, redis: Redis, probe: int, at: datetime) -> tuple[WorkerProcess, float]:
+    """Start a worker and time it until it has scored a probe annotation on a gold item, stamped
+    with the event time the stream has reached (a probe from the future would move its
+    partition's retention clock, and expire that partition's items early)."""
     started = time.monotonic()
     worker = WorkerProcess(settings, log).start()
-    item, at = f"probe-{probe}", t0 - timedelta(hours=1)
+    item = f"probe-{probe}"
     gold = {"event_id": f"g-{item}", "project_id": PROJECT, "item_id": item, "created_at": at.isoformat(),
             "content": {"objects": [{"id": "o0", "label": "car", "shape": {"type": "bbox", "x": 10, "y": 10,
                                                                          "w": 50, "h": 40}}]}}  # fmt: skip
@@ -343,7 +345,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "worker_rss": rss_bytes(worker.proc.pid),
             }
             worker.stop()
-            worker, sample["recovery_s"] = recovery(settings, logs / f"worker-{n + 1}.log", redis, n, workload.t0)
+            reached = workload.start + timedelta(days=workload.days * last / workload.items)
+            worker, sample["recovery_s"] = recovery(settings, logs / f"worker-{n + 1}.log", redis, n, reached)
             samples.append(sample)
             r = sample["redis"]
             states = r["by_kind"].get("item states", {}).get("keys", 0)
