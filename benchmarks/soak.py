@@ -47,6 +47,7 @@ from redis import Redis
 
 from goldstream.commands import committed_to_end, create_topics, endpoints, set_criteria
 from goldstream.proc import WorkerProcess
+from goldstream.services import die_with_parent
 
 RESULTS = Path(__file__).parent / "results"
 LABELS = ("car", "bus", "person", "bike")
@@ -74,6 +75,7 @@ class Workload:
         self.careless = self.rng.random(self.workers) < 0.15
         self.items = self.annotations // self.overlap
         self.late: list[tuple[float, bytes, bytes]] = []  # (event time, key, review) reviews held back
+        self.reviews = {"sent": 0, "sent after retention": 0}
 
     def chunk(self, first_item: int, last_item: int) -> Iterator[tuple[str, bytes, bytes]]:
         """(topic, key, value) for items [first_item, last_item), reviews due by then included."""
@@ -93,13 +95,16 @@ class Workload:
                     late = self.rng.random() < 0.2
                     delay = self.retention_s + 86_400 if late else 3600.0 * self.rng.random() * 2
                     review = self._review(ann, when + timedelta(seconds=delay))
-                    self.late.append((when.timestamp() + delay, item.encode(), orjson.dumps(review)))
+                    review["late"] = late
+                    self.late.append((when.timestamp() + delay, item.encode(), review))
             now = at.timestamp()
             due = [x for x in self.late if x[0] <= now]
             if due:
                 self.late = [x for x in self.late if x[0] > now]
-                for _, key, value in due:
-                    yield "reviews", key, value
+                for _, key, review in due:
+                    self.reviews["sent"] += 1
+                    self.reviews["sent after retention"] += int(review.pop("late"))
+                    yield "reviews", key, orjson.dumps(review)
 
     def _truth(self) -> np.ndarray:
         xy = self.rng.uniform(0, [560, 400], size=(4, 2))
@@ -162,7 +167,7 @@ class OwnRedis:
         self.proc = subprocess.Popen(
             [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent(),
         )  # fmt: skip
         self.url = f"redis://127.0.0.1:{self.port}/0"
         client = Redis.from_url(self.url)
@@ -366,6 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "wall_s": round(time.monotonic() - t_start, 1),
             "samples": samples,
             "dead_letters": {k.decode(): int(v) for k, v in letters.items()},
+            "reviews": {**workload.reviews, "scored": _review_scores(redis, settings)},
             "old_dedup_bytes_per_score": round(dedup_key_cost(own.url), 1),
             "scores_per_annotation": _scores_per_annotation(redis, settings),
         }
@@ -376,6 +382,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         redis.close()
         asyncio.run(delete_topics(endpoints(settings), Topics(settings.topic_prefix)))
         own.stop()
+
+
+def _review_scores(redis: Redis, settings: Settings) -> int:
+    return int(redis.hget(f"{settings.key_prefix}:{{{PROJECT}}}:totals", "review_items") or 0)
 
 
 def _scores_per_annotation(redis: Redis, settings: Settings) -> float:
