@@ -263,11 +263,13 @@ class ItemProcessor:
     # ------------------------------------------------------------------ state
 
     def _item(self, item_id: str, marker: bool = False) -> ItemState:
-        """An item's state; what retention left of an expired item (`marker`) reads as a new item
-        unless asked for (a review wants to know)."""
+        """An item's state; what retention left of an expired item reads as a new item with the
+        old one's gold, unless the marker itself is asked for (`marker`: a review wants to know)."""
         st = self.items.get(item_id)
-        if st is None or (st.expired_at is not None and not marker):
+        if st is None:
             return ItemState()
+        if st.expired_at is not None and not marker:
+            return ItemState(gold=st.gold)
         return st
 
     def _save(self, item_id: str, state: ItemState) -> None:
@@ -281,17 +283,19 @@ class ItemProcessor:
     # ------------------------------------------------------------------ retention
 
     def due(self, st: ItemState) -> float | None:
-        """When an item's state falls out of retention (event time, epoch s); None: never."""
+        """When an item's state falls out of retention (event time, epoch s); None: never (a
+        marker that keeps gold: gold is reference data, kept until a tombstone retracts it)."""
         retention = self.ingress.settings.item_retention_s
-        if retention <= 0 or st.active_at is None:
+        if retention <= 0 or st.active_at is None or (st.expired_at is not None and st.gold is not None):
             return None
         return st.active_at + retention
 
     def expire(self, item_ids: Iterable[str], now: float) -> list[Emit]:
         """Retention: each of these items whose latest input is older than `item_retention_s` at
-        event time `now` keeps only a marker, and a marker that old is deleted (`removed`). The
-        reviews still parked for an annotation that never came are dead-lettered
-        (review_unmatched); annotations still waiting for a round leave without one."""
+        event time `now` keeps only a marker (with its gold, if it has one: the gold stays until
+        retracted), and a marker without gold that old is deleted (`removed`). The reviews still
+        parked for an annotation that never came are dead-lettered (review_unmatched);
+        annotations still waiting for a round leave without one."""
         out: list[Emit] = []
         for item_id in sorted(set(item_ids)):
             st = self.items.get(item_id)
@@ -310,7 +314,7 @@ class ItemProcessor:
                 out.append(self.ingress.dead(rec, "review_unmatched",
                                              f"its annotation {r.annotation_event_id!r} never arrived while item "
                                              f"{item_id!r} was kept (item_retention_s)"))  # fmt: skip
-            self.items[item_id] = ItemState(expired_at=st.active_at, active_at=now)
+            self.items[item_id] = ItemState(gold=st.gold, expired_at=st.active_at, active_at=now)
             self.dirty.add(item_id)
             self._index(item_id, self.items[item_id])
         return out

@@ -807,7 +807,8 @@ def test_an_item_past_its_retention_keeps_a_marker_so_a_late_review_is_dead_lett
     """Retention on event time in a replay, as in the worker: an item idle longer than
     `item_retention_s` keeps a marker; a review of its annotation is dead-lettered item_expired,
     a review parked for an annotation that never came review_unmatched; a new annotation of the
-    item starts a new item (no round with the expired one)."""
+    item starts a new item (no round with the expired one); gold stays, and scores the item's
+    annotations after the retention as before it."""
     day = 1440
     c = criteria(consensus=s.ConsensusPolicy(overlap=2, timeout_s=1e9))
     early, reviewed = annotation(1, "old", "w1", GOOD), annotation(6, "old2", "w3", GOOD)
@@ -818,19 +819,23 @@ def test_an_item_past_its_retention_keeps_a_marker_so_a_late_review_is_dead_lett
         early,
         reviewed,
         orphan,
+        gold("gg"),
+        annotation(7, "gg", "w4", GOOD),
         annotation(4, "tick", "w2", GOOD, minutes=3 * day),  # the clock moves three days on
         late,
         annotation(5, "old", "w2", GOOD, minutes=3 * day + 1),  # alone in a new round: waits
+        annotation(8, "gg", "w5", GOOD, minutes=3 * day + 2),  # the gold item kept its gold
     ]
     kept = Settings(stage="replay", item_retention_s=86_400.0)
     result, prof = run(records(*msgs), settings=kept)
     letters = {d.reason: d for d in out(result, "deadletter")}
     assert set(letters) == {"item_expired", "review_unmatched"}
-    assert letters["item_expired"].source_offset == 5  # the late review's own record
+    assert letters["item_expired"].source_offset == 7  # the late review's own record
     assert "lost" in letters["review_unmatched"].error
-    assert out(result, "scores") == []  # w1's annotation and w2's never met in a round
+    gold_scores = [(x.worker_id, x.kind.value) for x in out(result, "scores")]
+    assert gold_scores == [("w4", "gold"), ("w5", "gold")]  # and w1's annotation and w2's never met in a round
     forever, _ = run(records(*msgs))  # kept for ever: the late review is scored, w1 and w2 meet in a round
     kinds = sorted(x.kind.value for x in out(forever, "scores"))
-    assert kinds == ["consensus", "consensus", "review"]
+    assert kinds == ["consensus", "consensus", "gold", "gold", "review"]
     assert [d.reason for d in out(forever, "deadletter")] == []
-    assert prof.get("{p1}:totals") is None
+    assert prof["{p1}:totals"]["gold_items"] == 2
