@@ -11,8 +11,9 @@ behind one ingress, split by what they are keyed by:
   and alerts; it owns the per-worker, per-label and per-project state;
 - `streams.ingress.Ingress`: decoding, dead letters and criteria, once for both.
 
-Every output is derived from its inputs, ids included, so re-delivering an input re-emits the
-same messages and changes no counter.
+Every output is derived from its inputs, ids included, and carries the position of the input
+that made it: an input redelivered before its item state was stored makes the same messages
+again, one redelivered after makes nothing, and neither changes a counter twice.
 """
 
 from __future__ import annotations
