@@ -290,6 +290,16 @@ class ItemProcessor:
             return None
         return st.active_at + retention
 
+    def retention_clocks(self, partitions: Iterable[int], wall: float | None = None) -> dict[int, float]:
+        """The event time retention is judged at, per input partition: the latest submission
+        seen there, never past `wall` (a worker's clock: one event stamped years ahead must not
+        expire every item; a replay has none); none for a partition without one yet, nor when
+        items are kept for ever."""
+        if self.ingress.settings.item_retention_s <= 0:
+            return {}
+        return {p: self.clocks[p] if wall is None else min(self.clocks[p], wall)
+                for p in sorted(partitions) if p in self.clocks}  # fmt: skip
+
     def expire(self, item_ids: Iterable[str], now: float) -> list[Emit]:
         """Retention: each of these items whose latest input is older than `item_retention_s` at
         event time `now` keeps only a marker (with its gold, if it has one: the gold stays until

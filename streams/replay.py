@@ -104,8 +104,9 @@ async def replay(
         """Item retention on event time, as the worker applies it per batch; a sweep of every
         item each time the clock moved a tenth of the retention (a replay holds all its items)."""
         processor, retention = engine.item_processor, engine.settings.item_retention_s
-        now = processor.event_time
-        if retention <= 0 or now is None or (swept and now - swept[0] < retention / 10):
+        clocks = processor.retention_clocks(processor.clocks)  # a file's records are all partition 0
+        now = max(clocks.values(), default=None)
+        if now is None or (swept and now - swept[0] < retention / 10):
             return
         swept[:] = [now]
         due = [k for k, st in processor.items.items() if (d := processor.due(st)) is not None and d <= now]
@@ -216,10 +217,10 @@ async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, 
     """Every counter hash and evidence sequence under the prefix (key names without the prefix;
     a sequence as member -> event time in ms). Left out: applied positions, the score step's
     progress and dedup keys (a live run's positions are Kafka offsets, a replay's its file's
-    lines), criteria, alert flags, item
-    states, and the risk histograms (`:risks`): a risk is judged with the model as it stood when
-    the annotation was scored, which depends on how far the proficiency step had got, so a live
-    run and a replay of its inputs differ there (a rebuild from the scores topic does not)."""
+    lines), criteria, alert flags, item states, and the risk histograms (`:risks`): a risk is
+    judged with the model as it stood when the annotation was scored, which depends on how far
+    the proficiency step had got, so a live run and a replay of its inputs differ there (a
+    rebuild from the scores topic does not)."""
     out: dict[str, dict[str, int]] = {}
     async for raw_key in redis.scan_iter(match=f"{keys.prefix}:*", count=1000):
         key = raw_key.decode()

@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -321,7 +321,7 @@ class Worker:
         # retention first, at the event time each partition reached before this batch: a record
         # of an item out of retention finds what is left of it (a late review, its marker), as
         # it would have had the item been swept the moment it fell out
-        now = self.retention_clocks(engine, set(owned) | set(partition_of.values()))
+        now = engine.item_processor.retention_clocks(set(owned) | set(partition_of.values()), time.time())
         expiring = await self.items.due(now) if now else []
         for item, partition in expiring:
             partition_of.setdefault(item, partition)
@@ -355,16 +355,6 @@ class Worker:
         await self.send(emits)
         await self.items.store(changed, waiting, loaded, due, progress)
         self.parsed.keep(kept)
-
-    def retention_clocks(self, engine: Engine, partitions: Iterable[int]) -> dict[int, float]:
-        """The event time item retention is judged at, per input partition: the latest submission
-        this worker has seen there, but never past the wall clock (one event stamped years ahead
-        must not expire every item); none for a partition without one yet, nor when items are
-        kept for ever."""
-        if self.settings.item_retention_s <= 0:
-            return {}
-        clocks, wall = engine.item_processor.clocks, time.time()
-        return {p: min(clocks[p], wall) for p in sorted(partitions) if p in clocks}
 
     async def proficiency_step(self) -> None:
         lock = asyncio.Lock()
