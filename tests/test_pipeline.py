@@ -16,7 +16,7 @@ from goldstream.streams.state import Keys
 from goldstream.streams.topics import Topics, delete_topics, ensure_topics
 
 from goldstream import schemas as s
-from goldstream.commands import group_members, rebuild_proficiency, report, set_criteria
+from goldstream.commands import committed_to_end, group_members, rebuild_proficiency, report, set_criteria
 from goldstream.services import Endpoints
 from tests.conftest import drop_keys
 from tests.pipeline import (
@@ -323,6 +323,9 @@ def test_items_past_their_retention_leave_redis_and_a_late_review_of_one_is_dead
         wait_for(lambda: len(unique_ids(kept, "scores", s.ScoreRecord)) >= 24, 120, "day 6's scores", [w])
         wait_for(lambda: not {i for i in items() if i.startswith("d0-")}, 60, "day 0's markers gone", [w])
         assert {i for i in items() if i.startswith("d3-")}  # still within the retention
+        # the proficiency step applies scores after they are on the topic: wait for its commits
+        wait_for(lambda: asyncio.run(committed_to_end(kept, f"{kept.app_id}-proficiency", "scores")), 60,
+                 "the proficiency step to apply every score", [w])  # fmt: skip
         assert live_snapshot(kept)["{p1}:totals"]["items"] == 24  # every score counted, none twice
         (letter,) = [d for d in messages_of(kept, "deadletter", s.DeadLetter) if d.reason == "item_expired"]
         assert "item_retention_s" in letter.error and letter.source_offset >= 0
