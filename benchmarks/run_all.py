@@ -126,13 +126,15 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [
         "## Scoring library (items/s, no I/O)",
         "",
-        "| workload | per item | batched | naive | batched / naive |",
-        "|---|---:|---:|---:|---:|",
+        "| workload | per item | batched | naive | batched / naive | same, worker GC |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in sc["items"]:
+        tuned = r.get("worker_gc_batch_ratio_vs_naive")
         lines.append(
             f"| {r['workload']} | {r['goldstream_items_per_s']:.0f} | {r['goldstream_batch_items_per_s']:.0f} | "
-            f"{r['naive_items_per_s']:.0f} | {r['batch_ratio_vs_naive']:.1f}x |"
+            f"{r['naive_items_per_s']:.0f} | {r['batch_ratio_vs_naive']:.1f}x | "
+            + (f"{tuned:.1f}x |" if tuned is not None else "- |")
         )
     lines.append("")
     return "\n".join(lines)

@@ -145,6 +145,23 @@ class Model(BaseModel):
         allow_inf_nan=False,
     )
 
+    @classmethod
+    def trusted(cls, values: dict[str, Any]) -> Self:
+        """An instance of values our own code computed from validated input, built without
+        validation: `values` must name every field. Why: validating each row of a result is a
+        third of what scoring a 10-box item costs; `model_construct` does the same thing slower,
+        with a generic pass over the fields. The enclosing result is still validated."""
+        m = _new(cls)
+        _set(m, "__dict__", values)
+        _set(m, "__pydantic_fields_set__", set(values))
+        _set(m, "__pydantic_extra__", None)
+        _set(m, "__pydantic_private__", None)
+        return m
+
+
+_new = object.__new__
+_set = object.__setattr__
+
 
 class Message(Model):
     """A top-level message on a goldstream topic."""

@@ -330,6 +330,18 @@ class ProjectCriteria(Message):
         return self._label_index.get(name)
 
     @functools.cached_property
+    def has_attributes(self) -> bool:
+        """Does any label declare attributes? (Scoring skips the attribute pass when none does
+        and the reference objects carry none.)"""
+        return any(spec.attributes for spec in self.labels)
+
+    @functools.cached_property
+    def component_rules(self) -> tuple[tuple[str, float, float | None], ...]:
+        """(component, weight, minimum) of the item score's components, read once per project."""
+        names = ("objects", "classifications", "attributes", "relationships")
+        return tuple((n, getattr(self.weights, n), getattr(self.component_minimums, n)) for n in names)
+
+    @functools.cached_property
     def _label_index(self) -> dict[str, LabelSpec]:
         return {spec.name: spec for spec in self.labels}
 

@@ -55,9 +55,13 @@ def box_iou_unchecked(a: np.ndarray, b: np.ndarray, iscrowd: np.ndarray | Sequen
     return _xywh_iou(a[:, 0:1], a[:, 1:2], a[:, 2:3], a[:, 3:4], b[:, 0], b[:, 1], b[:, 2], b[:, 3], iscrowd)
 
 
-def box_iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of row i of `a` with row i of `b` (P, 4) each: many items' pairs in one pass."""
-    return _xywh_iou(a[:, 0], a[:, 1], a[:, 2], a[:, 3], b[:, 0], b[:, 1], b[:, 2], b[:, 3], None)
+def box_iou_blocks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrices of many items in one pass: `a` (4, k, N) and `b` (4, k, M) hold x, y, w, h
+    planes of k items' boxes (padded); the result is (k, N, M). Planes, not (k, N, 4) rows:
+    contiguous columns are what the element-wise kernel reads fastest."""
+    ax, ay, aw, ah = (p[:, :, None] for p in a)
+    bx, by, bw, bh = (p[:, None, :] for p in b)
+    return _xywh_iou(ax, ay, aw, ah, bx, by, bw, bh, None)
 
 
 def _xywh_iou(

@@ -28,11 +28,15 @@ from goldstream.schemas.content import (
 from goldstream.schemas.criteria import AttributeSpec, ProjectCriteria
 from goldstream.schemas.messages import (
     AnnotationSubmitted,
+    Components,
     Family,
     GoldAnswer,
     ItemScore,
     KeypointFigures,
+    LabelCounts,
     Metrics,
+    ObjectCounts,
+    ObjectMatch,
     Outcome,
     ReviewResult,
 )
@@ -199,16 +203,22 @@ def metrics_of(tp: int, fp: int, fn: int, sim_sum: float, empty_correct: bool, m
 
     accuracy = M / (M + X + Ug + Ud); with mismatches X counted in both fp and fn,
     M + X + Ug + Ud = tp + fp + fn - X."""
+    return Metrics(**_metric_values(tp, fp, fn, sim_sum, empty_correct, mismatches))
+
+
+def _metric_values(
+    tp: int, fp: int, fn: int, sim_sum: float, empty_correct: bool, mismatches: int
+) -> dict[str, float | None]:
     total = tp + fp + fn - mismatches
     if total == 0 and empty_correct:
-        return Metrics(precision=1.0, recall=1.0, f1=1.0, accuracy=1.0, mean_similarity=None)
-    return Metrics(
-        precision=ratio(tp, tp + fp),
-        recall=ratio(tp, tp + fn),
-        f1=ratio(2 * tp, 2 * tp + fp + fn),
-        accuracy=ratio(tp, total),
-        mean_similarity=ratio(sim_sum, tp),
-    )
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0, "accuracy": 1.0, "mean_similarity": None}
+    return {
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": ratio(tp, total),
+        "mean_similarity": ratio(sim_sum, tp),
+    }
 
 
 def _attribute_equal(a: AttributeValue | None, b: AttributeValue | None, spec: AttributeSpec) -> bool:
@@ -232,7 +242,10 @@ def _attribute_equal(a: AttributeValue | None, b: AttributeValue | None, spec: A
 
 def _attributes(pairs: list[tuple[AnnotatedObject, AnnotatedObject]], criteria: ProjectCriteria) -> tuple[int, int]:
     compared = correct = 0
+    declares = criteria.has_attributes
     for a, r in pairs:
+        if not declares and not r.attributes:
+            continue
         spec = criteria.label(r.label)
         declared = spec.attributes if spec is not None else {}
         if not r.attributes and not declared:
@@ -284,7 +297,7 @@ class _Tally:
     """Plain counts and match rows; turned into one ItemScore by a single validation at the end
     (one pydantic call for the whole result is several times cheaper than one per row)."""
 
-    matches: list[dict] = field(default_factory=list)
+    matches: list[ObjectMatch] = field(default_factory=list)
     labels: dict[str, list[float]] = field(default_factory=dict)  # label -> [tp, fp, fn, sim]
     m: int = 0
     x: int = 0
@@ -293,62 +306,60 @@ class _Tally:
     ignored: int = 0
     sim_sum: float = 0.0
 
-    def label(self, name: str) -> list[float]:
-        c = self.labels.get(name)
-        if c is None:
-            c = self.labels[name] = [0, 0, 0, 0.0]
-        return c
-
-
-def _pair_row(outcome: Outcome, fam: Family, a: AnnotatedObject, r: AnnotatedObject, sim: float) -> dict:
-    return {
-        "outcome": outcome,
-        "family": fam,
-        "annotation_object_id": a.id,
-        "reference_object_id": r.id,
-        "annotation_label": a.label,
-        "reference_label": r.label,
-        "similarity": sim,
-    }
-
 
 def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedObject, AnnotatedObject]]]:
+    """Rows and per-label counts of an item's assignments. Rows are built without validation
+    (`Model.trusted`): their ids and labels come from validated objects, their similarity from a
+    kernel bounded to [0, 1]; the ItemScore that holds them is validated as a whole. Locals, not
+    attributes, in the loops: this runs once per object of every item."""
     t = _Tally()
     rows = t.matches
+    labels = t.labels
+    row = ObjectMatch.trusted
     matched_pairs = []
+    sim_sum = 0.0
     for fr in results:
-        asg, fam = fr.assignment, fr.family
+        asg, fam, ann, ref = fr.assignment, fr.family, fr.ann, fr.ref
         for i, j, sim in asg.matches:
-            a, r = fr.ann[i], fr.ref[j]
-            rows.append(_pair_row(Outcome.MATCH, fam, a, r, sim))
-            c = t.label(r.label)
+            a, r = ann[i], ref[j]
+            rl = r.label
+            rows.append(row({"outcome": _MATCH, "family": fam, "annotation_object_id": a.id,
+                             "reference_object_id": r.id, "annotation_label": a.label,
+                             "reference_label": rl, "similarity": sim}))  # fmt: skip
+            c = labels.get(rl) or labels.setdefault(rl, [0, 0, 0, 0.0])
             c[0] += 1
             c[3] += sim
-            t.sim_sum += sim
+            sim_sum += sim
             matched_pairs.append((a, r))
-        t.m += len(asg.matches)
         for i, j, sim in asg.mismatches:
-            a, r = fr.ann[i], fr.ref[j]
-            rows.append(_pair_row(Outcome.MISMATCH, fam, a, r, sim))
-            t.label(a.label)[1] += 1
-            t.label(r.label)[2] += 1
-        t.x += len(asg.mismatches)
+            a, r = ann[i], ref[j]
+            rows.append(row({"outcome": _MISMATCH, "family": fam, "annotation_object_id": a.id,
+                             "reference_object_id": r.id, "annotation_label": a.label,
+                             "reference_label": r.label, "similarity": sim}))  # fmt: skip
+            (labels.get(a.label) or labels.setdefault(a.label, [0, 0, 0, 0.0]))[1] += 1
+            (labels.get(r.label) or labels.setdefault(r.label, [0, 0, 0, 0.0]))[2] += 1
         for j in asg.missed:
-            r = fr.ref[j]
-            rows.append(
-                {"outcome": Outcome.MISSED, "family": fam, "reference_object_id": r.id, "reference_label": r.label}
-            )
-            t.label(r.label)[2] += 1
-        t.ug += len(asg.missed)
+            r = ref[j]
+            rows.append(row({"outcome": _MISSED, "family": fam, "annotation_object_id": None,
+                             "reference_object_id": r.id, "annotation_label": None,
+                             "reference_label": r.label, "similarity": None}))  # fmt: skip
+            (labels.get(r.label) or labels.setdefault(r.label, [0, 0, 0, 0.0]))[2] += 1
         for i in asg.extra:
-            a = fr.ann[i]
-            rows.append(
-                {"outcome": Outcome.EXTRA, "family": fam, "annotation_object_id": a.id, "annotation_label": a.label}
-            )
-            t.label(a.label)[1] += 1
+            a = ann[i]
+            rows.append(row({"outcome": _EXTRA, "family": fam, "annotation_object_id": a.id,
+                             "reference_object_id": None, "annotation_label": a.label,
+                             "reference_label": None, "similarity": None}))  # fmt: skip
+            (labels.get(a.label) or labels.setdefault(a.label, [0, 0, 0, 0.0]))[1] += 1
+        t.m += len(asg.matches)
+        t.x += len(asg.mismatches)
+        t.ug += len(asg.missed)
         t.ud += len(asg.extra)
         t.ignored += len(asg.ignored)
+    t.sim_sum = sim_sum
     return t, matched_pairs
+
+
+_MATCH, _MISMATCH, _MISSED, _EXTRA = Outcome.MATCH, Outcome.MISMATCH, Outcome.MISSED, Outcome.EXTRA
 
 
 def _keypoint_figures(results: list[_FamilyResult], criteria: ProjectCriteria) -> KeypointFigures | None:
@@ -415,6 +426,9 @@ def score_item(annotation: Answer, reference: Answer, criteria: ProjectCriteria 
     return score_items([(annotation, reference)], criteria)[0]
 
 
+_BOX_KEY = (Family.BOX, "")
+
+
 @dataclass
 class _Item:
     """One comparison on its way through `score_items`."""
@@ -424,72 +438,126 @@ class _Item:
     image: tuple[int, int] | None
     groups: dict[tuple[Family, str], tuple[list[AnnotatedObject], list[AnnotatedObject]]]
     results: dict[tuple[Family, str], _FamilyResult] = field(default_factory=dict)
+    plain_boxes: bool = True  # its box family is axis-aligned boxes without crowd gold
+
+
+def _has_keypoints(content: Content) -> bool:
+    for o in content.objects:
+        if type(o.shape) is Keypoints:
+            return True
+    return False
 
 
 def _prepare(annotation: Answer, reference: Answer, criteria: ProjectCriteria) -> _Item:
     ann, ref = content_of(annotation), content_of(reference)
-    check(ann, criteria, "annotation")
-    check(ref, criteria, "reference")
+    # an open project (no taxonomy) can only reject keypoints: check only what can fail
+    if criteria.labels or criteria.classifications or _has_keypoints(ann) or _has_keypoints(ref):
+        check(ann, criteria, "annotation")
+        check(ref, criteria, "reference")
     img = ref.image or ann.image
     groups: dict[tuple[Family, str], tuple[list[AnnotatedObject], list[AnnotatedObject]]] = {}
+    plain = True
     for side, objs in ((0, ann.objects), (1, ref.objects)):
         for o in objs:
-            family = FAMILY_OF[o.shape.type]
-            if family is Family.KEYPOINTS:
-                if side == 1 and not _scorable_reference(o, criteria):
-                    continue
-                key = (family, keypoint_schema_name(o, criteria) or "")
+            shape = o.shape
+            if type(shape) is BBox:
+                key = _BOX_KEY
+                plain = plain and not (side == 1 and o.iscrowd)
             else:
-                key = (family, "")
+                family = FAMILY_OF[shape.type]
+                if family is Family.KEYPOINTS:
+                    if side == 1 and not _scorable_reference(o, criteria):
+                        continue
+                    key = (family, keypoint_schema_name(o, criteria) or "")
+                else:
+                    key = (family, "")
+                    plain = plain and family is not Family.BOX
             group = groups.get(key)
             if group is None:
                 group = groups[key] = ([], [])
             group[side].append(o)
-    return _Item(ann, ref, (img.width, img.height) if img is not None else None, groups)
+    return _Item(ann, ref, (img.width, img.height) if img is not None else None, groups, plain_boxes=plain)
 
 
-_BOX_KEY = (Family.BOX, "")
-# Above this many pairs an item's own broadcast (N, M) kernel beats gathering its pairs into the
-# batch's flat arrays.
+# Above this many pairs an item's own (N, M) kernel beats joining a batch's padded blocks.
 _BATCH_PAIRS_MAX = 1024
 
 
 def _batch_boxes(items: list[_Item], criteria: ProjectCriteria) -> None:
     """Score the axis-aligned box family of many items in one vectorised pass (the common case
-    of detection projects); items with rotated boxes or crowd gold take the per-item path."""
+    of detection projects); items with rotated boxes or crowd gold take the per-item path.
+    Items of similar size share one padded (items x N x M) block, so the kernel and the
+    assignment are whole-array operations with no per-pair index arithmetic."""
     batch = []
     for it in items:
         group = it.groups.get(_BOX_KEY)
-        if group is None:
-            continue
-        a_objs, r_objs = group
-        if (
-            len(a_objs) * len(r_objs) <= _BATCH_PAIRS_MAX
-            and all(type(o.shape) is BBox for o in a_objs)
-            and all(type(o.shape) is BBox and not o.iscrowd for o in r_objs)
-        ):
-            batch.append((it, a_objs, r_objs))
-    if not batch:
-        return
-    a_flat = [o for _, a, _ in batch for o in a]
-    r_flat = [o for _, _, r in batch for o in r]
-    a_box = np.array([(o.shape.x, o.shape.y, o.shape.w, o.shape.h) for o in a_flat], dtype=np.float64)  # type: ignore[union-attr]
-    r_box = np.array([(o.shape.x, o.shape.y, o.shape.w, o.shape.h) for o in r_flat], dtype=np.float64)  # type: ignore[union-attr]
-    n = np.array([len(a) for _, a, _ in batch], dtype=np.int64)
-    m = np.array([len(r) for _, _, r in batch], dtype=np.int64)
+        if group is not None and it.plain_boxes and len(group[0]) * len(group[1]) <= _BATCH_PAIRS_MAX:
+            batch.append((it, *group))
+    batch.sort(key=lambda b: len(b[1]) * len(b[2]))
+    for chunk in _similar_sizes(batch):
+        for (it, a_objs, r_objs), asg in zip(chunk, _assign_chunk(chunk, criteria), strict=True):
+            it.results[_BOX_KEY] = _FamilyResult(Family.BOX, a_objs, r_objs, asg)
+
+
+Chunk = list[tuple[_Item, list[AnnotatedObject], list[AnnotatedObject]]]
+
+
+def _similar_sizes(batch: Chunk) -> list[Chunk]:
+    """Cut items sorted by size into runs whose padded block wastes at most about half of it."""
+    chunks: list[Chunk] = []
+    chunk: Chunk = []
+    big_n = big_m = pairs = 0
+    for entry in batch:
+        n, m = len(entry[1]), len(entry[2])
+        bn, bm = max(big_n, n), max(big_m, m)
+        if chunk and (len(chunk) + 1) * bn * bm > 2 * (pairs + n * m) + 256:
+            chunks.append(chunk)
+            chunk, bn, bm, pairs = [], n, m, 0
+        chunk.append(entry)
+        big_n, big_m, pairs = bn, bm, pairs + n * m
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def _assign_chunk(chunk: Chunk, criteria: ProjectCriteria) -> list[Assignment]:
+    """One padded block: coordinates, labels and thresholds gathered in one loop over objects
+    (per object, not per pair, is where a batch of small items spends its Python time)."""
+    k = len(chunk)
+    big_n = max(len(a) for _, a, _ in chunk)
+    big_m = max(len(r) for _, _, r in chunk)
+    a_planes = np.zeros((4, k, big_n))
+    r_planes = np.zeros((4, k, big_m))
+    a_codes = np.full((k, big_n), -1, dtype=np.int64)
+    r_codes = np.full((k, big_m), -1, dtype=np.int64)
     codes: dict[str, int] = {}
-    r_codes = np.array([codes.setdefault(o.label, len(codes)) for o in r_flat], dtype=np.int64)
-    a_codes = np.array([codes.get(o.label, -1) for o in a_flat], dtype=np.int64)
-    thresholds = np.array([criteria.threshold(o.label, "box") for o in r_flat], dtype=np.float64)
-    c = n * m
-    item = np.repeat(np.arange(len(batch)), c)
-    local = np.arange(int(c.sum())) - (np.cumsum(c) - c)[item]
-    mm = np.maximum(m[item], 1)
-    gi = (np.cumsum(n) - n)[item] + local // mm
-    gj = (np.cumsum(m) - m)[item] + local % mm
-    sim = geometry.box_iou_pairs(a_box.reshape(-1, 4)[gi], r_box.reshape(-1, 4)[gj])
-    for (it, a_objs, r_objs), asg in zip(batch, assign_batch(sim, n, m, a_codes, r_codes, thresholds), strict=True):
-        it.results[_BOX_KEY] = _FamilyResult(Family.BOX, a_objs, r_objs, asg)
+    a_at: list[int] = []
+    r_at: list[int] = []
+    a_xywh: list[float] = []
+    r_xywh: list[float] = []
+    a_lab: list[int] = []
+    r_lab: list[int] = []
+    for t, (_, a_objs, r_objs) in enumerate(chunk):
+        base_a, base_r = t * big_n, t * big_m
+        for j, o in enumerate(r_objs):
+            b = o.shape
+            r_xywh += (b.x, b.y, b.w, b.h)  # type: ignore[union-attr]
+            r_lab.append(codes.setdefault(o.label, len(codes)))
+            r_at.append(base_r + j)
+        for i, o in enumerate(a_objs):
+            b = o.shape
+            a_xywh += (b.x, b.y, b.w, b.h)  # type: ignore[union-attr]
+            a_lab.append(codes.get(o.label, -1))
+            a_at.append(base_a + i)
+    a_planes.reshape(4, -1)[:, a_at] = np.array(a_xywh).reshape(-1, 4).T
+    r_planes.reshape(4, -1)[:, r_at] = np.array(r_xywh).reshape(-1, 4).T
+    a_codes.reshape(-1)[a_at] = a_lab
+    r_codes.reshape(-1)[r_at] = r_lab
+    by_code = np.array([criteria.threshold(label, "box") for label in codes] + [np.inf])
+    thresholds = by_code[r_codes]  # padding (code -1) reads inf: never eligible
+    n = np.array([len(a) for _, a, _ in chunk], dtype=np.int64)
+    m = np.array([len(r) for _, _, r in chunk], dtype=np.int64)
+    return assign_batch(geometry.box_iou_blocks(a_planes, r_planes), n, m, a_codes, r_codes, thresholds)
 
 
 def score_items(pairs: Sequence[tuple[Answer, Answer]], criteria: ProjectCriteria | None = None) -> list[ItemScore]:
@@ -522,7 +590,7 @@ def _finish(it: _Item, criteria: ProjectCriteria) -> ItemScore:
     objects_task = has_objects or bool(criteria.labels) or not has_other
     empty_correct = criteria.empty_item_correct and objects_task
 
-    metrics = metrics_of(t.m, t.x + t.ud, t.x + t.ug, t.sim_sum, empty_correct, t.x)
+    metrics = Metrics.trusted(_metric_values(t.m, t.x + t.ud, t.x + t.ug, t.sim_sum, empty_correct, t.x))
     pq_den = t.m + t.x + 0.5 * (t.ud + t.ug)
     if criteria.object_metric == "f1":  # matches at the threshold count whole, as CVAT's quality report
         objects_component = metrics.f1 if metrics.f1 is not None else (1.0 if empty_correct else None)
@@ -538,36 +606,41 @@ def _finish(it: _Item, criteria: ProjectCriteria) -> ItemScore:
         "relationships": ratio(2 * rel_tp, 2 * rel_tp + rel_fp + rel_fn),
     }
     score, passed = _item_score(components, criteria)
-    return ItemScore.model_validate(
-        {
-            "matches": t.matches,
-            "labels": {k: {"tp": v[0], "fp": v[1], "fn": v[2], "sim_sum": v[3]} for k, v in t.labels.items()},
-            "objects": {"matches": t.m, "mismatches": t.x, "missed": t.ug, "extra": t.ud, "sim_sum": t.sim_sum},
-            "metrics": metrics,
-            "components": components,
-            "keypoints": _keypoint_figures(results, criteria),
-            "attributes_compared": attr_compared,
-            "attributes_correct": attr_correct,
-            "classifications_compared": cls_compared,
-            "classifications_correct": cls_correct,
-            "classification_labels": cls_labels,
-            "relationships_tp": rel_tp,
-            "relationships_fp": rel_fp,
-            "relationships_fn": rel_fn,
-            "ignored": t.ignored,
-            "score": score,
-            "passed": passed,
-        }
-    )
+    counts = LabelCounts.trusted
+    values = {
+        "matches": t.matches,
+        "labels": {k: counts({"tp": v[0], "fp": v[1], "fn": v[2], "sim_sum": v[3]}) for k, v in t.labels.items()},
+        "objects": ObjectCounts.trusted(
+            {"matches": t.m, "mismatches": t.x, "missed": t.ug, "extra": t.ud, "sim_sum": t.sim_sum}
+        ),
+        "metrics": metrics,
+        "components": Components.trusted(components),
+        "keypoints": _keypoint_figures(results, criteria),
+        "attributes_compared": attr_compared,
+        "attributes_correct": attr_correct,
+        "classifications_compared": cls_compared,
+        "classifications_correct": cls_correct,
+        "classification_labels": cls_labels,
+        "relationships_tp": rel_tp,
+        "relationships_fp": rel_fp,
+        "relationships_fn": rel_fn,
+        "ignored": t.ignored,
+        "score": score,
+        "passed": passed,
+    }
+    # Every figure follows from counts of validated objects (non-negative, ratios clamped to
+    # [0, 1]) and is trusted like the rows; classification labels join two names into one that
+    # can break a label's limits, so a result that has them is validated.
+    return ItemScore.model_validate(values) if cls_labels else ItemScore.trusted(values)
 
 
 def _item_score(c: dict[str, float | None], criteria: ProjectCriteria) -> tuple[float | None, bool | None]:
     """Weighted mean of the components present; pass against the threshold and the minimums."""
     present = []
-    for name, v in c.items():
-        w = getattr(criteria.weights, name)
+    for name, w, lo in criteria.component_rules:
+        v = c[name]
         if v is not None and w > 0:
-            present.append((v, w, getattr(criteria.component_minimums, name)))
+            present.append((v, w, lo))
     if not present:
         return None, None
     score = sum(v * w for v, w, _ in present) / sum(w for _, w, _ in present)

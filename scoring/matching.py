@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -101,70 +102,65 @@ def assign_batch(
 ) -> list[Assignment]:
     """`assign` for many items at once, with the same result item by item.
 
-    `sim` concatenates each item's row-major (n_k, m_k) similarity block; `ann_codes` (sum n)
-    and `ref_codes` (sum m) are integer labels; `thresholds` (sum m) one per reference. Items
-    whose eligible pairs conflict (an object that could pair with two) go through the Hungarian
-    `assign`; the rest, most items, take their eligible pairs in a few vectorised operations.
+    Padded layout: `sim` (k, N, M) holds item t's (n[t], m[t]) similarity block in its top-left
+    corner; `ann_codes` (k, N) and `ref_codes` (k, M) are integer labels, `thresholds` (k, M) one
+    per reference; what lies outside the blocks is ignored. Items whose eligible pairs conflict
+    (an object that could pair with two) go through the Hungarian `assign`; the rest, most items,
+    take their eligible pairs in a few vectorised operations over the whole batch.
     """
-    k = len(n)
+    k, big_n, big_m = sim.shape
     n = np.asarray(n, dtype=np.int64)
     m = np.asarray(m, dtype=np.int64)
-    c = n * m
-    off_a, off_b, off_p = np.cumsum(n) - n, np.cumsum(m) - m, np.cumsum(c) - c
-    item = np.repeat(np.arange(k), c)
-    local = np.arange(len(sim)) - off_p[item]
-    mm = np.maximum(m[item], 1)
-    gi = off_a[item] + local // mm
-    gj = off_b[item] + local % mm
+    valid_a = np.arange(big_n) < n[:, None]
+    valid_b = np.arange(big_m) < m[:, None]
     with np.errstate(invalid="ignore"):
-        ok = sim >= thresholds[gj]
-    same = ann_codes[gi] == ref_codes[gj]
-    total_a, total_b = int(n.sum()), int(m.sum())
+        ok = sim >= thresholds[:, None, :]
+    ok &= valid_a[:, :, None]
+    ok &= valid_b[:, None, :]
+    same = ann_codes[:, :, None] == ref_codes[:, None, :]
 
     def conflicted(mask: np.ndarray) -> np.ndarray:
-        ci, cj = gi[mask], gj[mask]
-        rows = np.bincount(ci, minlength=total_a)[ci] > 1
-        cols = np.bincount(cj, minlength=total_b)[cj] > 1
-        bad = np.zeros(k, dtype=bool)
-        bad[item[mask][rows | cols]] = True
-        return bad
+        return (mask.sum(axis=2) > 1).any(axis=1) | (mask.sum(axis=1) > 1).any(axis=1)
 
     first = ok & same
     slow = conflicted(first)
-    first &= ~slow[item]
-    used_a = np.zeros(total_a, dtype=bool)
-    used_b = np.zeros(total_b, dtype=bool)
-    used_a[gi[first]] = True
-    used_b[gj[first]] = True
-    second = ok & ~same & ~used_a[gi] & ~used_b[gj] & ~slow[item]
-    slow |= conflicted(second)
-    first &= ~slow[item]
-    second &= ~slow[item]
-    used_a[:] = False
-    used_b[:] = False
-    used_a[gi[first | second]] = True
-    used_b[gj[first | second]] = True
+    first[slow] = False
+    used_a, used_b = first.any(axis=2), first.any(axis=1)
+    second = ok & ~same
+    second &= ~used_a[:, :, None]
+    second &= ~used_b[:, None, :]
+    second[slow] = False
+    late = conflicted(second)
+    if late.any():
+        slow |= late
+        first[late] = False
+        second[late] = False
+        used_a, used_b = first.any(axis=2), first.any(axis=1)
+    used_a |= second.any(axis=2)
+    used_b |= second.any(axis=1)
 
     out = [Assignment() for _ in range(k)]
     for mask, kind in ((first, "matches"), (second, "mismatches")):
-        idx = np.flatnonzero(mask)
-        for it, i, j, s in zip(
-            item[idx].tolist(),
-            (gi[idx] - off_a[item[idx]]).tolist(),
-            (gj[idx] - off_b[item[idx]]).tolist(),
-            sim[idx].tolist(),
-            strict=True,
-        ):
-            getattr(out[it], kind).append((i, j, s))
-    for it, (na, nb, oa, ob, op) in enumerate(
-        zip(n.tolist(), m.tolist(), off_a.tolist(), off_b.tolist(), off_p.tolist(), strict=True)
-    ):
-        if slow[it]:
-            block = sim[op : op + na * nb].reshape(na, nb)
-            out[it] = assign(
-                block, ann_codes[oa : oa + na].tolist(), ref_codes[ob : ob + nb].tolist(), thresholds[ob : ob + nb]
+        kk, ii, jj = np.nonzero(mask)
+        lists = [getattr(a, kind) for a in out]
+        for t, i, j, s in zip(kk.tolist(), ii.tolist(), jj.tolist(), sim[kk, ii, jj].tolist(), strict=True):
+            lists[t].append((i, j, s))
+    missed = _leftovers(valid_b & ~used_b, k)
+    extra = _leftovers(valid_a & ~used_a, k)
+    for t in range(k):
+        if slow[t]:
+            na, nb = int(n[t]), int(m[t])
+            out[t] = assign(
+                sim[t, :na, :nb], ann_codes[t, :na].tolist(), ref_codes[t, :nb].tolist(), thresholds[t, :nb]
             )
-            continue
-        out[it].missed = [j for j in range(nb) if not used_b[ob + j]]
-        out[it].extra = [i for i in range(na) if not used_a[oa + i]]
+        else:
+            out[t].missed, out[t].extra = missed[t], extra[t]
     return out
+
+
+def _leftovers(free: np.ndarray, k: int) -> list[list[int]]:
+    """Per item (row of `free`), the indices of its objects left free."""
+    rows, cols = np.nonzero(free)
+    cuts = np.searchsorted(rows, np.arange(k + 1)).tolist()
+    local = cols.tolist()
+    return [local[lo:hi] for lo, hi in pairwise(cuts)]

@@ -176,34 +176,38 @@ dense_boxes = st.lists(
 @SETTINGS
 @given(st.lists(st.tuples(dense_boxes, dense_boxes), min_size=1, max_size=8), st.sampled_from([0.1, 0.3, 0.5]))
 def test_batch_assignment_equals_item_by_item_hungarian(items: list, threshold: float) -> None:
-    """Crowded boxes make conflicting pairs common, so both paths of assign_batch are exercised."""
-    from goldstream.scoring.geometry import box_iou_pairs
+    """Crowded boxes make conflicting pairs common, so both paths of assign_batch are exercised;
+    items of different sizes share one padded block, whose padding must never match."""
+    from goldstream.scoring.geometry import box_iou_blocks
     from goldstream.scoring.matching import assign, assign_batch
 
     codes = {"a": 0, "b": 1}
-    n = np.array([len(a) for a, _ in items])
-    m = np.array([len(g) for _, g in items])
-    sims, a_codes, r_codes = [], [], []
+    k = len(items)
+    big_n = max(len(a) for a, _ in items)
+    big_m = max(len(g) for _, g in items)
+    a_planes, r_planes = np.zeros((4, k, big_n)), np.zeros((4, k, big_m))
+    a_codes, r_codes = np.full((k, big_n), -1), np.full((k, big_m), -1)
     expected = []
-    for a, g in items:
+    for t, (a, g) in enumerate(items):
         aa = np.array([x[:4] for x in a]).reshape(-1, 4)
         gg = np.array([x[:4] for x in g]).reshape(-1, 4)
-        block = scoring.box_iou(aa, gg)
-        sims.append(block.ravel())
+        a_planes[:, t, : len(a)], r_planes[:, t, : len(g)] = aa.T, gg.T
         la, lg = [x[4] for x in a], [x[4] for x in g]
-        a_codes += [codes[x] for x in la]
-        r_codes += [codes[x] for x in lg]
-        expected.append(assign(block, la, lg, threshold))
-        if len(a) and len(g):  # the flat pairwise kernel agrees with the matrix kernel
-            ii, jj = np.divmod(np.arange(len(a) * len(g)), len(g))
-            np.testing.assert_allclose(box_iou_pairs(aa[ii], gg[jj]), block.ravel(), atol=1e-12)
+        a_codes[t, : len(a)] = [codes[x] for x in la]
+        r_codes[t, : len(g)] = [codes[x] for x in lg]
+        expected.append(assign(scoring.box_iou(aa, gg), la, lg, threshold))
+    sim = box_iou_blocks(a_planes, r_planes)
+    for t, (a, g) in enumerate(items):  # the blocks kernel agrees with the matrix kernel
+        aa, gg = (np.array([x[:4] for x in side]).reshape(-1, 4) for side in (a, g))
+        block = scoring.box_iou(aa, gg)
+        np.testing.assert_allclose(sim[t, : len(a), : len(g)], block, atol=1e-12)
     got = assign_batch(
-        np.concatenate(sims) if sims else np.zeros(0),
-        n,
-        m,
-        np.array(a_codes, dtype=np.int64),
-        np.array(r_codes, dtype=np.int64),
-        np.full(int(m.sum()), threshold),
+        sim,
+        np.array([len(a) for a, _ in items]),
+        np.array([len(g) for _, g in items]),
+        a_codes,
+        r_codes,
+        np.full((k, big_m), threshold),
     )
     assert got == expected
 
@@ -213,3 +217,15 @@ def test_batch_assignment_equals_item_by_item_hungarian(items: list, threshold: 
 def test_score_items_equals_score_item_one_by_one(pairs: list) -> None:
     contents = [(s.Content(objects=a), s.Content(objects=g)) for a, g in pairs]
     assert scoring.score_items(contents) == [score_item(a, g) for a, g in contents]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(objects("a", 5), objects("g", 5)), min_size=1, max_size=5))
+def test_a_score_built_without_validation_is_the_one_validation_builds(pairs: list) -> None:
+    """Scoring builds its result rows with `Model.trusted`: each must be exactly what strict
+    validation makes of the same values (every field present, the right types and ranges)."""
+    for r in scoring.score_items([(s.Content(objects=a), s.Content(objects=g)) for a, g in pairs]):
+        for part in [r, *r.matches, *r.labels.values(), r.objects, r.metrics, r.components]:
+            again = type(part).model_validate(part.model_dump())
+            assert again == part and again.model_fields_set == part.model_fields_set
+            assert again.model_dump_json() == part.model_dump_json()
