@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from goldstream.schemas.base import FieldError, SchemaError
 from goldstream.schemas.content import AnnotatedObject, Content, Keypoints
-from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.criteria import LabelSpec, ProjectCriteria
 
 
 def keypoint_schema_name(obj: AnnotatedObject, criteria: ProjectCriteria) -> str | None:
@@ -32,48 +32,17 @@ def content_errors(content: Content, criteria: ProjectCriteria, where: str = "co
     if not closed and not criteria.classifications and not any(o.shape.type == "keypoints" for o in content.objects):
         return errors  # an open project: nothing here can be wrong for it
     for i, obj in enumerate(content.objects):
-        loc = f"{where}.objects.{i}"
         spec = criteria.label(obj.label)
-        if spec is None and closed:
-            errors.append(
-                FieldError(f"{loc}.label", f"label {obj.label!r} is not in the project's taxonomy", "unknown_label")
+        if type(obj.shape) is not Keypoints and (
+            (spec is None and not closed)
+            or (
+                spec is not None
+                and (not spec.shape_types or obj.shape.type in spec.shape_types)
+                and (not obj.attributes or not spec.attributes or obj.attributes.keys() <= spec.attributes.keys())
             )
-            continue
-        if spec is not None and spec.shape_types and obj.shape.type not in spec.shape_types:
-            errors.append(
-                FieldError(
-                    f"{loc}.shape.type",
-                    f"label {obj.label!r} takes {', '.join(spec.shape_types)}, not {obj.shape.type}",
-                    "shape_type",
-                )
-            )
-        if isinstance(obj.shape, Keypoints):
-            name = keypoint_schema_name(obj, criteria)
-            schema = criteria.keypoint_schemas.get(name) if name else None
-            if schema is None:
-                errors.append(
-                    FieldError(
-                        f"{loc}.shape.schema", f"no keypoint schema {name!r} in the project", "unknown_keypoint_schema"
-                    )
-                )
-            elif len(obj.shape.points) != len(schema.names):
-                errors.append(
-                    FieldError(
-                        f"{loc}.shape.points",
-                        f"{len(obj.shape.points)} keypoints, schema {name!r} has {len(schema.names)}",
-                        "keypoint_count",
-                    )
-                )
-        if spec is not None and spec.attributes:
-            for attr in obj.attributes:
-                if attr not in spec.attributes:
-                    errors.append(
-                        FieldError(
-                            f"{loc}.attributes.{attr}",
-                            f"label {obj.label!r} has no attribute {attr!r}",
-                            "unknown_attribute",
-                        )
-                    )
+        ):
+            continue  # fits: the common case, decided without building a location
+        errors += _object_errors(obj, spec, criteria, f"{where}.objects.{i}")
     for taxonomy, chosen in content.classifications.items():
         loc = f"{where}.classifications.{taxonomy}"
         cspec = criteria.classifications.get(taxonomy)
@@ -86,6 +55,51 @@ def content_errors(content: Content, criteria: ProjectCriteria, where: str = "co
             errors.append(FieldError(loc, f"labels {unknown} are not in taxonomy {taxonomy!r}", "unknown_label"))
         if not cspec.multi and len(chosen) > 1:
             errors.append(FieldError(loc, f"taxonomy {taxonomy!r} takes one label, got {len(chosen)}", "single_label"))
+    return errors
+
+
+def _object_errors(
+    obj: AnnotatedObject, spec: LabelSpec | None, criteria: ProjectCriteria, loc: str
+) -> list[FieldError]:
+    """Every way one object breaks the project's criteria, in the order they are reported."""
+    if spec is None and criteria.labels:
+        return [FieldError(f"{loc}.label", f"label {obj.label!r} is not in the project's taxonomy", "unknown_label")]
+    errors: list[FieldError] = []
+    if spec is not None and spec.shape_types and obj.shape.type not in spec.shape_types:
+        errors.append(
+            FieldError(
+                f"{loc}.shape.type",
+                f"label {obj.label!r} takes {', '.join(spec.shape_types)}, not {obj.shape.type}",
+                "shape_type",
+            )
+        )
+    if isinstance(obj.shape, Keypoints):
+        name = keypoint_schema_name(obj, criteria)
+        schema = criteria.keypoint_schemas.get(name) if name else None
+        if schema is None:
+            errors.append(
+                FieldError(
+                    f"{loc}.shape.schema", f"no keypoint schema {name!r} in the project", "unknown_keypoint_schema"
+                )
+            )
+        elif len(obj.shape.points) != len(schema.names):
+            errors.append(
+                FieldError(
+                    f"{loc}.shape.points",
+                    f"{len(obj.shape.points)} keypoints, schema {name!r} has {len(schema.names)}",
+                    "keypoint_count",
+                )
+            )
+    if spec is not None and spec.attributes:
+        for attr in obj.attributes:
+            if attr not in spec.attributes:
+                errors.append(
+                    FieldError(
+                        f"{loc}.attributes.{attr}",
+                        f"label {obj.label!r} has no attribute {attr!r}",
+                        "unknown_attribute",
+                    )
+                )
     return errors
 
 

@@ -448,12 +448,16 @@ def _has_keypoints(content: Content) -> bool:
     return False
 
 
-def _prepare(annotation: Answer, reference: Answer, criteria: ProjectCriteria) -> _Item:
+def _prepare(annotation: Answer, reference: Answer, criteria: ProjectCriteria, checked: set[int]) -> _Item:
+    """`checked`: ids of the contents this call has checked already (in a round of n annotators
+    each answer takes part in n - 1 pairs; it is checked once)."""
     ann, ref = content_of(annotation), content_of(reference)
     # an open project (no taxonomy) can only reject keypoints: check only what can fail
     if criteria.labels or criteria.classifications or _has_keypoints(ann) or _has_keypoints(ref):
-        check(ann, criteria, "annotation")
-        check(ref, criteria, "reference")
+        for content, where in ((ann, "annotation"), (ref, "reference")):
+            if id(content) not in checked:
+                check(content, criteria, where)
+                checked.add(id(content))
     img = ref.image or ann.image
     groups: dict[tuple[Family, str], tuple[list[AnnotatedObject], list[AnnotatedObject]]] = {}
     plain = True
@@ -567,7 +571,8 @@ def score_items(pairs: Sequence[tuple[Answer, Answer]], criteria: ProjectCriteri
     matched in one vectorised pass, which is what a stream agent scoring a batch of events wants.
     """
     criteria = criteria or DEFAULT_CRITERIA
-    items = [_prepare(a, r, criteria) for a, r in pairs]
+    checked: set[int] = set()
+    items = [_prepare(a, r, criteria, checked) for a, r in pairs]
     _batch_boxes(items, criteria)
     for it in items:
         for key, (a_objs, r_objs) in it.groups.items():
