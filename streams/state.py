@@ -828,19 +828,31 @@ class ItemStore:
             await self.state.guard.verify()  # a flushed Redis loses the states too: StateLost first
             raise ItemConflict(f"{len(lost)} item state(s) changed by another worker meanwhile, e.g. {lost[0]!r}")
 
-    async def due(self, now: Mapping[int, float], limit: int = 500) -> list[tuple[str, int]]:
-        """(item, partition) of up to `limit` items per partition out of retention at its clock
-        (`now[partition]`, event time)."""
+    async def load_due(
+        self, item_ids: Sequence[str], now: Mapping[int, float], limit: int = 500
+    ) -> tuple[dict[str, bytes], list[tuple[str, int]]]:
+        """The states of `item_ids` and (item, partition) of up to `limit` items per partition out
+        of retention at its clock (`now[partition]`, event time), with their states too. One round
+        trip (a batch's fixed cost is mostly round trips); the states of due items not asked for
+        take a second one, which only a sweep pays."""
         partitions = sorted(now)
 
         def build(pipe: Any) -> None:
+            for item_id in item_ids:
+                pipe.get(self.keys.item(item_id))
             for p in partitions:
                 pipe.zrangebyscore(self.keys.expiry(p), "-inf", now[p], start=0, num=limit)
 
-        out: list[tuple[str, int]] = []
-        for p, found in zip(partitions, await self.state.read(build, "expiry"), strict=True):
-            out += [(k.decode() if isinstance(k, bytes) else k, p) for k in found]
-        return out
+        results = await self.state.read(build, "items")
+        states = {i: v for i, v in zip(item_ids, results, strict=False) if v is not None}
+        expiring: list[tuple[str, int]] = []
+        for p, found in zip(partitions, results[len(item_ids) :], strict=True):
+            expiring += [(k.decode() if isinstance(k, bytes) else k, p) for k in found]
+        asked = set(item_ids)
+        more = sorted({i for i, _ in expiring if i not in asked})
+        if more:
+            states |= await self.load(more)
+        return states, expiring
 
     async def waiting(self, partitions: Sequence[int]) -> list[tuple[str, float]]:
         """(item, oldest waiting submission) of the items waiting in these partitions."""
