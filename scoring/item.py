@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 from goldstream.schemas.content import (
@@ -103,14 +104,30 @@ def _box_sim(ann: list[AnnotatedObject], ref: list[AnnotatedObject], crowd: np.n
     return geometry.rotated_box_iou(a, b, crowd)
 
 
+Regions = dict[tuple[int, tuple[int, int] | None], Any]
+
+
 def _region_sim(
-    ann: list[AnnotatedObject], ref: list[AnnotatedObject], crowd: np.ndarray, image: tuple[int, int] | None
+    ann: list[AnnotatedObject],
+    ref: list[AnnotatedObject],
+    crowd: np.ndarray,
+    image: tuple[int, int] | None,
+    regions: Regions,
 ) -> np.ndarray:
+    """`regions`: the shapely regions built so far in this `score_items` call, by polygon (an
+    answer takes part in several pairs of a round, gold in one pair per annotation: building a
+    valid, clipped region is most of what a polygon costs)."""
     masks = [o.shape for o in ann + ref if isinstance(o.shape, Mask)]
     if not masks:
-        ga = [geometry.region(o.shape.points, o.shape.holes, image) for o in ann]  # type: ignore[union-attr]
-        gb = [geometry.region(o.shape.points, o.shape.holes, image) for o in ref]  # type: ignore[union-attr]
-        return geometry.region_iou(ga, gb, crowd)
+
+        def region(o: AnnotatedObject) -> Any:
+            key = (id(o.shape), image)
+            found = regions.get(key)
+            if found is None:
+                found = regions[key] = geometry.region(o.shape.points, o.shape.holes, image)  # type: ignore[union-attr]
+            return found
+
+        return geometry.region_iou([region(o) for o in ann], [region(o) for o in ref], crowd)
     size = masks[0].size
     if any(m.size != size for m in masks):
         raise InvalidGeometry(f"masks of one item have different sizes: {sorted({m.size for m in masks})}")
@@ -159,13 +176,14 @@ def _similarity(
     ref: list[AnnotatedObject],
     criteria: ProjectCriteria,
     image: tuple[int, int] | None,
+    regions: Regions,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     family, schema_name = key
     crowd = np.array([o.iscrowd for o in ref], dtype=bool)
     if family is Family.BOX:
         return _box_sim(ann, ref, crowd), crowd, None, None
     if family is Family.REGION:
-        return _region_sim(ann, ref, crowd, image), crowd, None, None
+        return _region_sim(ann, ref, crowd, image, regions), crowd, None, None
     if family is Family.KEYPOINTS:
         schema = criteria.keypoint_schemas.get(schema_name)
         if schema is None:
@@ -574,11 +592,12 @@ def score_items(pairs: Sequence[tuple[Answer, Answer]], criteria: ProjectCriteri
     checked: set[int] = set()
     items = [_prepare(a, r, criteria, checked) for a, r in pairs]
     _batch_boxes(items, criteria)
+    regions: Regions = {}
     for it in items:
         for key, (a_objs, r_objs) in it.groups.items():
             if key in it.results:
                 continue
-            sim, crowd, kp_a, kp_r = _similarity(key, a_objs, r_objs, criteria, it.image)
+            sim, crowd, kp_a, kp_r = _similarity(key, a_objs, r_objs, criteria, it.image, regions)
             thresholds = np.array([criteria.threshold(o.label, key[0].value) for o in r_objs])
             asg = assign(sim, [o.label for o in a_objs], [o.label for o in r_objs], thresholds, crowd)
             it.results[key] = _FamilyResult(key[0], a_objs, r_objs, asg, kp_a, kp_r)

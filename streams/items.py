@@ -582,6 +582,18 @@ class ItemProcessor:
                 due = at if due is None else min(due, at)
         return due
 
+    async def closing_by(self, at: float) -> set[str]:
+        """Items of this processor's index whose round could time out by `at` (epoch s)."""
+        self.waiting_items()
+        criteria = await self.ingress.projects(project for _, project, _ in self._waiting.values())
+        return {
+            item
+            for item, (first, project, workers) in self._waiting.items()
+            if (c := criteria[project]) is not None
+            and workers >= c.consensus.min_annotators
+            and first.timestamp() + c.consensus.timeout_s <= at
+        }
+
     def waiting_items(self) -> list[tuple[str, datetime]]:
         """Items with annotations waiting for a round, with the oldest one's submission time.
 

@@ -85,6 +85,7 @@ async def replay(
     result = ReplayResult()
     swept: list[float] = []  # event time of the last retention sweep
     pending: list[Record] = []
+    submitted: list[float | None] = []  # each pending record's `_submitted_at`, read once
     ticks: list[tuple[int, datetime]] = []  # timer ticks inside the pending batch: (position, moment)
     tick: list[float] = []  # the timer's last tick, in event time (epoch seconds)
     earliest: list[float] = []  # the earliest submission among the pending records
@@ -119,6 +120,7 @@ async def replay(
         if pending or ticks:
             await run(pending[:], ticks[:])
             pending.clear()
+            submitted.clear()
             ticks.clear()
             earliest.clear()
 
@@ -127,15 +129,22 @@ async def replay(
         requests = await engine.timed_out(now)
         await run([engine.item_processor.timer_record(r) for r in requests])
 
-    def gold_may_race() -> bool:
-        """Whether a pending review is of an item whose round the next tick could close: gold it
-        promotes would stop that round from closing, had the batch ended at the tick."""
-        reviewed = {r.key for r in pending if r.topic == "reviews"}
-        if not reviewed:
+    async def gold_may_race(at: float) -> bool:
+        """Whether a pending review promotes gold for an item whose round the tick at `at` could
+        close: that gold would stop the round from closing, had the batch ended at the tick.
+        Only such a review needs the batch cut there (on a workforce with many reviews, cutting at
+        every tick that had any review pending split a replay into hundreds of small batches)."""
+        promoting = {r.key for r in pending if r.topic == "reviews" and _promotes(r)}
+        if not promoting:
             return False
-        waiting = {r.key for r in pending if r.topic == "annotations"}
-        waiting |= {item.encode() for item, _ in engine.waiting_items()}
-        return bool(reviewed & waiting)
+        shortest = min((c.consensus.timeout_s for c in engine.ingress.criteria.cached() if c is not None), default=0.0)
+        closing = {
+            r.key
+            for r, t in zip(pending, submitted, strict=True)
+            if r.topic == "annotations" and (t is None or t + shortest <= at)
+        }
+        closing |= {item.encode() for item in await engine.item_processor.closing_by(at)}
+        return bool(promoting & closing)
 
     async def may_time_out(at: float) -> bool:
         """Whether a round could have timed out by `at`: else the tick needs no stop (the batch
@@ -167,7 +176,7 @@ async def replay(
                 tick[0] = at  # the ticks fall where they would if each one stopped the batch
                 if await may_time_out(at):
                     now = datetime.fromtimestamp(at, UTC)
-                    if not pending or gold_may_race():
+                    if not pending or await gold_may_race(at):
                         # nothing pending (a replay one record at a time): the timer's requests go
                         # alone, so the next record sees the scores they make. A pending review may
                         # promote gold, which is fed back after its batch and before the timer's
@@ -181,6 +190,7 @@ async def replay(
             await run([rec])
             continue
         pending.append(rec)
+        submitted.append(at)
         if at is not None:
             earliest[:] = [min(earliest[0], at)] if earliest else [at]
         if len(pending) >= batch:
@@ -189,6 +199,15 @@ async def replay(
     if close_rounds:
         await close(None)
     return result
+
+
+def _promotes(rec: Record) -> bool:
+    """Does a review record promote gold? (True when it cannot be read: the engine decides.)"""
+    try:
+        value = orjson.loads(rec.value or b"null")
+    except orjson.JSONDecodeError:
+        return True
+    return not isinstance(value, dict) or value.get("promote_to_gold", False) is not False
 
 
 def _submitted_at(rec: Record) -> float | None:

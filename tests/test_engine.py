@@ -801,6 +801,39 @@ def test_a_replay_closes_timed_out_rounds_inside_its_batches_as_if_it_had_stoppe
     assert len([n for n, _ in calls if n > 0]) <= -(-len(recs) // 500) + 3  # full batches, not cut at ticks
 
 
+def test_a_replay_with_reviews_that_promote_gold_cuts_its_batches_only_where_gold_could_race_a_timeout(
+    services: Endpoints, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """goldstream's own workforce: reviews come while rounds wait, and some promote gold. A batch
+    ends at a timer tick only when a pending review promotes gold for an item the tick may close;
+    the scores and counters equal a replay one record at a time, and most batches stay full."""
+    from goldstream.streams.engine import Engine
+
+    from benchmarks.qc_bench import own_case
+    from goldstream.simulator import key_of
+
+    case = own_case(3, 400)
+    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(case.events)]
+    assert any(r.topic == "reviews" and b'"promote_to_gold":true' in (r.value or b"") for r in recs)
+    calls: list[int] = []
+    process = Engine.process
+
+    async def counted(self: Engine, records: Any, ticks: Any = ()) -> Any:
+        calls.append(len(records))
+        return await process(self, records, ticks)
+
+    monkeypatch.setattr(Engine, "process", counted)
+    one, one_state, many, many_state = _one_at_a_time_and_in_batches(services, keys, recs, 500, calls.clear)
+    assert out(one, "gold") and [r for r in out(one, "scores") if r.kind is s.ScoreKind.REVIEW]
+    assert sorted(r.event_id for r in out(many, "scores")) == sorted(r.event_id for r in out(one, "scores"))
+    assert [r.result for r in sorted(out(many, "scores"), key=lambda r: r.event_id)] == [
+        r.result for r in sorted(out(one, "scores"), key=lambda r: r.event_id)
+    ]
+    assert many_state == one_state
+    full = [n for n in calls if n >= 250]
+    assert sum(full) >= 0.8 * len(recs), calls  # most records go in batches at least half full
+
+
 def test_an_item_past_its_retention_keeps_a_marker_so_a_late_review_is_dead_lettered_and_new_work_starts_afresh(
     run,
 ) -> None:
