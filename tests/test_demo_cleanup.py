@@ -269,9 +269,34 @@ def _broker_port(procs: list[ProcInfo]) -> int:
 
 
 def _listening(port: int) -> bool:
+    """Does something accept connections on the port? The broker's port is a free port the OS
+    chose, in the ephemeral range, and Linux connects a socket to itself when it picks that very
+    port as the local end of a connection to a port nobody listens on: such a connection is not
+    a listener."""
     with socket.socket() as s:
         s.settimeout(2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        if s.connect_ex(("127.0.0.1", port)) != 0:
+            return False
+        return s.getsockname() != s.getpeername()
+
+
+def _listeners(port: int) -> str:
+    """Which processes hold a listening socket on the port (for the failure message)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f[9])
+    sockets = {f"socket:[{i}]" for i in inodes}
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in sockets for fd in os.listdir(f"/proc/{pid}/fd")):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{pid} {cmdline[:200]}")
+    return "; ".join(found) or f"no process holds a listening socket on {port} (inodes {sorted(inodes)})"
 
 
 def _stop_and_check(run: Run, tree: Tree, stop: Callable[[], None], returncode: int) -> float:
@@ -296,7 +321,9 @@ def _stop_and_check(run: Run, tree: Tree, stop: Callable[[], None], returncode: 
     _wait(lambda: not tree.alive(), 30, report)  # the demo waits for its children: they are gone already
     assert not tree.marked(), report()
     assert run.proc.returncode == returncode, run.tail()  # it ran its cleanup, not the default action
-    assert not _listening(port)
+    # every process of the tree is gone; the port must come free too (a socket of an exiting
+    # process is closed a moment after it is reported gone, so wait for it, naming any listener)
+    _wait(lambda: not _listening(port), 30, lambda: f"port {port} free; listening: {_listeners(port)}")
     return took
 
 
