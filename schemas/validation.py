@@ -32,17 +32,7 @@ def content_errors(content: Content, criteria: ProjectCriteria, where: str = "co
     if not closed and not criteria.classifications and not any(o.shape.type == "keypoints" for o in content.objects):
         return errors  # an open project: nothing here can be wrong for it
     for i, obj in enumerate(content.objects):
-        spec = criteria.label(obj.label)
-        if type(obj.shape) is not Keypoints and (
-            (spec is None and not closed)
-            or (
-                spec is not None
-                and (not spec.shape_types or obj.shape.type in spec.shape_types)
-                and (not obj.attributes or not spec.attributes or obj.attributes.keys() <= spec.attributes.keys())
-            )
-        ):
-            continue  # fits: the common case, decided without building a location
-        errors += _object_errors(obj, spec, criteria, f"{where}.objects.{i}")
+        errors += _object_errors(obj, criteria.label(obj.label), criteria, where, i)
     for taxonomy, chosen in content.classifications.items():
         loc = f"{where}.classifications.{taxonomy}"
         cspec = criteria.classifications.get(taxonomy)
@@ -59,48 +49,40 @@ def content_errors(content: Content, criteria: ProjectCriteria, where: str = "co
 
 
 def _object_errors(
-    obj: AnnotatedObject, spec: LabelSpec | None, criteria: ProjectCriteria, loc: str
+    obj: AnnotatedObject, spec: LabelSpec | None, criteria: ProjectCriteria, where: str, i: int
 ) -> list[FieldError]:
-    """Every way one object breaks the project's criteria, in the order they are reported."""
-    if spec is None and criteria.labels:
-        return [FieldError(f"{loc}.label", f"label {obj.label!r} is not in the project's taxonomy", "unknown_label")]
+    """Every way one object breaks the project's criteria, in the order they are reported. The
+    location is formatted only for an error: this runs for every object of every input."""
+    if spec is None:
+        if criteria.labels:
+            msg = f"label {obj.label!r} is not in the project's taxonomy"
+            return [FieldError(f"{where}.objects.{i}.label", msg, "unknown_label")]
+        return _keypoint_errors(obj, criteria, where, i) if type(obj.shape) is Keypoints else []
     errors: list[FieldError] = []
-    if spec is not None and spec.shape_types and obj.shape.type not in spec.shape_types:
-        errors.append(
-            FieldError(
-                f"{loc}.shape.type",
-                f"label {obj.label!r} takes {', '.join(spec.shape_types)}, not {obj.shape.type}",
-                "shape_type",
-            )
-        )
-    if isinstance(obj.shape, Keypoints):
-        name = keypoint_schema_name(obj, criteria)
-        schema = criteria.keypoint_schemas.get(name) if name else None
-        if schema is None:
-            errors.append(
-                FieldError(
-                    f"{loc}.shape.schema", f"no keypoint schema {name!r} in the project", "unknown_keypoint_schema"
-                )
-            )
-        elif len(obj.shape.points) != len(schema.names):
-            errors.append(
-                FieldError(
-                    f"{loc}.shape.points",
-                    f"{len(obj.shape.points)} keypoints, schema {name!r} has {len(schema.names)}",
-                    "keypoint_count",
-                )
-            )
-    if spec is not None and spec.attributes:
+    if spec.shape_types and obj.shape.type not in spec.shape_types:
+        msg = f"label {obj.label!r} takes {', '.join(spec.shape_types)}, not {obj.shape.type}"
+        errors.append(FieldError(f"{where}.objects.{i}.shape.type", msg, "shape_type"))
+    if type(obj.shape) is Keypoints:
+        errors += _keypoint_errors(obj, criteria, where, i)
+    if spec.attributes:
         for attr in obj.attributes:
             if attr not in spec.attributes:
-                errors.append(
-                    FieldError(
-                        f"{loc}.attributes.{attr}",
-                        f"label {obj.label!r} has no attribute {attr!r}",
-                        "unknown_attribute",
-                    )
-                )
+                msg = f"label {obj.label!r} has no attribute {attr!r}"
+                errors.append(FieldError(f"{where}.objects.{i}.attributes.{attr}", msg, "unknown_attribute"))
     return errors
+
+
+def _keypoint_errors(obj: AnnotatedObject, criteria: ProjectCriteria, where: str, i: int) -> list[FieldError]:
+    assert isinstance(obj.shape, Keypoints)
+    name = keypoint_schema_name(obj, criteria)
+    schema = criteria.keypoint_schemas.get(name) if name else None
+    loc = f"{where}.objects.{i}.shape"
+    if schema is None:
+        return [FieldError(f"{loc}.schema", f"no keypoint schema {name!r} in the project", "unknown_keypoint_schema")]
+    if len(obj.shape.points) != len(schema.names):
+        msg = f"{len(obj.shape.points)} keypoints, schema {name!r} has {len(schema.names)}"
+        return [FieldError(f"{loc}.points", msg, "keypoint_count")]
+    return []
 
 
 def check_content(content: Content, criteria: ProjectCriteria, where: str = "content") -> None:

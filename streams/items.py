@@ -568,31 +568,25 @@ class ItemProcessor:
                 )
         return out
 
-    async def next_due(self) -> float | None:
-        """The earliest moment (epoch s) at which a waiting item of this processor's own index
-        reaches its project's consensus timeout (None: nothing waits): a replay's timer need not
-        stop its batch before then."""
-        self.waiting_items()
-        due = None
-        criteria = await self.ingress.projects(project for _, project, _ in self._waiting.values())
-        for first, project, workers in self._waiting.values():
-            c = criteria[project]
-            if c is not None and workers >= c.consensus.min_annotators:
-                at = first.timestamp() + c.consensus.timeout_s
-                due = at if due is None else min(due, at)
-        return due
-
-    async def closing_by(self, at: float) -> set[str]:
-        """Items of this processor's index whose round could time out by `at` (epoch s)."""
+    async def due_times(self) -> dict[str, float]:
+        """When (epoch s) each waiting item of this processor's own index reaches its project's
+        consensus timeout, for the items that have enough annotators for a round to close."""
         self.waiting_items()
         criteria = await self.ingress.projects(project for _, project, _ in self._waiting.values())
         return {
-            item
+            item: first.timestamp() + c.consensus.timeout_s
             for item, (first, project, workers) in self._waiting.items()
-            if (c := criteria[project]) is not None
-            and workers >= c.consensus.min_annotators
-            and first.timestamp() + c.consensus.timeout_s <= at
+            if (c := criteria[project]) is not None and workers >= c.consensus.min_annotators
         }
+
+    async def next_due(self) -> float | None:
+        """The earliest of `due_times` (None: nothing waits): a replay's timer need not stop its
+        batch before then."""
+        return min((await self.due_times()).values(), default=None)
+
+    async def closing_by(self, at: float) -> set[str]:
+        """Items of this processor's index whose round could time out by `at` (epoch s)."""
+        return {item for item, due in (await self.due_times()).items() if due <= at}
 
     def waiting_items(self) -> list[tuple[str, datetime]]:
         """Items with annotations waiting for a round, with the oldest one's submission time.

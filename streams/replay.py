@@ -129,6 +129,11 @@ async def replay(
         requests = await engine.timed_out(now)
         await run([engine.item_processor.timer_record(r) for r in requests])
 
+    def shortest_timeout() -> float:
+        """The shortest consensus timeout among the projects seen (a bound for rounds not yet
+        indexed: those of the pending batch)."""
+        return min((c.consensus.timeout_s for c in engine.ingress.criteria.cached() if c is not None), default=0.0)
+
     async def gold_may_race(at: float) -> bool:
         """Whether a pending review promotes gold for an item whose round the tick at `at` could
         close: that gold would stop the round from closing, had the batch ended at the tick.
@@ -137,7 +142,7 @@ async def replay(
         promoting = {r.key for r in pending if r.topic == "reviews" and _promotes(r)}
         if not promoting:
             return False
-        shortest = min((c.consensus.timeout_s for c in engine.ingress.criteria.cached() if c is not None), default=0.0)
+        shortest = shortest_timeout()
         closing = {
             r.key
             for r, t in zip(pending, submitted, strict=True)
@@ -154,8 +159,7 @@ async def replay(
             return True
         if not earliest:
             return False
-        shortest = min((c.consensus.timeout_s for c in engine.ingress.criteria.cached() if c is not None), default=0.0)
-        return earliest[0] + shortest <= at
+        return earliest[0] + shortest_timeout() <= at
 
     for rec in records:
         result.inputs += 1

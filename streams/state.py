@@ -757,12 +757,8 @@ class ItemStore:
         state.guard.scripts.append(self._swap)
 
     async def load(self, item_ids: Sequence[str]) -> dict[str, bytes]:
-        def build(pipe: Any) -> None:
-            for item_id in item_ids:
-                pipe.get(self.keys.item(item_id))
-
-        found = await self.state.read(build, "items")
-        return {i: v for i, v in zip(item_ids, found, strict=True) if v is not None}
+        """The stored states of `item_ids` (those that have one)."""
+        return (await self.load_due(item_ids, {}))[0]
 
     # write an item's state only over the state it was derived from (or its absence): a worker
     # that lost its partitions during a long Redis outage must not set an item back
