@@ -250,7 +250,11 @@ class Content(Model):
                         f"[height, width] [{height}, {width}]"
                     )
                 continue
-            if isinstance(shape, Keypoints) and shape.area is not None and shape.area > (x1 - x0) * (y1 - y0):
+            if isinstance(shape, BBox):
+                # the common case, decided without naming corners (w and h are not negative)
+                if x0 <= shape.x and shape.x + shape.w <= x1 and y0 <= shape.y and shape.y + shape.h <= y1:
+                    continue
+            elif isinstance(shape, Keypoints) and shape.area is not None and shape.area > (x1 - x0) * (y1 - y0):
                 raise _outside(f"objects.{n}.shape.area {shape.area:g} is larger than the image's window")
             if isinstance(shape, Polygon | Polyline):
                 # vertices by the thousand: bound them in C first, name the offender only if needed

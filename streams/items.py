@@ -100,6 +100,28 @@ class ItemState(Model):
                 return a
         return None
 
+    def encode(self, known: Mapping[int, bytes | memoryview] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+        """The state as stored, and where each annotation's JSON lies in it (`spans`).
+
+        `known`: JSON of annotations by `id()` of the object (the bytes they arrived in, or
+        their span in the stored state they were parsed from), spliced in rather than dumped
+        again. Why: a state holds every annotation of its item and is written after each of its
+        inputs, so dumping them all again each time was most of what storing a state cost."""
+        known = known or {}
+        head = self.model_dump_json(exclude={"annotations"}).encode()
+        out = bytearray(head[:-1])
+        out += b',"annotations":[' if len(head) > 2 else b'"annotations":['
+        spans: dict[str, tuple[int, int]] = {}
+        for n, a in enumerate(self.annotations):
+            if n:
+                out += b","
+            raw = known.get(id(a))
+            start = len(out)
+            out += a.model_dump_json().encode() if raw is None else raw
+            spans[a.event_id] = (start, len(out))
+        out += b"]}"
+        return bytes(out), spans
+
     def with_annotation(self, a: AnnotationSubmitted) -> ItemState:
         if self.annotation(a.event_id) is not None:
             return self
@@ -191,6 +213,9 @@ class ItemProcessor:
     # item's inputs all come through its own: a partition read behind the others (a backlog)
     # must not find its items expired by the others' progress, before their rounds could form
     clocks: dict[int, float] = field(default_factory=dict)
+    # the last batch's annotations with the bytes they arrived in: the worker splices those into
+    # the states it stores (`ItemState.encode`) instead of serialising the annotations again
+    arrived: list[tuple[AnnotationSubmitted, bytes]] = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ batch
 
@@ -206,6 +231,7 @@ class ItemProcessor:
             if rec.topic == "projects":
                 slots += await self.ingress.on_criteria(rec)
         decoded: list[tuple[int, Record, object]] = []
+        self.arrived = []
         for i, rec in enumerate(records):
             if rec.topic == "projects":
                 continue
@@ -215,7 +241,10 @@ class ItemProcessor:
             elif rec.value is None and rec.topic == "gold":
                 slots += self._retract_gold(rec)
             else:
-                decoded.append((i, rec, self.ingress.decode(rec, model)))
+                msg = self.ingress.decode(rec, model)
+                decoded.append((i, rec, msg))
+                if isinstance(msg, AnnotationSubmitted) and rec.value is not None:
+                    self.arrived.append((msg, rec.value))
         named = {m.project_id for _, _, m in decoded if not isinstance(m, Emit)}  # type: ignore[attr-defined]
         if ticks:
             named |= self._timeout_projects(self.waiting_items())

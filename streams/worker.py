@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +43,7 @@ from goldstream.streams.memory import tune_gc
 from goldstream.streams.metrics import Metrics
 from goldstream.streams.settings import Settings
 from goldstream.streams.state import (
+    SOCKET_TIMEOUT_S,
     AlertFlags,
     CriteriaStore,
     ItemStore,
@@ -106,11 +107,12 @@ class ParsedItems:
     """Item states as stored in Redis, parsed, with the latest few thousand kept by their bytes:
     an item's next annotation usually finds its state as this worker wrote it, and parsing it
     again (every annotation of the item, validated) was a large share of the score step. The
-    bytes decide, so a state another worker wrote is parsed afresh."""
+    bytes decide, so a state another worker wrote is parsed afresh. Each kept state also keeps
+    where its annotations' JSON lies in its bytes, so storing it again splices them in."""
 
     def __init__(self, size: int = 20_000) -> None:
         self.size = size
-        self._kept: OrderedDict[str, tuple[bytes, ItemState]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[bytes, ItemState, dict[str, tuple[int, int]]]] = OrderedDict()
 
     def parse(self, loaded: Mapping[str, bytes]) -> dict[str, ItemState]:
         out = {}
@@ -119,7 +121,23 @@ class ParsedItems:
             out[item_id] = kept[1] if kept is not None and kept[0] == raw else ItemState.model_validate_json(raw)
         return out
 
-    def keep(self, states: Mapping[str, tuple[bytes, ItemState]]) -> None:
+    def known(self, item_ids: Iterable[str], arrived: Sequence[tuple[object, bytes]]) -> dict[int, bytes | memoryview]:
+        """JSON of annotations by `id()` (`ItemState.encode`): those that arrived in the batch,
+        and those of the kept states of `item_ids`. The objects are alive (kept here, or in the
+        batch), so their ids name them."""
+        out: dict[int, bytes | memoryview] = {id(a): raw for a, raw in arrived}
+        for item_id in item_ids:
+            kept = self._kept.get(item_id)
+            if kept is None:
+                continue
+            view = memoryview(kept[0])
+            for a in kept[1].annotations:
+                span = kept[2].get(a.event_id)
+                if span is not None:
+                    out[id(a)] = view[span[0] : span[1]]
+        return out
+
+    def keep(self, states: Mapping[str, tuple[bytes, ItemState, dict[str, tuple[int, int]]]]) -> None:
         for item_id, entry in states.items():
             self._kept[item_id] = entry
             self._kept.move_to_end(item_id)
@@ -252,8 +270,9 @@ class Worker:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.keys = Keys(settings.key_prefix)
-        self.redis = connect(settings.redis_url, **settings.redis())
-        self.guard = RedisGuard(self.redis, epoch_key=self.keys.epoch())
+        # every call of the worker goes through its guard, which times each call out as a whole
+        self.redis = connect(settings.redis_url, **settings.redis(), socket_timeout=None)
+        self.guard = RedisGuard(self.redis, epoch_key=self.keys.epoch(), timeout_s=SOCKET_TIMEOUT_S)
         self.state = RedisState(self.redis, self.keys, settings.dedup_ttl_s, self.guard)
         self.items = ItemStore(self.state)
         self.parsed = ParsedItems()
@@ -403,9 +422,11 @@ class Worker:
             await engine.count_dead(emits)
             self.metrics.items_expired(len([i for i, _ in expiring if i in loaded]))
         emits += await engine.process(records)
-        changed = {k: b for k in engine.dirty if (b := engine.items[k].model_dump_json().encode()) != loaded.get(k)}
+        known = self.parsed.known(engine.dirty, processor.arrived)
+        encoded = {k: engine.items[k].encode(known) for k in engine.dirty}
+        changed = {k: b for k, (b, _) in encoded.items() if b != loaded.get(k)}
         changed |= {k: b"" for k in processor.removed if k in loaded}
-        kept = {k: (b, engine.items[k]) for k, b in changed.items() if b}
+        kept = {k: (b, engine.items[k], encoded[k][1]) for k, b in changed.items() if b}
         waiting, due = {}, {}
         for item, b in changed.items():
             since = engine.waiting_since(item) if b else None

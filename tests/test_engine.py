@@ -722,15 +722,39 @@ def test_the_worker_reuses_an_item_state_it_wrote_and_parses_one_another_worker_
     from goldstream.streams.worker import ParsedItems
 
     mine = ItemState().with_annotation(annotation(1, "i1", "w1", GOOD))
-    raw = mine.model_dump_json().encode()
+    raw, spans = mine.encode()
     parsed = ParsedItems(size=2)
-    parsed.keep({"i1": (raw, mine)})
+    parsed.keep({"i1": (raw, mine, spans)})
     assert parsed.parse({"i1": raw})["i1"] is mine  # as this worker wrote it: not parsed again
     theirs = mine.with_annotation(annotation(2, "i1", "w2", GOOD))
     again = parsed.parse({"i1": theirs.model_dump_json().encode()})["i1"]
     assert again is not mine and again == theirs  # another worker wrote it since: parsed afresh
-    parsed.keep({"i2": (b"{}", ItemState()), "i3": (b"{}", ItemState())})
+    parsed.keep({"i2": (b"{}", ItemState(), {}), "i3": (b"{}", ItemState(), {})})
     assert parsed.parse({"i1": raw})["i1"] is not mine  # the oldest was let go: memory stays bounded
+
+
+def test_a_stored_item_state_splices_in_its_annotations_json_and_parses_back_equal() -> None:
+    """The worker stores a state with its annotations' JSON as they arrived (any layout) or as
+    they lie in the state it parsed, not dumped again: what it stores must parse back to the
+    very state, and the next store from the kept spans must give the same bytes."""
+    from goldstream.streams.engine import ItemState
+    from goldstream.streams.worker import ParsedItems
+
+    anns = [annotation(n, "i1", f"w{n}", GOOD if n % 2 else BAD) for n in range(3)]
+    arrived = [(a, orjson.dumps(orjson.loads(a.to_bytes()), option=orjson.OPT_INDENT_2)) for a in anns[:2]]
+    st = ItemState(gold=gold("i1"), annotations=anns, waiting=[anns[2].event_id], rounds={"r1": [anns[0].event_id]})
+    parsed = ParsedItems()
+    raw, spans = st.encode(parsed.known(["i1"], arrived))
+    assert b'\n  "event_id"' in raw  # the arrived layout was spliced in, not dumped again
+    assert ItemState.model_validate_json(raw) == st
+    assert [orjson.loads(raw[i:j])["event_id"] for i, j in spans.values()] == [a.event_id for a in anns]
+    parsed.keep({"i1": (raw, st, spans)})
+    again, _ = st.encode(parsed.known(["i1"], []))
+    assert again == raw
+    grown = st.with_annotation(annotation(3, "i1", "w3", GOOD))
+    more, _ = grown.encode(parsed.known(["i1"], []))
+    assert ItemState.model_validate_json(more) == grown and more.startswith(raw[: spans[anns[0].event_id][0]])
+    assert ItemState.model_validate_json(ItemState().encode()[0]) == ItemState()
 
 
 def test_standings_after_a_batch_equal_what_redis_holds_after_it(services: Endpoints, keys: Keys) -> None:

@@ -152,6 +152,32 @@ def test_the_guard_waits_out_an_outage_with_capped_backoff_and_logs_it_once_each
     assert not guard.down and guard.outages == 1
 
 
+def test_the_guard_times_out_a_call_that_never_answers_as_an_outage_and_runs_it_again() -> None:
+    """The worker's client has no socket timeout (redis-py armed a timer per reply); its guard
+    gives each call a deadline instead, so a Redis that stops answering is still an outage."""
+    calls: list[int] = []
+
+    async def call() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # never answers
+        return "ok"
+
+    class Pool:
+        async def disconnect(self, inuse_connections: bool = True) -> None:
+            return None
+
+    class Client:
+        connection_pool = Pool()
+
+    async def sleep(s: float) -> None:
+        return None
+
+    guard = RedisGuard(Client(), sleep=sleep, timeout_s=0.05)  # type: ignore[arg-type]
+    assert asyncio.run(guard.run(call, "test")) == "ok"
+    assert len(calls) == 2 and guard.outages == 1 and guard.retries == 1 and not guard.down
+
+
 @pytest.mark.services
 def test_reads_refuse_a_redis_whose_epoch_is_gone_instead_of_reading_zeros(services: Endpoints, keys: Keys) -> None:
     async def main() -> None:
