@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from datetime import datetime
 
-from goldstream.schemas.messages import RoundTimeout
+from goldstream.schemas.messages import RoundTimeout, ScoreRecord
 from goldstream.scoring.policy import SCALE
 from goldstream.streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record, Settings
 from goldstream.streams.items import MAX_ANNOTATIONS_PER_ITEM, ItemProcessor, ItemState
@@ -74,9 +74,11 @@ class Engine:
         `ticks`: consensus-timer ticks inside it (`ItemProcessor.process`)."""
         return await self.item_processor.process(records, ticks)
 
-    async def apply_scores(self, records: Sequence[Record]) -> list[Emit]:
+    async def apply_scores(
+        self, records: Sequence[Record], known: Callable[[bytes | None], ScoreRecord | None] | None = None
+    ) -> list[Emit]:
         """A batch of ScoreRecords: applied to Redis once each, with the alerts they cause."""
-        return await self.proficiency_processor.apply_scores(records)
+        return await self.proficiency_processor.apply_scores(records, known)
 
     async def handle(self, rec: Record) -> list[Emit]:
         """One record of any topic (a batch of one)."""

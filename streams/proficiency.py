@@ -7,7 +7,7 @@ worker alerts (qualification, drift) and the label and project window alerts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -34,12 +34,15 @@ class ProficiencyProcessor:
     store: ProficiencyStore
     alerts: AlertFlags
 
-    async def apply_scores(self, records: Sequence[Record]) -> list[Emit]:
-        """Apply a batch of ScoreRecords to Redis (once each) and raise the alerts they cause."""
+    async def apply_scores(
+        self, records: Sequence[Record], known: Callable[[bytes | None], ScoreRecord | None] | None = None
+    ) -> list[Emit]:
+        """Apply a batch of ScoreRecords to Redis (once each) and raise the alerts they cause.
+        `known`: the record a value decodes to, when the caller has it (it sent those bytes)."""
         out: list[Emit] = []
         decoded: list[tuple[Record, ScoreRecord]] = []
         for rec in records:
-            s = self.ingress.decode(rec, ScoreRecord)
+            s = (known(rec.value) if known is not None else None) or self.ingress.decode(rec, ScoreRecord)
             if isinstance(s, Emit):
                 out.append(s)
             else:

@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError
+from goldstream.schemas.messages import ScoreRecord
 from goldstream.streams.engine import Emit, Engine, ItemState, Record
 from goldstream.streams.engine import Settings as EngineSettings
 from goldstream.streams.items import ITEM_TOPICS
@@ -143,6 +144,25 @@ class ParsedItems:
             self._kept.move_to_end(item_id)
         while len(self._kept) > self.size:
             self._kept.popitem(last=False)
+
+
+class SentScores:
+    """ScoreRecords this worker sent, by their bytes, until its proficiency step reads them back:
+    decoding a score again (validating its result's match rows) was most of what reading one
+    cost. The bytes decide, as in `ParsedItems`: a score another worker sent is decoded afresh,
+    and one that waited longer than the last `size` sent is too."""
+
+    def __init__(self, size: int = 5_000) -> None:
+        self.size = size
+        self._sent: OrderedDict[bytes, ScoreRecord] = OrderedDict()
+
+    def note(self, raw: bytes, record: ScoreRecord) -> None:
+        self._sent[raw] = record
+        if len(self._sent) > self.size:
+            self._sent.popitem(last=False)
+
+    def take(self, raw: bytes | None) -> ScoreRecord | None:
+        return None if raw is None else self._sent.pop(raw, None)
 
 
 def item_id_of(rec: Record) -> str | None:
@@ -276,6 +296,7 @@ class Worker:
         self.state = RedisState(self.redis, self.keys, settings.dedup_ttl_s, self.guard)
         self.items = ItemStore(self.state)
         self.parsed = ParsedItems()
+        self.sent = SentScores()
         self.health = Health()
         self.metrics = Metrics(self.guard)
         self.stopping = asyncio.Event()
@@ -328,6 +349,8 @@ class Worker:
         pending = []
         for e in emits:
             value = None if e.value is None else e.value.to_bytes()
+            if isinstance(e.value, ScoreRecord) and value is not None:
+                self.sent.note(value, e.value)
             key = e.key.encode() if e.key else None
             pending.append(await self.producer.send(self.topics.name(e.topic), value, key=key))
         if pending:
@@ -469,7 +492,7 @@ class Worker:
             if not recs:
                 continue
             async with lock:
-                await self.send(await engine.apply_scores(recs))
+                await self.send(await engine.apply_scores(recs, self.sent.take))
                 await commits.submit(batch)
             self.metrics.batch_done("proficiency", [r.timestamp for rs in batch.values() for r in rs])
         await commits.flush()

@@ -733,6 +733,35 @@ def test_the_worker_reuses_an_item_state_it_wrote_and_parses_one_another_worker_
     assert parsed.parse({"i1": raw})["i1"] is not mine  # the oldest was let go: memory stays bounded
 
 
+def test_a_score_the_worker_sent_is_read_back_as_what_its_bytes_decode_to(run) -> None:
+    """The proficiency step takes the ScoreRecord the worker sent for bytes it reads back instead
+    of decoding them again: that holds only if every kind of score decodes to what was sent."""
+    from goldstream.schemas.base import decode
+    from goldstream.streams.worker import SentScores
+
+    from goldstream.simulator import ReviewSpec, key_of, sample_spec, simulate
+
+    base = sample_spec()
+    project = base.projects[0].model_copy(update={"items": 60, "review": ReviewSpec(rate=0.3, promote_rate=0.5)})
+    sim = simulate(base.model_copy(update={"projects": [project]}), 5)
+    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(sim.events)]
+    result, _ = run(recs, batch=64)
+    scores = out(result, "scores")
+    assert {r.kind for r in scores} == set(s.ScoreKind)
+    sent = SentScores(size=len(scores))
+    for r in scores:
+        sent.note(r.to_bytes(), r)
+    for r in scores:
+        raw = bytes(bytearray(r.to_bytes()))  # other bytes objects, as a consumer reads them
+        decoded = decode(s.ScoreRecord, raw)
+        assert decoded == r and decoded.model_dump() == r.model_dump()
+        assert sent.take(raw) is r and sent.take(raw) is None  # taken once
+    small = SentScores(size=2)
+    for r in scores[:3]:
+        small.note(r.to_bytes(), r)
+    assert small.take(scores[0].to_bytes()) is None and small.take(scores[2].to_bytes()) is scores[2]
+
+
 def test_a_stored_item_state_splices_in_its_annotations_json_and_parses_back_equal() -> None:
     """The worker stores a state with its annotations' JSON as they arrived (any layout) or as
     they lie in the state it parsed, not dumped again: what it stores must parse back to the
