@@ -59,7 +59,7 @@ from goldstream.scoring.policy import (
 )
 from goldstream.scoring.reliability import known_risk, round_estimates_many, round_quality_many
 from goldstream.streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record
-from goldstream.streams.state import ProficiencyStore, ProjectView, level_of
+from goldstream.streams.state import STANDING_FIELDS, ProficiencyStore, ProjectView, level_of
 from pydantic import Field
 
 MAX_ANNOTATIONS_PER_ITEM = 200
@@ -654,7 +654,7 @@ class ItemProcessor:
         need = [j for j in jobs if j.failed is None and not isinstance(j, _Review)]
         projects = {j.criteria.project_id: j.criteria for j in need}
         pairs = sorted({(x.project_id, x.worker_id) for j in need for x in j.answers})
-        views, found = await self.proficiency.views_and_totals(projects, pairs)
+        views, found = await self.proficiency.views_and_totals(projects, pairs, STANDING_FIELDS)
         totals = dict(zip(pairs, found, strict=True))
         _fit_rounds([j for j in need if isinstance(j, _Round)], views, totals)
         out: list[Emit] = []

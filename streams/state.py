@@ -468,6 +468,13 @@ def high_water(fields: Mapping[str, int]) -> int | None:
 
 KNOWN_KINDS = (ScoreKind.GOLD, ScoreKind.REVIEW)
 
+STANDING_FIELDS = (
+    "items", "gold_items", "scored", "score",
+    "known_n", "known_s", "known_ss", "round_n", "round_s", "round_ss",
+)  # fmt: skip
+"""The fields of a worker's totals that its standing reads (`scoring.policy.proficiency` and
+`level_of`): what the score step reads for every batch."""
+
 
 def record_increments(
     record: ScoreRecord, criteria: ProjectCriteria, keys: Keys, lane: int | None = None
@@ -689,10 +696,16 @@ class ProficiencyStore:
         return view
 
     async def views_and_totals(
-        self, projects: Mapping[str, ProjectCriteria], pairs: Sequence[tuple[str, str]]
+        self,
+        projects: Mapping[str, ProjectCriteria],
+        pairs: Sequence[tuple[str, str]],
+        fields: Sequence[str] | None = None,
     ) -> tuple[dict[str, ProjectView], list[dict[str, int]]]:
         """The projects' views and the (project, worker) pairs' totals in one round trip (and one
-        more for a project whose model is due a refit): what a batch needs to judge its workers."""
+        more for a project whose model is due a refit): what a batch needs to judge its workers.
+        `fields`: only these of each worker's totals (`STANDING_FIELDS`); a worker's hash also
+        holds its per-label counters, and reading them all for every batch cost more than the
+        rest of the read once batches were small."""
         order = sorted(projects)
         names = [self.keys.worker(p, w) for p, w in pairs]
 
@@ -700,7 +713,10 @@ class ProficiencyStore:
             for p in order:
                 pipe.hget(self.keys.project(p), "items")
             for name in names:
-                pipe.hgetall(name)
+                if fields is None:
+                    pipe.hgetall(name)
+                else:
+                    pipe.hmget(name, fields)
 
         found = await self.state.read(build, "standing") if order or names else []
         views = {}
@@ -709,7 +725,10 @@ class ProficiencyStore:
             if cached is None or int(count or 0) >= cached.count * (1 + self.REFIT_SHARE) + 5:
                 cached = await self._fit(p, projects[p])
             views[p] = cached
-        return views, [_ints(r) for r in found[len(order) :]]
+        rows = found[len(order) :]
+        if fields is not None:
+            return views, [{f: int(v) for f, v in zip(fields, row, strict=True) if v is not None} for row in rows]
+        return views, [_ints(r) for r in rows]
 
     async def totals(self, pairs: Sequence[tuple[str, str | None]]) -> list[dict[str, int]]:
         """Totals of (project, worker) pairs; worker None: the project's. One round trip."""

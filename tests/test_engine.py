@@ -762,6 +762,42 @@ def test_a_score_the_worker_sent_is_read_back_as_what_its_bytes_decode_to(run) -
     assert small.take(scores[0].to_bytes()) is None and small.take(scores[2].to_bytes()) is scores[2]
 
 
+def test_a_standing_read_from_its_few_fields_equals_the_standing_from_the_whole_totals_hash(
+    run, services: Endpoints, keys: Keys
+) -> None:
+    """The score step reads only `STANDING_FIELDS` of each worker's totals for every batch: a
+    field the standing needs and the list lacks would silently read as 0."""
+    from goldstream.scoring.policy import proficiency
+    from goldstream.streams.state import STANDING_FIELDS, ProficiencyStore, RedisState, level_of
+
+    from goldstream.simulator import ReviewSpec, key_of, sample_spec, simulate
+
+    base = sample_spec()
+    project = base.projects[0].model_copy(update={"items": 80, "review": ReviewSpec(rate=0.2, promote_rate=0.5)})
+    sim = simulate(base.model_copy(update={"projects": [project]}), 7)
+    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(sim.events)]
+    run(recs, batch=64)
+    c = next(m for t, m in sim.events if t == "projects")
+    pairs = sorted({(c.project_id, m.worker_id) for t, m in sim.events if t == "annotations"})
+
+    async def main() -> tuple[list, list]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            store = ProficiencyStore(RedisState(client, keys))
+            views, whole = await store.views_and_totals({c.project_id: c}, pairs)
+            _, few = await store.views_and_totals({c.project_id: c}, pairs, STANDING_FIELDS)
+            model = views[c.project_id].model
+            return [proficiency(t, c, level_of(model, t)) for t in whole], [
+                proficiency(t, c, level_of(model, t)) for t in few
+            ]
+        finally:
+            await client.aclose()
+
+    whole, few = asyncio.run(main())
+    assert len(whole) == len(pairs) > 3 and all(x.known + x.rounds > 0 for x in whole)
+    assert few == whole
+
+
 def test_a_stored_item_state_splices_in_its_annotations_json_and_parses_back_equal() -> None:
     """The worker stores a state with its annotations' JSON as they arrived (any layout) or as
     they lie in the state it parsed, not dumped again: what it stores must parse back to the
