@@ -46,6 +46,24 @@ def out(result: ReplayResult, topic: str) -> list:
     return result.outputs[topic]
 
 
+def event_records(events: list) -> list[Record]:
+    """A simulation's (topic, message) events as input records of one partition, in order."""
+    from goldstream.simulator import key_of
+
+    return [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(events)]
+
+
+def reviewed_workforce(items: int, review_rate: float, seed: int) -> Any:
+    """The sample workforce on `items` items, `review_rate` of its annotations reviewed and half
+    of those reviews promoting gold: every kind of score, and gold fed back."""
+    from goldstream.simulator import ReviewSpec, sample_spec, simulate
+
+    base = sample_spec()
+    review = ReviewSpec(rate=review_rate, promote_rate=0.5)
+    project = base.projects[0].model_copy(update={"items": items, "review": review})
+    return simulate(base.model_copy(update={"projects": [project]}), seed)
+
+
 def test_gold_scoring_end_to_end(run) -> None:
     good, bad = annotation(1, "g1", "w-good", GOOD), annotation(2, "g1", "w-bad", BAD)
     result, prof = run(records(criteria(), gold("g1"), good, bad))
@@ -698,13 +716,7 @@ def test_a_replay_in_batches_scores_the_same_annotations_and_sums_the_same_count
     """The item step reads standings once per batch, so risks and escalations may differ with the
     batch size; what each annotation is scored against (gold, rounds, reviews, timeouts) and every
     order-free counter must not."""
-    from goldstream.simulator import ReviewSpec, key_of, sample_spec, simulate
-
-    base = sample_spec()
-    project = base.projects[0].model_copy(update={"items": 120, "review": ReviewSpec(rate=0.2, promote_rate=0.5)})
-    spec = base.model_copy(update={"projects": [project]})
-    sim = simulate(spec, 3)
-    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(sim.events)]
+    recs = event_records(reviewed_workforce(120, 0.2, 3).events)
 
     one, one_state, many, many_state = _one_at_a_time_and_in_batches(services, keys, recs, 64)
     kinds = {r.kind for r in out(one, "scores")}
@@ -739,13 +751,7 @@ def test_a_score_the_worker_sent_is_read_back_as_what_its_bytes_decode_to(run) -
     from goldstream.schemas.base import decode
     from goldstream.streams.worker import SentScores
 
-    from goldstream.simulator import ReviewSpec, key_of, sample_spec, simulate
-
-    base = sample_spec()
-    project = base.projects[0].model_copy(update={"items": 60, "review": ReviewSpec(rate=0.3, promote_rate=0.5)})
-    sim = simulate(base.model_copy(update={"projects": [project]}), 5)
-    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(sim.events)]
-    result, _ = run(recs, batch=64)
+    result, _ = run(event_records(reviewed_workforce(60, 0.3, 5).events), batch=64)
     scores = out(result, "scores")
     assert {r.kind for r in scores} == set(s.ScoreKind)
     sent = SentScores(size=len(scores))
@@ -770,13 +776,8 @@ def test_a_standing_read_from_its_few_fields_equals_the_standing_from_the_whole_
     from goldstream.scoring.policy import proficiency
     from goldstream.streams.state import STANDING_FIELDS, ProficiencyStore, RedisState, level_of
 
-    from goldstream.simulator import ReviewSpec, key_of, sample_spec, simulate
-
-    base = sample_spec()
-    project = base.projects[0].model_copy(update={"items": 80, "review": ReviewSpec(rate=0.2, promote_rate=0.5)})
-    sim = simulate(base.model_copy(update={"projects": [project]}), 7)
-    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(sim.events)]
-    run(recs, batch=64)
+    sim = reviewed_workforce(80, 0.2, 7)
+    run(event_records(sim.events), batch=64)
     c = next(m for t, m in sim.events if t == "projects")
     pairs = sorted({(c.project_id, m.worker_id) for t, m in sim.events if t == "annotations"})
 
@@ -865,10 +866,9 @@ def test_a_replay_closes_timed_out_rounds_inside_its_batches_as_if_it_had_stoppe
     from goldstream.streams.engine import Engine
 
     from benchmarks.qc_bench import independent_case
-    from goldstream.simulator import key_of
 
     case = independent_case(5, 150)
-    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(case.events)]
+    recs = event_records(case.events)
     assert not any(r.topic == "reviews" for r in recs)
     calls: list[tuple[int, int]] = []
     process = Engine.process
@@ -899,10 +899,9 @@ def test_a_replay_with_reviews_that_promote_gold_cuts_its_batches_only_where_gol
     from goldstream.streams.engine import Engine
 
     from benchmarks.qc_bench import own_case
-    from goldstream.simulator import key_of
 
     case = own_case(3, 400)
-    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(case.events)]
+    recs = event_records(case.events)
     assert any(r.topic == "reviews" and b'"promote_to_gold":true' in (r.value or b"") for r in recs)
     calls: list[int] = []
     process = Engine.process
@@ -925,7 +924,7 @@ def test_a_replay_with_reviews_that_promote_gold_cuts_its_batches_only_where_gol
     # 96 % now). Not compared one at a time: there a review's promoted gold reaches an annotation
     # of the same batch before it is scored, in batches only after the batch (as in the worker)
     big = own_case(3, 800)
-    recs = [Record(t, m.to_bytes(), key_of(t, m).encode(), 0, n) for n, (t, m) in enumerate(big.events)]
+    recs = event_records(big.events)
     calls.clear()
 
     async def batched() -> None:

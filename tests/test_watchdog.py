@@ -120,6 +120,17 @@ def test_the_probes_say_alive_and_ready_from_a_thread_of_their_own() -> None:
         server.server.shutdown()
 
 
+class _Pool:
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        return None
+
+
+class _Client:
+    """What `RedisGuard` touches of a client on its own: the pool it empties after an outage."""
+
+    connection_pool = _Pool()
+
+
 def test_the_guard_waits_out_an_outage_with_capped_backoff_and_logs_it_once_each_way(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -136,14 +147,7 @@ def test_the_guard_waits_out_an_outage_with_capped_backoff_and_logs_it_once_each
             raise exc
         return "ok"
 
-    class Pool:
-        async def disconnect(self, inuse_connections: bool = True) -> None:
-            return None
-
-    class Client:
-        connection_pool = Pool()
-
-    guard = RedisGuard(Client(), base_s=0.1, cap_s=1.0, sleep=sleep)  # type: ignore[arg-type]
+    guard = RedisGuard(_Client(), base_s=0.1, cap_s=1.0, sleep=sleep)  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING, logger="streams.state"):
         assert asyncio.run(guard.run(call, "test")) == "ok"
     assert sleeps == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0]
@@ -163,17 +167,10 @@ def test_the_guard_times_out_a_call_that_never_answers_as_an_outage_and_runs_it_
             await asyncio.Event().wait()  # never answers
         return "ok"
 
-    class Pool:
-        async def disconnect(self, inuse_connections: bool = True) -> None:
-            return None
-
-    class Client:
-        connection_pool = Pool()
-
     async def sleep(s: float) -> None:
         return None
 
-    guard = RedisGuard(Client(), sleep=sleep, timeout_s=0.05)  # type: ignore[arg-type]
+    guard = RedisGuard(_Client(), sleep=sleep, timeout_s=0.05)  # type: ignore[arg-type]
     assert asyncio.run(guard.run(call, "test")) == "ok"
     assert len(calls) == 2 and guard.outages == 1 and guard.retries == 1 and not guard.down
 
