@@ -325,7 +325,7 @@ class _Tally:
     sim_sum: float = 0.0
 
 
-def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedObject, AnnotatedObject]]]:
+def _tally(results: list[_FamilyResult]) -> _Tally:
     """Rows and per-label counts of an item's assignments. Rows are built without validation
     (`Model.trusted`): their ids and labels come from validated objects, their similarity from a
     kernel bounded to [0, 1]; the ItemScore that holds them is validated as a whole. Locals, not
@@ -334,7 +334,6 @@ def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedOb
     rows = t.matches
     labels = t.labels
     row = ObjectMatch.trusted
-    matched_pairs = []
     sim_sum = 0.0
     for fr in results:
         asg, fam, ann, ref = fr.assignment, fr.family, fr.ann, fr.ref
@@ -348,7 +347,6 @@ def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedOb
             c[0] += 1
             c[3] += sim
             sim_sum += sim
-            matched_pairs.append((a, r))
         for i, j, sim in asg.mismatches:
             a, r = ann[i], ref[j]
             rows.append(row({"outcome": _MISMATCH, "family": fam, "annotation_object_id": a.id,
@@ -374,7 +372,26 @@ def _tally(results: list[_FamilyResult]) -> tuple[_Tally, list[tuple[AnnotatedOb
         t.ud += len(asg.extra)
         t.ignored += len(asg.ignored)
     t.sim_sum = sim_sum
-    return t, matched_pairs
+    return t
+
+
+def _matched(results: list[_FamilyResult], criteria: ProjectCriteria, ann: Content, ref: Content) -> list[Pair]:
+    """The matched (annotation, reference) objects, for attributes and relationships; empty
+    where neither can count, as in most detection projects (a tuple per match is a fifth of
+    the containers a 10-box item would allocate otherwise)."""
+    if not (criteria.has_attributes or ann.relationships or ref.relationships or _has_attributes(ref)):
+        return []
+    return [(fr.ann[i], fr.ref[j]) for fr in results for i, j, _ in fr.assignment.matches]
+
+
+def _has_attributes(content: Content) -> bool:
+    for o in content.objects:
+        if o.attributes:
+            return True
+    return False
+
+
+Pair = tuple[AnnotatedObject, AnnotatedObject]
 
 
 _MATCH, _MISMATCH, _MISSED, _EXTRA = Outcome.MATCH, Outcome.MISMATCH, Outcome.MISSED, Outcome.EXTRA
@@ -607,7 +624,8 @@ def score_items(pairs: Sequence[tuple[Answer, Answer]], criteria: ProjectCriteri
 def _finish(it: _Item, criteria: ProjectCriteria) -> ItemScore:
     ann, ref = it.ann, it.ref
     results = [it.results[k] for k in sorted(it.results, key=lambda k: (k[0].value, k[1]))]
-    t, matched = _tally(results)
+    t = _tally(results)
+    matched = _matched(results, criteria, ann, ref)
     has_objects = bool(ann.objects or ref.objects)
     has_other = bool(ann.classifications or ref.classifications or ann.relationships or ref.relationships)
     # An item with no objects on either side is an "empty item" only where objects are the task.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from goldstream.scoring import Counters, score_item
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -229,3 +230,19 @@ def test_a_score_built_without_validation_is_the_one_validation_builds(pairs: li
             again = type(part).model_validate(part.model_dump())
             assert again == part and again.model_fields_set == part.model_fields_set
             assert again.model_dump_json() == part.model_dump_json()
+
+
+def test_trusted_instances_share_a_field_set_that_refuses_change_and_their_copies_own_one() -> None:
+    """`Model.trusted` gives every instance of a class one shared field set (one container less
+    per result row): changing it would reach every row, so it refuses, and a copy that pydantic
+    updates gets a set of its own."""
+    boxes = [s.AnnotatedObject(id=f"o{i}", label="car", shape=s.BBox(x=10 * i, y=0, w=8, h=8)) for i in range(2)]
+    first, second = scoring.score_items([(s.Content(objects=boxes), s.Content(objects=boxes))] * 2)
+    row, other = first.matches[0], second.matches[1]
+    assert row.model_fields_set is other.model_fields_set == set(s.ObjectMatch.model_fields)
+    with pytest.raises(TypeError):
+        row.model_fields_set.add("similarity")
+    for copied in (row.model_copy(update={"similarity": 0.5}), row.model_copy(deep=True, update={"similarity": 0.5})):
+        assert copied.similarity == 0.5 and row.similarity == 1.0
+        assert copied.model_fields_set is not row.model_fields_set
+    assert row.model_dump(exclude_unset=True) == row.model_dump()
