@@ -183,6 +183,66 @@ def region(
     the even-odd rule, keeping polygonal parts. Fewer than 3 distinct vertices is invalid input.
     `image` is (width, height); a region outside the image becomes empty (area 0).
     """
+    ring, hole_rings = checked_rings(points, holes)
+    geom = shapely.Polygon(ring, hole_rings)
+    if not geom.is_valid:
+        geom = _polygonal(shapely.make_valid(geom))
+    if image is not None and _outside(geom.bounds, image):
+        # only a region reaching outside the image needs the clip (an overlay per region otherwise)
+        geom = _polygonal(shapely.intersection(geom, shapely.box(0, 0, image[0], image[1])))
+    return geom
+
+
+def regions(
+    polygons: Sequence[tuple[Sequence[Sequence[float]], Sequence[Sequence[Sequence[float]]]]],
+    image: tuple[float, float] | None = None,
+) -> list[BaseGeometry | None]:
+    """`region` of many (points, holes) polygons at once, or None for each one this bulk path
+    leaves to `region` (holes, or a ring `region` would reject: it raises the error then).
+
+    Why: a polygon built alone pays a dozen numpy and shapely calls of a few microseconds each;
+    here the checks, the rings, the validity test, the repair and the clip are one vectorised
+    call each over all of them. The geometry is the same as `region`'s (a test compares them)."""
+    out: list[BaseGeometry | None] = [None] * len(polygons)
+    todo = [n for n, (points, holes) in enumerate(polygons) if not holes and len(points) >= 3]
+    if not todo:
+        return out
+    lengths = np.array([len(polygons[n][0]) for n in todo])
+    coords = np.array([xy for n in todo for xy in polygons[n][0]], dtype=np.float64).reshape(-1, 2)
+    ring_of = np.repeat(np.arange(len(todo)), lengths)
+    finite = np.isfinite(coords).all(axis=1)
+    order = np.lexsort((coords[:, 1], coords[:, 0], ring_of))
+    c, r = coords[order], ring_of[order]
+    new = np.ones(len(r), dtype=bool)
+    new[1:] = (r[1:] != r[:-1]) | (c[1:, 0] != c[:-1, 0]) | (c[1:, 1] != c[:-1, 1])
+    distinct = np.bincount(r[new], minlength=len(todo))
+    bad = np.bincount(ring_of[~finite], minlength=len(todo)) > 0
+    keep = np.flatnonzero((distinct >= 3) & ~bad)
+    if len(keep) == 0:
+        return out
+    mask = np.isin(ring_of, keep)
+    _, indices = np.unique(ring_of[mask], return_inverse=True)
+    geoms = shapely.polygons(shapely.linearrings(coords[mask], indices=indices))
+    invalid = np.flatnonzero(~shapely.is_valid(geoms))
+    if len(invalid):
+        geoms[invalid] = [_polygonal(g) for g in shapely.make_valid(geoms[invalid])]
+    if image is not None:
+        b = shapely.bounds(geoms)
+        past = np.flatnonzero((b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > image[0]) | (b[:, 3] > image[1]))
+        if len(past):
+            frame = shapely.box(0, 0, image[0], image[1])
+            geoms[past] = [_polygonal(g) for g in shapely.intersection(geoms[past], frame)]
+    for k, g in zip(keep.tolist(), geoms.tolist(), strict=True):
+        out[todo[k]] = g
+    return out
+
+
+def checked_rings(
+    points: np.ndarray | Sequence[Sequence[float]], holes: Sequence[Sequence[Sequence[float]]] = ()
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The rings of a polygon as (K, 2) arrays, or InvalidGeometry: everything `region` can
+    reject, without building the region (GEOS repairs any other ring), so a check on arrival
+    does not pay for a region the score builds again."""
     ring = _finite(np.asarray(points, dtype=np.float64).reshape(-1, 2), "polygon")
     if (distinct := _distinct(ring)) < 3:
         raise InvalidGeometry(f"polygon has {distinct} distinct vertices, needs 3")
@@ -192,13 +252,7 @@ def region(
         if _distinct(hr) < 3:
             raise InvalidGeometry("polygon hole has fewer than 3 distinct vertices")
         hole_rings.append(hr)
-    geom = shapely.Polygon(ring, hole_rings)
-    if not geom.is_valid:
-        geom = _polygonal(shapely.make_valid(geom))
-    if image is not None and _outside(geom.bounds, image):
-        # only a region reaching outside the image needs the clip (an overlay per region otherwise)
-        geom = _polygonal(shapely.intersection(geom, shapely.box(0, 0, image[0], image[1])))
-    return geom
+    return ring, hole_rings
 
 
 def _outside(bounds: tuple[float, ...], image: tuple[float, float]) -> bool:
@@ -224,6 +278,60 @@ def region_iou(a: Sequence[BaseGeometry], b: Sequence[BaseGeometry], iscrowd: np
     gb = np.empty(len(b), dtype=object)
     gb[:] = list(b)
     return _iou_of_geometries(ga, gb, _bounds(ga), _bounds(gb), iscrowd)
+
+
+def region_iou_blocks(
+    blocks: Sequence[tuple[Sequence[BaseGeometry], Sequence[BaseGeometry], np.ndarray | None]],
+) -> list[np.ndarray]:
+    """`region_iou(a, b, crowd)` of many blocks (one per item) in one pass: the bounds test,
+    the intersections and the areas are one vectorised call each over every pair of every
+    block, where one call per block paid a dozen numpy and shapely calls for a few pairs."""
+    n = np.array([len(a) for a, _, _ in blocks], dtype=np.int64)
+    m = np.array([len(b) for _, b, _ in blocks], dtype=np.int64)
+    ga = np.empty(int(n.sum()), dtype=object)
+    ga[:] = [g for a, _, _ in blocks for g in a]
+    gb = np.empty(int(m.sum()), dtype=object)
+    gb[:] = [g for _, b, _ in blocks for g in b]
+    crowd = np.zeros(len(gb), dtype=bool)
+    at = 0
+    for (_, _b, c), size in zip(blocks, m.tolist(), strict=True):
+        if c is not None:
+            crowd[at : at + size] = np.asarray(c, dtype=bool)
+        at += size
+    ba, bb = _bounds(ga), _bounds(gb)
+    counts = n * m
+    start = np.concatenate([[0], np.cumsum(counts)])
+    local = np.arange(start[-1]) - np.repeat(start[:-1], counts)
+    m_rep = np.repeat(m, counts)
+    ia = local // np.maximum(m_rep, 1) + np.repeat(np.cumsum(n) - n, counts)
+    jb = local % np.maximum(m_rep, 1) + np.repeat(np.cumsum(m) - m, counts)
+    sel = np.flatnonzero(
+        (ba[ia, 0] < bb[jb, 2]) & (bb[jb, 0] < ba[ia, 2]) & (ba[ia, 1] < bb[jb, 3]) & (bb[jb, 1] < ba[ia, 3])
+    )
+    vals = np.zeros(len(local))
+    if len(sel):
+        sa, sb = ia[sel], jb[sel]
+        inter = shapely.area(shapely.intersection(ga[sa], gb[sb]))
+        empty = np.flatnonzero(inter == 0)
+        if len(empty):  # as in `_iou_of_geometries`, on the grid of each block's own magnitude
+            block = np.searchsorted(start, sel[empty], side="right") - 1
+            for t in np.unique(block).tolist():  # grid_size takes one value per call
+                e = empty[block == t]
+                grid = _scale(ba, bb, n, m, t) * 1e-12
+                inter[e] = shapely.area(shapely.intersection(ga[sa[e]], gb[sb[e]], grid_size=grid))
+        area_a = shapely.area(ga)[sa]
+        union = np.where(crowd[sb], area_a, area_a + shapely.area(gb)[sb] - inter)
+        got = np.zeros_like(inter)
+        np.divide(inter, union, out=got, where=(inter > 0) & (union > 0))
+        vals[sel] = unit(got)
+    cuts = zip(start[:-1].tolist(), start[1:].tolist(), n.tolist(), m.tolist(), strict=True)
+    return [vals[lo:hi].reshape(a, b) for lo, hi, a, b in cuts]
+
+
+def _scale(ba: np.ndarray, bb: np.ndarray, n: np.ndarray, m: np.ndarray, t: int) -> float:
+    """The coordinates' magnitude of block t, as `_iou_of_geometries` takes it of its inputs."""
+    a0, b0 = int(n[:t].sum()), int(m[:t].sum())
+    return max(1.0, float(np.abs(ba[a0 : a0 + n[t]]).max()), float(np.abs(bb[b0 : b0 + m[t]]).max()))
 
 
 def _bounds(geoms: np.ndarray) -> np.ndarray:

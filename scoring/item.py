@@ -609,16 +609,64 @@ def score_items(pairs: Sequence[tuple[Answer, Answer]], criteria: ProjectCriteri
     checked: set[int] = set()
     items = [_prepare(a, r, criteria, checked) for a, r in pairs]
     _batch_boxes(items, criteria)
-    regions: Regions = {}
+    regions = _bulk_regions(items)
+    region_sims = _batch_region_sims(items, regions)
     for it in items:
         for key, (a_objs, r_objs) in it.groups.items():
             if key in it.results:
                 continue
-            sim, crowd, kp_a, kp_r = _similarity(key, a_objs, r_objs, criteria, it.image, regions)
+            known = region_sims.get(id(it)) if key == _REGION_KEY else None
+            if known is not None:
+                sim, crowd, kp_a, kp_r = known, np.array([o.iscrowd for o in r_objs], dtype=bool), None, None
+            else:
+                sim, crowd, kp_a, kp_r = _similarity(key, a_objs, r_objs, criteria, it.image, regions)
             thresholds = np.array([criteria.threshold(o.label, key[0].value) for o in r_objs])
             asg = assign(sim, [o.label for o in a_objs], [o.label for o in r_objs], thresholds, crowd)
             it.results[key] = _FamilyResult(key[0], a_objs, r_objs, asg, kp_a, kp_r)
     return [_finish(it, criteria) for it in items]
+
+
+def _bulk_regions(items: list[_Item]) -> Regions:
+    """The regions of every polygon this call will compare, built in one `geometry.regions`
+    call per image size; a polygon it leaves out (holes, a ring it would reject) is built, or
+    rejected, alone when its pair is scored. Families with masks are rasterised instead."""
+    todo: dict[tuple[int, int] | None, dict[int, Polygon]] = {}
+    for it in items:
+        group = it.groups.get(_REGION_KEY)
+        if group is None:
+            continue
+        shapes = [o.shape for side in group for o in side]
+        if all(type(s) is Polygon for s in shapes):
+            todo.setdefault(it.image, {}).update((id(s), s) for s in shapes)  # type: ignore[misc]
+    regions: Regions = {}
+    for image, shapes in todo.items():
+        built = geometry.regions([(s.points, s.holes) for s in shapes.values()], image)
+        for key, geom in zip(shapes, built, strict=True):
+            if geom is not None:
+                regions[(key, image)] = geom
+    return regions
+
+
+_REGION_KEY = (Family.REGION, "")
+
+
+def _batch_region_sims(items: list[_Item], regions: Regions) -> dict[int, np.ndarray]:
+    """The region family's similarity of every item whose polygons were all built in bulk, in
+    one `geometry.region_iou_blocks` pass (by id of the item); the others go through
+    `_similarity`, which builds, or rejects, their regions one by one."""
+    blocks, ids = [], []
+    for it in items:
+        group = it.groups.get(_REGION_KEY)
+        if group is None:
+            continue
+        a_objs, r_objs = group
+        a = [regions.get((id(o.shape), it.image)) for o in a_objs]
+        b = [regions.get((id(o.shape), it.image)) for o in r_objs]
+        if None in a or None in b:
+            continue
+        blocks.append((a, b, np.array([o.iscrowd for o in r_objs], dtype=bool)))
+        ids.append(id(it))
+    return dict(zip(ids, geometry.region_iou_blocks(blocks), strict=True)) if blocks else {}
 
 
 def _finish(it: _Item, criteria: ProjectCriteria) -> ItemScore:
@@ -756,7 +804,7 @@ def check_geometry(content: Content) -> None:
         s = o.shape
         try:
             if isinstance(s, Polygon):
-                geometry.region(s.points, s.holes)
+                geometry.checked_rings(s.points, s.holes)
             elif isinstance(s, Mask):
                 rle.rle(s.size, s.counts)
         except InvalidGeometry as exc:

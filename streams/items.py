@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 from goldstream.schemas.base import Id, Model
@@ -206,6 +207,8 @@ class ItemProcessor:
     _waiting: dict[str, tuple[datetime, str, int]] = field(default_factory=dict, repr=False)
     _indexed: set[str] = field(default_factory=set, repr=False)
     _rescan: bool = field(default=True, repr=False)
+    _changes: int = field(default=0, repr=False)  # of the waiting index: `due_times` is kept until it moves
+    _due_cache: tuple[int, dict[str, Any], dict[str, float], float | None] | None = field(default=None, repr=False)
     _ticks: int = field(default=0, repr=False)  # a replay's timer requests so far: their positions
     _at: float | None = field(default=None, repr=False)  # the event time of the input in hand
     removed: set[str] = field(default_factory=set)  # items whose state retention deleted
@@ -347,6 +350,7 @@ class ItemProcessor:
                 self.removed.add(item_id)
                 self._waiting.pop(item_id, None)
                 self._indexed.discard(item_id)
+                self._changes += 1
                 continue
             for r in st.parked_reviews:
                 rec = Record("reviews", r.to_bytes(), r.item_id.encode())
@@ -359,6 +363,7 @@ class ItemProcessor:
         return out
 
     def _index(self, item_id: str, st: ItemState) -> None:
+        self._changes += 1
         self._indexed.add(item_id)
         first = [x for e in st.waiting if (x := st.annotation(e)) is not None]
         if first and st.gold is None:
@@ -597,21 +602,31 @@ class ItemProcessor:
                 )
         return out
 
-    async def due_times(self) -> dict[str, float]:
+    async def due_times(self) -> Mapping[str, float]:
         """When (epoch s) each waiting item of this processor's own index reaches its project's
-        consensus timeout, for the items that have enough annotators for a round to close."""
-        self.waiting_items()
-        criteria = await self.ingress.projects(project for _, project, _ in self._waiting.values())
-        return {
-            item: first.timestamp() + c.consensus.timeout_s
+        consensus timeout, for the items that have enough annotators for a round to close.
+
+        Kept until the index or a project's consensus rules change: a replay asks at every tick
+        of its event-time timer, and between two batches nothing it depends on moves."""
+        self._refresh_index()
+        criteria = await self.ingress.projects({project for _, project, _ in self._waiting.values()})
+        rules = {p: c and (c.consensus.timeout_s, c.consensus.min_annotators) for p, c in criteria.items()}
+        if self._due_cache is not None and self._due_cache[0] == self._changes and self._due_cache[1] == rules:
+            return self._due_cache[2]
+        due = {
+            item: first.timestamp() + rule[0]
             for item, (first, project, workers) in self._waiting.items()
-            if (c := criteria[project]) is not None and workers >= c.consensus.min_annotators
+            if (rule := rules[project]) is not None and workers >= rule[1]
         }
+        self._due_cache = (self._changes, rules, due, min(due.values(), default=None))
+        return due
 
     async def next_due(self) -> float | None:
         """The earliest of `due_times` (None: nothing waits): a replay's timer need not stop its
         batch before then."""
-        return min((await self.due_times()).values(), default=None)
+        await self.due_times()
+        assert self._due_cache is not None
+        return self._due_cache[3]
 
     async def closing_by(self, at: float) -> set[str]:
         """Items of this processor's index whose round could time out by `at` (epoch s)."""
@@ -622,13 +637,17 @@ class ItemProcessor:
 
         From the index kept by `_save`; the items are scanned again after `reindex` or when their
         number says that someone else changed them."""
+        self._refresh_index()
+        return sorted((k, v[0]) for k, v in self._waiting.items())
+
+    def _refresh_index(self) -> None:
         if self._rescan or len(self.items) != len(self._indexed):
             self._rescan = False
             self._waiting.clear()
             self._indexed.clear()
             for item_id, st in list(self.items.items()):
                 self._index(item_id, st)
-        return sorted((k, v[0]) for k, v in self._waiting.items())
+            self._changes += 1
 
     def waiting_since(self, item_id: str) -> datetime | None:
         """When the oldest annotation of an item still waiting for a round was submitted (None:
@@ -639,6 +658,7 @@ class ItemProcessor:
     def forget(self, item_ids: Iterable[str]) -> None:
         """Drop items from the in-memory index once their state is stored elsewhere (the worker
         swaps its items per batch; the index must not grow with every item ever seen)."""
+        self._changes += 1
         for item_id in item_ids:
             self._waiting.pop(item_id, None)
             self._indexed.discard(item_id)
@@ -646,6 +666,7 @@ class ItemProcessor:
     def reindex(self) -> None:
         """The items changed under us: scan them next time."""
         self._rescan = True
+        self._changes += 1
 
     # ------------------------------------------------------------------ outputs
 

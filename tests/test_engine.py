@@ -683,6 +683,48 @@ def test_the_consensus_timer_does_not_ask_for_rounds_that_cannot_close(services:
     assert [t.item_id for t in pair] == ["alone"]
 
 
+def test_the_next_due_round_follows_new_annotations_a_changed_timeout_and_a_closed_round(
+    services: Endpoints, keys: Keys
+) -> None:
+    """A replay asks for the next due round at every tick of its timer and the answer is kept
+    between batches: each change it depends on must still move it."""
+    from goldstream.streams.engine import Engine
+    from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+
+    def consensus(timeout_s: float) -> s.ProjectCriteria:
+        return criteria(consensus=s.ConsensusPolicy(overlap=3, min_annotators=2, timeout_s=timeout_s))
+
+    async def main() -> list[float | None]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            state = RedisState(client, keys)
+            engine = Engine(
+                items={},
+                criteria=CriteriaStore(client, keys, state=state),
+                proficiency=ProficiencyStore(state),
+                alerts=AlertFlags(client, keys, state),
+            )
+            seen = []
+            for m in (consensus(60), annotation(1, "i", "w1", GOOD), annotation(2, "i", "w2", GOOD)):
+                await engine.handle(record(m))
+                seen.append(await engine.item_processor.next_due())
+            seen.append(await engine.item_processor.next_due())  # asked again, nothing moved
+            for m in (consensus(30), annotation(3, "i", "w3", GOOD)):
+                await engine.handle(record(m))
+                seen.append(await engine.item_processor.next_due())
+            return seen
+        finally:
+            await client.aclose()
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    first = (T0 + timedelta(minutes=1)).timestamp()
+    # nothing waits; one annotator cannot close a round; two can; the same; a shorter timeout; the round closed
+    assert seen == [None, None, first + 60, first + 60, first + 30, None]
+
+
 # ----------------------------------------------------------------------------- batches
 
 
