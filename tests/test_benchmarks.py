@@ -37,6 +37,13 @@ def test_latencies_wait_for_the_annotation_that_completes_the_round() -> None:
     assert lat["timeout_closed"] == pytest.approx([80.0])
     assert lat["worker"] == pytest.approx([0.4, 0.05, 0.05, 0.05])  # where the time went: in the worker,
     assert lat["delivery"] == pytest.approx([0.1, 0.15, 0.15, 0.15])  # and after it produced the score
+    # a probe's warm-up and its measured part: each score by when its wait started
+    warm = latencies(stamps, arrivals, overlap=3, project="p", window=(-float("inf"), 102.0))
+    measured = latencies(stamps, arrivals, overlap=3, project="p", window=(102.0, float("inf")))
+    assert warm["gold"] == [] and warm["consensus"] == [] and warm["worker"] == []
+    assert measured["gold"] == pytest.approx([0.5]) and measured["consensus"] == pytest.approx([0.2, 0.2, 0.2])
+    early = latencies(stamps, arrivals, overlap=3, project="p", window=(-float("inf"), 103.0))
+    assert early["gold"] == pytest.approx([0.5]) and early["consensus"] == []  # its round completed at 103
     p = percentiles([0.010, 0.020, 0.030, 0.040, 1.0])
     assert p["n"] == 5 and p["p50_ms"] == 30.0 and p["max_ms"] == 1000.0 and p["p50_ms"] < p["p95_ms"] < p["p99_ms"]
     assert percentiles([])["p50_ms"] is None
