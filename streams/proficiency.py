@@ -25,7 +25,7 @@ from goldstream.scoring.policy import (
     worker_drift,
 )
 from goldstream.streams.ingress import Emit, Ingress, Record
-from goldstream.streams.state import AlertFlags, ProficiencyStore, ProjectView, buckets_of, high_water, label_buckets
+from goldstream.streams.state import AlertFlags, ProficiencyStore, ProjectView, buckets_of, label_buckets
 
 
 @dataclass
@@ -104,15 +104,21 @@ class ProficiencyProcessor:
         labels = sorted({(s.project_id, label) for s, _ in scored for label in s.result.labels})
         for p, label in labels:
             checks.append((p, AlertScope.LABEL, label, keys.project(p, f"label:{label}"), crit[p].targets.f1, "f1"))
-        hashes = await self.store.hashes([c[3] for c in checks])
         # Windows end at the project's high-water mark of event time, not at this batch's latest
         # score: a consensus round scores annotations submitted long before it closed, and judging
         # "now" as of their time made alerts flap back and forth in time.
         as_of = {p: max(t for (pp, _), t in latest.items() if pp == p) for p in projects}
-        for (p, scope, _, _, _, _), fields in zip(checks, hashes, strict=True):
-            hw = high_water(fields) if scope == AlertScope.PROJECT else None
+        marks = await self.store.high_waters([keys.project(p, "buckets") for p in projects])
+        for p, hw in zip(projects, marks, strict=True):
             if hw is not None and hw > as_of[p].timestamp():
                 as_of[p] = datetime.fromtimestamp(hw, UTC)
+        hashes = await self.store.windows(
+            [
+                (key, int(as_of[p].timestamp()), crit[p].alerts.window_s, crit[p].proficiency.bucket_s,
+                 ("tp", "fp", "fn") if metric == "f1" else ("n", "s"))
+                for p, _, _, key, _, metric in checks
+            ]
+        )  # fmt: skip
         flags = {p: await self.alerts.current(p) for p in projects}
         out += await self._worker_alerts(crit, standing, flags, as_of)
         for (p, scope, sid, _, target, metric), fields in zip(checks, hashes, strict=True):

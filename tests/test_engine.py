@@ -1019,3 +1019,38 @@ def test_an_item_past_its_retention_keeps_a_marker_so_a_late_review_is_dead_lett
     assert kinds == ["consensus", "consensus", "gold", "gold", "review"]
     assert [d.reason for d in out(forever, "deadletter")] == []
     assert prof["{p1}:totals"]["gold_items"] == 2
+
+
+def test_an_alert_window_read_by_its_fields_equals_the_window_of_the_whole_bucket_hash(
+    run, services: Endpoints, keys: Keys
+) -> None:
+    """The proficiency step reads only an alert window's buckets of a project's and a label's
+    bucket hash (`ProficiencyStore.windows`), not its whole history (7 days, against a window
+    of a day): the same window mean and F1, from fewer fields."""
+    from goldstream.scoring.policy import window_f1, window_mean
+    from goldstream.streams.state import ProficiencyStore, RedisState, buckets_of, label_buckets
+
+    c = criteria()
+    msgs: list[s.Message] = [c, *[gold(f"g{i}") for i in range(6)]]
+    msgs += [annotation(n, f"g{n % 6}", f"w{n % 3}", BAD if n % 4 == 0 else GOOD, minutes=n * 420) for n in range(30)]
+    run(records(*msgs))  # 30 scores over 8.75 days of event time, 7 hours apart
+
+    async def main() -> tuple[int, list, list]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            store = ProficiencyStore(RedisState(client, keys))
+            hashes = [keys.project("p1", "buckets"), keys.project("p1", "label:car")]
+            (hi,) = await store.high_waters(hashes[:1])
+            assert hi is not None
+            w, b = c.alerts.window_s, c.proficiency.bucket_s
+            few = await store.windows([(hashes[0], hi, w, b, ("n", "s")), (hashes[1], hi, w, b, ("tp", "fp", "fn"))])
+            return hi, few, await store.hashes(hashes)
+        finally:
+            await client.aclose()
+
+    hi, few, whole = asyncio.run(main())
+    w = c.alerts.window_s
+    mean, f1 = window_mean(buckets_of(few[0]), hi, w), window_f1(label_buckets(few[1]), hi, w)
+    assert mean == window_mean(buckets_of(whole[0]), hi, w) and mean[1] >= 3
+    assert f1 == window_f1(label_buckets(whole[1]), hi, w) and f1[1] >= 3
+    assert 0 < len(few[0]) < len(whole[0]) / 3 and 0 < len(few[1]) < len(whole[1]) / 3
