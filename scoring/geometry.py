@@ -7,7 +7,7 @@ pairs that cannot overlap never reach GEOS.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import shapely
@@ -134,23 +134,40 @@ def _iou_of_geometries(
     ii, jj = np.nonzero(overlap)
     if len(ii) == 0:
         return out
-    inter = shapely.area(shapely.intersection(ga[ii], gb[jj]))
-    empty = inter == 0
-    if empty.any():
-        # GEOS' floating overlay can return an empty intersection for shapes sharing collinear
-        # edges, in one argument order only (found by the symmetry property test): redo those
-        # pairs with snap-rounding on a grid 1e-12 of the coordinates' magnitude (3x the cost)
-        scale = max(1.0, float(np.abs(bounds_a).max()), float(np.abs(bounds_b).max()))
-        snapped = shapely.intersection(ga[ii[empty]], gb[jj[empty]], grid_size=scale * 1e-12)
-        inter[empty] = shapely.area(snapped)
-    area_a = shapely.area(ga)[ii]
-    union = area_a + shapely.area(gb)[jj] - inter
+    scale = max(1.0, float(np.abs(bounds_a).max()), float(np.abs(bounds_b).max()))
+    crowd_b = None if crowd is None else np.asarray(crowd, dtype=bool)
+    out[ii, jj] = _pair_ious(ga, gb, ii, jj, crowd_b, lambda empty: np.full(len(empty), scale * 1e-12))
+    return out
+
+
+def _pair_ious(
+    ga: np.ndarray,
+    gb: np.ndarray,
+    ia: np.ndarray,
+    jb: np.ndarray,
+    crowd: np.ndarray | None,
+    grids: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """IoU of the pairs (ga[ia], gb[jb]); crowd `gb` (bool per geometry): I / area(a).
+
+    GEOS' floating overlay can return an empty intersection for shapes sharing collinear edges,
+    in one argument order only (found by the symmetry property test): those pairs are redone
+    with snap-rounding on a grid 1e-12 of the coordinates' magnitude (3x the cost); `grids`
+    gives each such pair's grid from its position among the pairs."""
+    inter = shapely.area(shapely.intersection(ga[ia], gb[jb]))
+    empty = np.flatnonzero(inter == 0)
+    if len(empty):
+        grid = grids(empty)
+        for g in np.unique(grid).tolist():  # grid_size takes one value per call
+            e = empty[grid == g]
+            inter[e] = shapely.area(shapely.intersection(ga[ia[e]], gb[jb[e]], grid_size=g))
+    area_a = shapely.area(ga)[ia]
+    union = area_a + shapely.area(gb)[jb] - inter
     if crowd is not None:
-        union = np.where(np.asarray(crowd, dtype=bool)[jj], area_a, union)
+        union = np.where(crowd[jb], area_a, union)
     vals = np.zeros_like(inter)
     np.divide(inter, union, out=vals, where=(inter > 0) & (union > 0))
-    out[ii, jj] = unit(vals)
-    return out
+    return unit(vals)
 
 
 def rotated_box_iou(
@@ -310,20 +327,13 @@ def region_iou_blocks(
     )
     vals = np.zeros(len(local))
     if len(sel):
-        sa, sb = ia[sel], jb[sel]
-        inter = shapely.area(shapely.intersection(ga[sa], gb[sb]))
-        empty = np.flatnonzero(inter == 0)
-        if len(empty):  # as in `_iou_of_geometries`, on the grid of each block's own magnitude
-            block = np.searchsorted(start, sel[empty], side="right") - 1
-            for t in np.unique(block).tolist():  # grid_size takes one value per call
-                e = empty[block == t]
-                grid = _scale(ba, bb, n, m, t) * 1e-12
-                inter[e] = shapely.area(shapely.intersection(ga[sa[e]], gb[sb[e]], grid_size=grid))
-        area_a = shapely.area(ga)[sa]
-        union = np.where(crowd[sb], area_a, area_a + shapely.area(gb)[sb] - inter)
-        got = np.zeros_like(inter)
-        np.divide(inter, union, out=got, where=(inter > 0) & (union > 0))
-        vals[sel] = unit(got)
+
+        def grids(empty: np.ndarray) -> np.ndarray:  # each block's own magnitude, as one block alone
+            blocks_of = np.searchsorted(start, sel[empty], side="right") - 1
+            scale = {t: _scale(ba, bb, n, m, t) * 1e-12 for t in np.unique(blocks_of).tolist()}
+            return np.array([scale[t] for t in blocks_of.tolist()])
+
+        vals[sel] = _pair_ious(ga, gb, ia[sel], jb[sel], crowd, grids)
     cuts = zip(start[:-1].tolist(), start[1:].tolist(), n.tolist(), m.tolist(), strict=True)
     return [vals[lo:hi].reshape(a, b) for lo, hi, a, b in cuts]
 

@@ -617,7 +617,7 @@ def score_items(pairs: Sequence[tuple[Answer, Answer]], criteria: ProjectCriteri
                 continue
             known = region_sims.get(id(it)) if key == _REGION_KEY else None
             if known is not None:
-                sim, crowd, kp_a, kp_r = known, np.array([o.iscrowd for o in r_objs], dtype=bool), None, None
+                (sim, crowd), kp_a, kp_r = known, None, None
             else:
                 sim, crowd, kp_a, kp_r = _similarity(key, a_objs, r_objs, criteria, it.image, regions)
             thresholds = np.array([criteria.threshold(o.label, key[0].value) for o in r_objs])
@@ -650,9 +650,9 @@ def _bulk_regions(items: list[_Item]) -> Regions:
 _REGION_KEY = (Family.REGION, "")
 
 
-def _batch_region_sims(items: list[_Item], regions: Regions) -> dict[int, np.ndarray]:
-    """The region family's similarity of every item whose polygons were all built in bulk, in
-    one `geometry.region_iou_blocks` pass (by id of the item); the others go through
+def _batch_region_sims(items: list[_Item], regions: Regions) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The region family's (similarity, crowd flags) of every item whose polygons were all built
+    in bulk, in one `geometry.region_iou_blocks` pass (by id of the item); the others go through
     `_similarity`, which builds, or rejects, their regions one by one."""
     blocks, ids = [], []
     for it in items:
@@ -666,7 +666,10 @@ def _batch_region_sims(items: list[_Item], regions: Regions) -> dict[int, np.nda
             continue
         blocks.append((a, b, np.array([o.iscrowd for o in r_objs], dtype=bool)))
         ids.append(id(it))
-    return dict(zip(ids, geometry.region_iou_blocks(blocks), strict=True)) if blocks else {}
+    if not blocks:
+        return {}
+    sims = geometry.region_iou_blocks(blocks)
+    return {i: (sim, crowd) for i, sim, (_, _, crowd) in zip(ids, sims, blocks, strict=True)}
 
 
 def _finish(it: _Item, criteria: ProjectCriteria) -> ItemScore:

@@ -46,6 +46,20 @@ def out(result: ReplayResult, topic: str) -> list:
     return result.outputs[topic]
 
 
+def redis_engine(client: Redis, keys: Keys) -> Any:
+    """An Engine on one Redis client, its stores sharing one RedisState, as a worker builds it."""
+    from goldstream.streams.engine import Engine
+    from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
+
+    state = RedisState(client, keys)
+    return Engine(
+        items={},
+        criteria=CriteriaStore(client, keys, state=state),
+        proficiency=ProficiencyStore(state),
+        alerts=AlertFlags(client, keys, state),
+    )
+
+
 def event_records(events: list) -> list[Record]:
     """A simulation's (topic, message) events as input records of one partition, in order."""
     from goldstream.simulator import key_of
@@ -653,19 +667,10 @@ def test_a_redelivered_round_member_gets_its_round_again_not_a_gold_score_that_c
 
 
 def test_the_consensus_timer_does_not_ask_for_rounds_that_cannot_close(services: Endpoints, keys: Keys) -> None:
-    from goldstream.streams.engine import Engine
-    from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
-
     async def main() -> tuple[list, list]:
         client = Redis.from_url(services.redis_url)
         try:
-            state = RedisState(client, keys)
-            engine = Engine(
-                items={},
-                criteria=CriteriaStore(client, keys, state=state),
-                proficiency=ProficiencyStore(state),
-                alerts=AlertFlags(client, keys, state),
-            )
+            engine = redis_engine(client, keys)
             c = criteria(consensus=s.ConsensusPolicy(overlap=3, min_annotators=2, timeout_s=60))
             await engine.handle(record(c))
             await engine.handle(record(annotation(1, "alone", "w1", GOOD)))
@@ -688,8 +693,6 @@ def test_the_next_due_round_follows_new_annotations_a_changed_timeout_and_a_clos
 ) -> None:
     """A replay asks for the next due round at every tick of its timer and the answer is kept
     between batches: each change it depends on must still move it."""
-    from goldstream.streams.engine import Engine
-    from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore, RedisState
 
     def consensus(timeout_s: float) -> s.ProjectCriteria:
         return criteria(consensus=s.ConsensusPolicy(overlap=3, min_annotators=2, timeout_s=timeout_s))
@@ -697,13 +700,7 @@ def test_the_next_due_round_follows_new_annotations_a_changed_timeout_and_a_clos
     async def main() -> list[float | None]:
         client = Redis.from_url(services.redis_url)
         try:
-            state = RedisState(client, keys)
-            engine = Engine(
-                items={},
-                criteria=CriteriaStore(client, keys, state=state),
-                proficiency=ProficiencyStore(state),
-                alerts=AlertFlags(client, keys, state),
-            )
+            engine = redis_engine(client, keys)
             seen = []
             for m in (consensus(60), annotation(1, "i", "w1", GOOD), annotation(2, "i", "w2", GOOD)):
                 await engine.handle(record(m))
