@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -202,6 +203,80 @@ class Follower:
             await self.consumer.stop()
 
 
+# ----------------------------------------------------------------------------- CPU
+
+
+def _jiffies_of_sessions(sessions: set[int]) -> dict[int, int]:
+    """CPU jiffies (user + system) of every live process, summed by session id, for `sessions`.
+    A worker runs in its own session (`WorkerProcess`), so this counts any child it starts too;
+    a process that exited is no longer counted, so read a worker before stopping it."""
+    out = dict.fromkeys(sessions, 0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:  # gone between the listing and the read
+            continue
+        session = int(fields[3])  # after "pid (comm)": state, ppid, pgrp, session, ..., utime, stime
+        if session in out:
+            out[session] += int(fields[11]) + int(fields[12])
+    return out
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, all) jiffies of every CPU since boot, from /proc/stat's first line."""
+    with open("/proc/stat", "rb") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+class CpuMeter:
+    """Where a timed part's CPU went: the workers' sessions, this harness, and the rest of the
+    machine (Kafka, Redis, the OS). Why: a second worker can only add what the machine has spare,
+    so the cores one worker's run keeps busy bound what two workers can reach on the same machine
+    (`scaling_bound`), whatever either costs."""
+
+    def __init__(self, sessions: Sequence[int]) -> None:
+        self.sessions = set(sessions)
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.cores = len(os.sched_getaffinity(0))
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, int, int, dict[int, int]]:
+        busy, total = _machine_jiffies()
+        own = os.times()
+        per = _jiffies_of_sessions(self.sessions)
+        per[0] = round((own.user + own.system) * self.hz)  # the harness, under a key no session has
+        return time.monotonic(), busy, total, per
+
+    def read(self, events: int) -> dict[str, float]:
+        """Cores kept busy since the meter started (machine, workers, harness, rest), CPU ms per
+        event, and the bound on scaling: all cores over the cores this part kept busy."""
+        t1, busy1, _, per1 = self._sample()
+        t0, busy0, _, per0 = self._start
+        seconds = max(t1 - t0, 1e-9)
+
+        def cores(jiffies: float) -> float:
+            return jiffies / self.hz / seconds
+
+        machine = cores(busy1 - busy0)
+        workers = cores(sum(per1[k] - per0[k] for k in self.sessions))
+        harness = cores(per1[0] - per0[0])
+        return {
+            "seconds": round(seconds, 3),
+            "machine_cores": round(machine, 3),
+            "worker_cores": round(workers, 3),
+            "harness_cores": round(harness, 3),
+            "rest_cores": round(max(machine - workers - harness, 0.0), 3),
+            "cpu_ms_per_event": round(1000 * machine * seconds / events, 3) if events else math.nan,
+            "worker_cpu_ms_per_event": round(1000 * workers * seconds / events, 3) if events else math.nan,
+            "scaling_bound": round(self.cores / machine, 3) if machine > 0 else math.nan,
+        }
+
+
 # ----------------------------------------------------------------------------- throughput
 
 
@@ -263,6 +338,7 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
         await follower.start()
         items = envelopes_of(anns)
         quiet_harness()
+        meter = CpuMeter([w.proc.pid for w in workers if w.proc is not None])
         t0 = time.time()
         await publish(settings, items)
         sent = time.time() - t0
@@ -276,6 +352,7 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
         if kind == "goldstream":  # the moment Redis counted every score, to the poll's 5 ms
             t_redis = await applied_at(settings, crit.project_id, expected, 600, workers)
         await wait_until(outputs_done, 600, f"{expected} outputs on {out_topic}", workers)
+        cpu = meter.read(len(anns))  # to the moment the harness saw the last output
         t_out = max(t for t, _, _ in follower.arrivals)
         t_end = t_out
         if kind == "goldstream":
@@ -284,7 +361,7 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
                 lambda: committed_to_end(settings, f"{settings.app_id}-proficiency", "scores"), 600, "Redis", workers
             )
             t_end = max(t_out, t_redis)
-        extra: dict[str, int | float] = {"publish_seconds": round(sent, 3)}
+        extra: dict[str, Any] = {"publish_seconds": round(sent, 3), "cpu": cpu}
         if kind == "goldstream":
             esc = await _count(settings, topics.name("escalations"))
             extra.update({"scores": len(follower.arrivals), "escalations": esc})
@@ -540,7 +617,13 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
         tries = []
         for _ in range(repeat):  # best of `repeat`: a shared 2-core machine only ever slows a run down
             r = await throughput(base, sim, kind, procs, logs)
-            print(f"  {kind:<11}{procs} process(es): {r.events} annotations in {r.seconds:6.2f} s = {r.rate:7.1f}/s")
+            c = r.outputs["cpu"]
+            print(
+                f"  {kind:<11}{procs} process(es): {r.events} annotations in {r.seconds:6.2f} s = {r.rate:7.1f}/s; "
+                f"cores busy {c['machine_cores']:.2f} (workers {c['worker_cores']:.2f}, harness "
+                f"{c['harness_cores']:.2f}, Kafka/Redis/OS {c['rest_cores']:.2f}), "
+                f"{c['cpu_ms_per_event']:.3f} CPU ms each"
+            )
             tries.append(r)
         best = max(tries, key=lambda r: r.rate)
         best.outputs["tries_per_s"] = [round(r.rate, 1) for r in tries]  # type: ignore[assignment]
@@ -574,6 +657,9 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
             "goldstream_vs_forward_2": round(by[("goldstream", 2)].rate / by[("forward", 2)].rate, 3),
             "goldstream_2_vs_1_workers": round(by[("goldstream", 2)].rate / one, 3),
             "forward_2_vs_1": round(by[("forward", 2)].rate / by[("forward", 1)].rate, 3),
+            # what two workers could reach at most: the cores there are over those one worker's run kept busy
+            "goldstream_scaling_bound": by[("goldstream", 1)].outputs["cpu"]["scaling_bound"],
+            "forward_scaling_bound": by[("forward", 1)].outputs["cpu"]["scaling_bound"],
         },
         "latency": lat,
         "latency_split_steps": lat_split,

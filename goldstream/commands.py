@@ -565,13 +565,19 @@ async def committed_to_end(settings: Settings, group: str, logical: str) -> bool
 
 
 async def group_members(settings: Settings, group: str) -> tuple[str, int]:
-    """A consumer group's state ('Stable', 'Empty', 'PreparingRebalance', ...) and member count."""
+    """A consumer group's state ('Stable', 'Empty', 'PreparingRebalance', ...) and member count;
+    ('Unknown', 0) while no broker coordinates it yet: a fresh cluster creates its offsets topic on
+    the first group lookup, and a caller waiting for members should ask again, not fail."""
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
     await admin.start()
     try:
-        (resp,) = await admin.describe_consumer_groups([group])
+        try:
+            (resp,) = await admin.describe_consumer_groups([group])
+        except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+            return "Unknown", 0
         (desc,) = resp.to_object()["groups"]
         return desc["state"], len(desc["members"])
     finally:

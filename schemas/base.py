@@ -46,9 +46,11 @@ def is_id(value: str) -> bool:
     return _ID_RE.match(value) is not None
 
 
+LABEL_MAX_LENGTH = 128
+
 Label = Annotated[
     str,
-    Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$", description="Label name."),
+    Field(min_length=1, max_length=LABEL_MAX_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$", description="Label name."),
 ]
 
 

@@ -15,6 +15,7 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
+from goldstream.schemas.base import LABEL_MAX_LENGTH
 from goldstream.schemas.content import (
     AnnotatedObject,
     AttributeValue,
@@ -722,9 +723,13 @@ def _finish(it: _Item, criteria: ProjectCriteria) -> ItemScore:
         "passed": passed,
     }
     # Every figure follows from counts of validated objects (non-negative, ratios clamped to
-    # [0, 1]) and is trusted like the rows; classification labels join two names into one that
-    # can break a label's limits, so a result that has them is validated.
-    return ItemScore.model_validate(values) if cls_labels else ItemScore.trusted(values)
+    # [0, 1]) and is trusted like the rows. A classification label joins two valid names (no
+    # control characters) into one that can only break a label's length: a result with a longer
+    # one is validated, to fail as a message would.
+    if any(len(k) > LABEL_MAX_LENGTH for k in cls_labels):
+        return ItemScore.model_validate(values)
+    values["classification_labels"] = {k: counts({**v, "sim_sum": 0.0}) for k, v in cls_labels.items()}
+    return ItemScore.trusted(values)
 
 
 def _item_score(c: dict[str, float | None], criteria: ProjectCriteria) -> tuple[float | None, bool | None]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import orjson
 import pytest
@@ -11,7 +13,7 @@ from redis.asyncio import Redis
 
 from benchmarks.qc_bench import evaluate, independent_case, own_case, run_goldstream
 from benchmarks.replay_bench import run as replay_bench
-from benchmarks.stream_bench import latencies, percentiles
+from benchmarks.stream_bench import CpuMeter, latencies, percentiles
 from goldstream.services import Endpoints
 from tests.conftest import drop_keys
 
@@ -120,3 +122,34 @@ def test_the_ops_benchmark_times_metrics_against_the_engine_and_the_api_and_leav
             await redis.aclose()
 
     assert asyncio.run(left()) == []
+
+
+_BURN = """
+import sys, time
+sys.stdin.readline()  # go: after the meter started, so its start-up is not counted
+start = time.process_time()
+while time.process_time() - start < 0.4:  # its own CPU time: the same work on a fast or a slow machine
+    pass
+sys.stdout.write("done\\n"); sys.stdout.flush(); sys.stdin.read()
+"""
+
+
+def test_the_cpu_meter_counts_a_worker_session_apart_from_the_machine_and_bounds_scaling() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        meter = CpuMeter([child.pid])
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert child.stdout is not None and child.stdout.readline() == b"done\n"  # 0.4 s of CPU spent
+        cpu = meter.read(events=100)
+    finally:
+        child.kill()
+        child.wait()
+    spent = cpu["worker_cores"] * cpu["seconds"]
+    assert 0.38 <= spent <= 0.6  # its 0.4 s, counted in jiffies of 10 ms
+    assert cpu["machine_cores"] * cpu["seconds"] >= spent - 0.05  # the machine saw at least the worker
+    assert cpu["worker_cpu_ms_per_event"] == pytest.approx(1000 * spent / 100, rel=0.01)
+    assert cpu["scaling_bound"] == pytest.approx(meter.cores / cpu["machine_cores"], rel=0.01)

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 from goldstream.scoring import Counters, score_item
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from goldstream import schemas as s
 from goldstream import scoring
@@ -230,6 +231,33 @@ def test_a_score_built_without_validation_is_the_one_validation_builds(pairs: li
             again = type(part).model_validate(part.model_dump())
             assert again == part and again.model_fields_set == part.model_fields_set
             assert again.model_dump_json() == part.model_dump_json()
+
+
+_NAMES = st.text(alphabet="abcxyz/ -", min_size=1, max_size=100)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(_NAMES, st.lists(_NAMES, max_size=3), max_size=3),
+    st.dictionaries(_NAMES, st.lists(_NAMES, max_size=3), max_size=3),
+)
+@example({"t" * 100: ["x" * 28]}, {})  # 129 characters joined
+@example({"t" * 100: ["x" * 27]}, {"t" * 100: ["x" * 27, "y"]})  # 128
+def test_classification_rows_are_trusted_only_where_their_joined_names_fit_a_label(a: dict, g: dict) -> None:
+    """A classification row is named 'taxonomy/label', two valid names joined, which can outgrow
+    a label: such a result is validated and fails as a message would; any other is built
+    unvalidated and must be exactly what validation makes of it."""
+    pair = (s.Content(classifications=a), s.Content(classifications=g))
+    joined = [f"{t}/{x}" for side in (a, g) for t, xs in side.items() for x in xs]
+    if any(len(n) > 128 for n in joined):
+        with pytest.raises(ValidationError, match="classification_labels"):
+            scoring.score_items([pair])
+        return
+    (r,) = scoring.score_items([pair])
+    again = s.ItemScore.model_validate(r.model_dump())
+    assert again == r and again.model_dump_json() == r.model_dump_json()
+    for row in r.classification_labels.values():
+        assert s.LabelCounts.model_validate(row.model_dump()).model_fields_set == row.model_fields_set
 
 
 def test_trusted_instances_share_a_field_set_that_refuses_change_and_their_copies_own_one() -> None:
