@@ -46,6 +46,10 @@ async def rate(redis: Redis, records: list[Record], batch: int, repeats: int) ->
     """Best annotations/s over `repeats` replays into a fresh prefix each; and the scores made."""
     n_ann = sum(1 for r in records if r.topic == "annotations")
     best, scores = float("inf"), 0
+    # the harness holds the simulated workforce and its records; `goldstream replay` streams its
+    # file and holds neither: frozen, they stay out of the collector's walks, as the stream
+    # benchmark's harness does before each timed part
+    tune_gc()
     for _ in range(repeats):
         prefix = f"bench-replay-{uuid.uuid4().hex[:8]}"
         t0 = time.perf_counter()
