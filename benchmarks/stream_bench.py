@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -206,11 +206,12 @@ class Follower:
 # ----------------------------------------------------------------------------- CPU
 
 
-def _jiffies_of_sessions(sessions: set[int]) -> dict[int, int]:
-    """CPU jiffies (user + system) of every live process, summed by session id, for `sessions`.
-    A worker runs in its own session (`WorkerProcess`), so this counts any child it starts too;
-    a process that exited is no longer counted, so read a worker before stopping it."""
-    out = dict.fromkeys(sessions, 0)
+def _jiffies(sessions: set[int], pids: set[int]) -> dict[int, int]:
+    """CPU jiffies (user + system, every thread) of live processes: summed by session id for
+    `sessions`, by pid for `pids`. A worker runs in its own session (`WorkerProcess`), so this
+    counts any child it starts too; a process that exited is no longer counted, so read a worker
+    before stopping it."""
+    out = dict.fromkeys(sessions | pids, 0)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -219,9 +220,11 @@ def _jiffies_of_sessions(sessions: set[int]) -> dict[int, int]:
                 fields = fh.read().rsplit(b")", 1)[1].split()
         except OSError:  # gone between the listing and the read
             continue
-        session = int(fields[3])  # after "pid (comm)": state, ppid, pgrp, session, ..., utime, stime
-        if session in out:
-            out[session] += int(fields[11]) + int(fields[12])
+        spent = int(fields[11]) + int(fields[12])  # after "pid (comm)": state, ppid, pgrp, session, ... utime, stime
+        if int(fields[3]) in sessions:
+            out[int(fields[3])] += spent
+        if int(entry.name) in pids:
+            out[int(entry.name)] += spent
     return out
 
 
@@ -233,30 +236,68 @@ def _machine_jiffies() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-class CpuMeter:
-    """Where a timed part's CPU went: the workers' sessions, this harness, and the rest of the
-    machine (Kafka, Redis, the OS). Why: a second worker can only add what the machine has spare,
-    so the cores one worker's run keeps busy bound what two workers can reach on the same machine
-    (`scaling_bound`), whatever either costs."""
+def listener_pid(port: int) -> int | None:
+    """The local process listening on TCP `port` (None: none this user can see): how the
+    benchmark finds the broker and Redis it runs against, however they were started."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{cols[9]}]")
+    for entry in os.scandir("/proc") if inodes else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+            if any(os.readlink(f"/proc/{entry.name}/fd/{fd}") in inodes for fd in fds):
+                return int(entry.name)
+        except OSError:  # gone, or not ours to read
+            continue
+    return None
 
-    def __init__(self, sessions: Sequence[int]) -> None:
+
+def service_pids(settings: Settings) -> dict[str, int]:
+    """The local Kafka broker and redis-server by name, where they listen on this machine."""
+    from urllib.parse import urlsplit
+
+    ports = {
+        "kafka": int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]),
+        "redis": urlsplit(settings.redis_url).port or 6379,
+    }
+    return {name: pid for name, port in ports.items() if (pid := listener_pid(port)) is not None}
+
+
+class CpuMeter:
+    """Where a timed part's CPU went: the workers' sessions, this harness, named services (the
+    broker, Redis) and the rest of the machine (the OS, anything else). Why: a second worker can
+    only add what the machine has spare, so the cores one worker's run keeps busy bound what two
+    workers can reach on the same machine (`scaling_bound`), whatever either costs."""
+
+    def __init__(self, sessions: Sequence[int], services: Mapping[str, int] | None = None) -> None:
         self.sessions = set(sessions)
+        self.services = dict(services or {})
         self.hz = os.sysconf("SC_CLK_TCK")
         self.cores = len(os.sched_getaffinity(0))
         self._start = self._sample()
 
-    def _sample(self) -> tuple[float, int, int, dict[int, int]]:
-        busy, total = _machine_jiffies()
+    def _sample(self) -> tuple[float, int, dict[int, int], int]:
+        busy, _ = _machine_jiffies()
         own = os.times()
-        per = _jiffies_of_sessions(self.sessions)
-        per[0] = round((own.user + own.system) * self.hz)  # the harness, under a key no session has
-        return time.monotonic(), busy, total, per
+        per = _jiffies(self.sessions, set(self.services.values()))
+        return time.monotonic(), busy, per, round((own.user + own.system) * self.hz)
 
     def read(self, events: int) -> dict[str, float]:
-        """Cores kept busy since the meter started (machine, workers, harness, rest), CPU ms per
-        event, and the bound on scaling: all cores over the cores this part kept busy."""
-        t1, busy1, _, per1 = self._sample()
-        t0, busy0, _, per0 = self._start
+        """Cores kept busy since the meter started (machine, workers, harness, each service, the
+        rest), CPU ms per event, and the bound on scaling: all cores over those this part kept
+        busy."""
+        t1, busy1, per1, harness1 = self._sample()
+        t0, busy0, per0, harness0 = self._start
         seconds = max(t1 - t0, 1e-9)
 
         def cores(jiffies: float) -> float:
@@ -264,13 +305,16 @@ class CpuMeter:
 
         machine = cores(busy1 - busy0)
         workers = cores(sum(per1[k] - per0[k] for k in self.sessions))
-        harness = cores(per1[0] - per0[0])
+        harness = cores(harness1 - harness0)
+        services = {f"{name}_cores": cores(per1[pid] - per0[pid]) for name, pid in self.services.items()}
+        rest = machine - workers - harness - sum(services.values())
         return {
             "seconds": round(seconds, 3),
             "machine_cores": round(machine, 3),
             "worker_cores": round(workers, 3),
             "harness_cores": round(harness, 3),
-            "rest_cores": round(max(machine - workers - harness, 0.0), 3),
+            **{k: round(v, 3) for k, v in services.items()},
+            "rest_cores": round(max(rest, 0.0), 3),
             "cpu_ms_per_event": round(1000 * machine * seconds / events, 3) if events else math.nan,
             "worker_cpu_ms_per_event": round(1000 * workers * seconds / events, 3) if events else math.nan,
             "scaling_bound": round(self.cores / machine, 3) if machine > 0 else math.nan,
@@ -338,7 +382,7 @@ async def throughput(base: Settings, sim: Simulation, kind: str, processes: int,
         await follower.start()
         items = envelopes_of(anns)
         quiet_harness()
-        meter = CpuMeter([w.proc.pid for w in workers if w.proc is not None])
+        meter = CpuMeter([w.proc.pid for w in workers if w.proc is not None], service_pids(settings))
         t0 = time.time()
         await publish(settings, items)
         sent = time.time() - t0
@@ -620,9 +664,9 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
             c = r.outputs["cpu"]
             print(
                 f"  {kind:<11}{procs} process(es): {r.events} annotations in {r.seconds:6.2f} s = {r.rate:7.1f}/s; "
-                f"cores busy {c['machine_cores']:.2f} (workers {c['worker_cores']:.2f}, harness "
-                f"{c['harness_cores']:.2f}, Kafka/Redis/OS {c['rest_cores']:.2f}), "
-                f"{c['cpu_ms_per_event']:.3f} CPU ms each"
+                f"cores busy {c['machine_cores']:.2f} (workers {c['worker_cores']:.2f}, Kafka "
+                f"{c.get('kafka_cores', math.nan):.2f}, Redis {c.get('redis_cores', math.nan):.2f}, harness "
+                f"{c['harness_cores']:.2f}, the rest {c['rest_cores']:.2f}), {c['cpu_ms_per_event']:.3f} CPU ms each"
             )
             tries.append(r)
         best = max(tries, key=lambda r: r.rate)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ from redis.asyncio import Redis
 
 from benchmarks.qc_bench import evaluate, independent_case, own_case, run_goldstream
 from benchmarks.replay_bench import run as replay_bench
-from benchmarks.stream_bench import CpuMeter, latencies, percentiles
+from benchmarks.stream_bench import CpuMeter, latencies, listener_pid, percentiles
 from goldstream.services import Endpoints
 from tests.conftest import drop_keys
 
@@ -128,28 +130,49 @@ _BURN = """
 import sys, time
 sys.stdin.readline()  # go: after the meter started, so its start-up is not counted
 start = time.process_time()
-while time.process_time() - start < 0.4:  # its own CPU time: the same work on a fast or a slow machine
+while time.process_time() - start < float(sys.argv[1]):  # its own CPU time: the same on any machine
     pass
 sys.stdout.write("done\\n"); sys.stdout.flush(); sys.stdin.read()
 """
 
 
-def test_the_cpu_meter_counts_a_worker_session_apart_from_the_machine_and_bounds_scaling() -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+def test_the_cpu_meter_counts_workers_and_services_apart_from_the_machine_and_bounds_scaling() -> None:
+    worker, service = (
+        subprocess.Popen(
+            [sys.executable, "-c", _BURN, seconds],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for seconds in ("0.4", "0.2")
     )
     try:
-        meter = CpuMeter([child.pid])
-        assert child.stdin is not None
-        child.stdin.write(b"go\n")
-        child.stdin.flush()
-        assert child.stdout is not None and child.stdout.readline() == b"done\n"  # 0.4 s of CPU spent
+        meter = CpuMeter([worker.pid], {"broker": service.pid})
+        for child in (worker, service):
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+        for child in (worker, service):
+            assert child.stdout is not None and child.stdout.readline() == b"done\n"  # its CPU spent
         cpu = meter.read(events=100)
     finally:
-        child.kill()
-        child.wait()
+        for child in (worker, service):
+            child.kill()
+            child.wait()
     spent = cpu["worker_cores"] * cpu["seconds"]
     assert 0.38 <= spent <= 0.6  # its 0.4 s, counted in jiffies of 10 ms
-    assert cpu["machine_cores"] * cpu["seconds"] >= spent - 0.05  # the machine saw at least the worker
+    assert 0.18 <= cpu["broker_cores"] * cpu["seconds"] <= 0.4  # the service's 0.2 s, by its pid
+    busy = cpu["machine_cores"] * cpu["seconds"]
+    assert busy >= spent + 0.18 - 0.05  # the machine saw at least both
     assert cpu["worker_cpu_ms_per_event"] == pytest.approx(1000 * spent / 100, rel=0.01)
     assert cpu["scaling_bound"] == pytest.approx(meter.cores / cpu["machine_cores"], rel=0.01)
+
+
+def test_a_service_is_found_by_the_port_it_listens_on() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert listener_pid(listening.getsockname()[1]) == os.getpid()
+    with socket.socket() as bound:  # bound but not listening: not a service
+        bound.bind(("127.0.0.1", 0))
+        assert listener_pid(bound.getsockname()[1]) is None
