@@ -118,6 +118,18 @@ async def create_topic(settings: Settings, name: str) -> None:
         await admin.close()
 
 
+async def aof_rewrites(settings: Settings) -> int | None:
+    """Redis's count of append-only-file rewrites so far (None: no such count). Each one forks
+    and writes the whole dataset out, a core's worth of work for a few tenths of a second on the
+    machine the benchmark shares: a latency probe reports how many fell inside it."""
+    redis = connect(settings.redis_url, **settings.redis())
+    try:
+        value = (await redis.info("persistence")).get("aof_rewrites")
+    finally:
+        await redis.aclose()
+    return None if value is None else int(value)
+
+
 async def cleanup(settings: Settings) -> None:
     """Drop the run's topics (its own and Faust's changelogs) and its Redis keys."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka())
@@ -604,6 +616,7 @@ async def latency(
             await publish(settings, envelopes_of(gold))
             await wait_until(lambda: committed_to_end(settings, settings.app_id, "gold"), 120, "gold", workers)
             quiet_harness()
+            rewrites = await aof_rewrites(settings)
             t0 = time.monotonic()
             stamps = await offer(settings, anns, rate)
             offered_s = time.monotonic() - t0
@@ -623,6 +636,7 @@ async def latency(
                 return len(got & set(stamps)) >= expected
 
             await wait_until(done, 300, f"{expected} scores at {f:.0%}", workers)
+            rewrites_after = await aof_rewrites(settings)
             measured_from = min(t for _, t in stamps.values()) + warmup_s
             overlap, project = crit.consensus.overlap, crit.project_id
             lat = latencies(stamps, follower.arrivals, overlap, project, (measured_from, math.inf))
@@ -640,6 +654,8 @@ async def latency(
                     "delivery": percentiles(lat["delivery"]),
                     "warmup_s": warmup_s,
                     "warmup": percentiles(warm["gold"] + warm["consensus"]),
+                    # Redis's AOF rewrites from the first send to the last score (warm-up included)
+                    "redis_aof_rewrites": None if None in (rewrites, rewrites_after) else rewrites_after - rewrites,
                 }
             )
     finally:
@@ -685,7 +701,8 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
             f"p50 {a['p50_ms']} ms, p95 {a['p95_ms']} ms, p99 {a['p99_ms']} ms (n={a['n']}); "
             f"until produced p50 {row['worker']['p50_ms']} / p99 {row['worker']['p99_ms']} ms, "
             f"then delivered p50 {row['delivery']['p50_ms']} / p99 {row['delivery']['p99_ms']} ms; "
-            f"the {row['warmup_s']:.0f} s warm-up before: p99 {row['warmup']['p99_ms']} ms"
+            f"the {row['warmup_s']:.0f} s warm-up before: p99 {row['warmup']['p99_ms']} ms; "
+            f"Redis AOF rewrites meanwhile: {row['redis_aof_rewrites']}"
         )
     return {
         "workload": {

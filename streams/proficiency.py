@@ -107,16 +107,17 @@ class ProficiencyProcessor:
         # Windows end at the project's high-water mark of event time, not at this batch's latest
         # score: a consensus round scores annotations submitted long before it closed, and judging
         # "now" as of their time made alerts flap back and forth in time.
+        # (The project checks come first in `checks`, one per project, so their marks do too.)
         as_of = {p: max(t for (pp, _), t in latest.items() if pp == p) for p in projects}
-        marks = await self.store.high_waters([keys.project(p, "buckets") for p in projects])
-        for p, hw in zip(projects, marks, strict=True):
-            if hw is not None and hw > as_of[p].timestamp():
-                as_of[p] = datetime.fromtimestamp(hw, UTC)
+        marks = await self.store.bucket_marks([key for _, _, _, key, _, _ in checks])
+        for p, mark in zip(projects, marks[: len(projects)], strict=True):
+            if mark.hi is not None and mark.hi > as_of[p].timestamp():
+                as_of[p] = datetime.fromtimestamp(mark.hi, UTC)
         hashes = await self.store.windows(
             [
                 (key, int(as_of[p].timestamp()), crit[p].alerts.window_s, crit[p].proficiency.bucket_s,
-                 ("tp", "fp", "fn") if metric == "f1" else ("n", "s"))
-                for p, _, _, key, _, metric in checks
+                 ("tp", "fp", "fn") if metric == "f1" else ("n", "s"), mark.first)
+                for (p, _, _, key, _, metric), mark in zip(checks, marks, strict=True)
             ]
         )  # fmt: skip
         flags = {p: await self.alerts.current(p) for p in projects}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -838,6 +838,73 @@ def test_a_standing_read_from_its_few_fields_equals_the_standing_from_the_whole_
     assert few == whole
 
 
+def test_a_young_bucket_hash_is_read_from_its_first_bucket_and_a_late_or_older_hash_still_whole(
+    services: Endpoints, keys: Keys
+) -> None:
+    """A bucket hash keeps '_first', the start before which it holds no bucket: a young project's
+    window names only the buckets since then (a fraction of a day's 288), with the same figures.
+    A late score moves it back; a hash written before '_first' was kept is bounded only by its
+    history horizon."""
+    from goldstream.scoring.item import score_items
+    from goldstream.scoring.policy import window_f1, window_mean
+    from goldstream.streams.items import score_record
+    from goldstream.streams.state import ProficiencyStore, RedisState, buckets_of, label_buckets, window_fields
+
+    c = criteria()
+    w, b = c.alerts.window_s, c.proficiency.bucket_s
+    hashes = [keys.project("p1", "buckets"), keys.project("p1", "label:car")]
+    parts = [("n", "s"), ("tp", "fp", "fn")]
+
+    def scored(ns: Sequence[int], minutes: Sequence[float]) -> list:
+        anns = [
+            annotation(n, f"i{n}", f"w{n % 3}", GOOD if n % 2 else BAD, minutes=m)
+            for n, m in zip(ns, minutes, strict=True)
+        ]
+        results = score_items([(a, gold(a.item_id)) for a in anns], c)
+        return [
+            (score_record(a, s.ScoreKind.GOLD, f"g-{a.item_id}", r, 1.0).value, c)
+            for a, r in zip(anns, results, strict=True)
+        ]
+
+    async def read(store: Any) -> tuple:
+        marks = await store.bucket_marks(hashes)
+        hi = marks[0].hi
+        few = await store.windows([(k, hi, w, b, p, m.first) for k, m, p in zip(hashes, marks, parts, strict=True)])
+        return marks, few, await store.hashes(hashes)
+
+    async def main() -> list[tuple]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            store = ProficiencyStore(RedisState(client, keys))
+            await store.apply_standing(scored(range(10), [600 + 5 * n for n in range(10)]), [])
+            young = await read(store)
+            await store.apply_standing(scored([10], [120]), [])  # late: 8 hours before the first
+            late = await read(store)
+            await client.hdel(hashes[0], "_first")  # as a worker that did not keep it left the hash
+            await store.apply_standing(scored([11], [700]), [])
+            return [young, late, await read(store)]
+        finally:
+            await client.aclose()
+
+    try:
+        states = asyncio.run(main())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    for marks, few, whole in states:  # the window's figures are those of the whole hash
+        hi = marks[0].hi
+        assert window_mean(buckets_of(few[0]), hi, w) == window_mean(buckets_of(whole[0]), hi, w)
+        assert window_f1(label_buckets(few[1]), hi, w) == window_f1(label_buckets(whole[1]), hi, w)
+        assert window_mean(buckets_of(few[0]), hi, w)[1] >= 10
+    oldest = [min(int(f.split(":")[0]) for f in whole[0] if f[:1] != "_") for _, _, whole in states]
+    (young, _, _), (late, _, _), (older, _, _) = states
+    assert young[0].first == oldest[0] and late[0].first == oldest[1] == oldest[0] - 8 * 3600
+    assert young[1].first is not None and young[1].first >= oldest[0]  # the label's own
+    named = len(window_fields(young[0].hi, w, b, parts[0], young[0].first))
+    assert 0 < named < len(window_fields(young[0].hi, w, b, parts[0])) / 20  # 10 buckets of 288
+    horizon = (older[0].hi - c.proficiency.history_s) // b * b
+    assert older[0].first == horizon < oldest[2]
+
+
 def test_a_stored_item_state_splices_in_its_annotations_json_and_parses_back_equal() -> None:
     """The worker stores a state with its annotations' JSON as they arrived (any layout) or as
     they lie in the state it parsed, not dumped again: what it stores must parse back to the
@@ -1037,10 +1104,16 @@ def test_an_alert_window_read_by_its_fields_equals_the_window_of_the_whole_bucke
         try:
             store = ProficiencyStore(RedisState(client, keys))
             hashes = [keys.project("p1", "buckets"), keys.project("p1", "label:car")]
-            (hi,) = await store.high_waters(hashes[:1])
+            marks = await store.bucket_marks(hashes)
+            hi = marks[0].hi
             assert hi is not None
             w, b = c.alerts.window_s, c.proficiency.bucket_s
-            few = await store.windows([(hashes[0], hi, w, b, ("n", "s")), (hashes[1], hi, w, b, ("tp", "fp", "fn"))])
+            few = await store.windows(
+                [
+                    (k, hi, w, b, parts, m.first)
+                    for k, m, parts in zip(hashes, marks, [("n", "s"), ("tp", "fp", "fn")], strict=True)
+                ]
+            )
             return hi, few, await store.hashes(hashes)
         finally:
             await client.aclose()

@@ -22,7 +22,9 @@
 --              fields '<start>:<part>' of KEYS[k] whose start lies more than `keep` seconds behind
 --              the newest start ever written there ('_hi') are deleted ('_lo': where the deleting
 --              has got to), and increments to them dropped, so the hash holds `keep` of history
---              whatever the order the events arrive in
+--              whatever the order the events arrive in; '_first': no bucket starts before it (the
+--              oldest start written, or the horizon once deleting passed it), so that a reader
+--              of a young hash's window names only the buckets that can exist
 -- Returns, for each event, 1 if this call applied it, 0 if it had been applied before.
 local events = cjson.decode(ARGV[2])
 local sums, order, keep, applied = {}, {}, {}, {}
@@ -78,8 +80,10 @@ for _, pr in ipairs(cjson.decode(ARGV[3])) do
   local k, keep, step, parts = pr[1], pr[2], pr[3], pr[4]
   local fields = sums[k]
   if fields then
-    local marks = redis.call('HMGET', KEYS[k], '_hi', '_lo')
-    local hi = tonumber(marks[1])
+    local marks = redis.call('HMGET', KEYS[k], '_hi', '_lo', '_first')
+    local hi, first = tonumber(marks[1]), tonumber(marks[3])
+    -- a hash written before '_first' was kept: its oldest bucket is unknown, so none is bounded
+    local unknown = first == nil and redis.call('EXISTS', KEYS[k]) == 1
     for field in pairs(fields) do
       local s = start_of(field)
       if s and (hi == nil or s > hi) then hi = s end
@@ -88,7 +92,11 @@ for _, pr in ipairs(cjson.decode(ARGV[3])) do
       local horizon = math.floor((hi - keep) / step) * step
       for field in pairs(fields) do
         local s = start_of(field)
-        if s and s < horizon then fields[field] = nil end
+        if s and s < horizon then
+          fields[field] = nil
+        elseif s and not unknown and (first == nil or s < first) then
+          first = s
+        end
       end
       local lo = tonumber(marks[2])
       if lo == nil or (horizon - lo) / step > 20000 then
@@ -104,7 +112,9 @@ for _, pr in ipairs(cjson.decode(ARGV[3])) do
         end
       end
       if lo == nil or horizon > lo then lo = horizon end
-      redis.call('HSET', KEYS[k], '_hi', string.format('%d', hi), '_lo', string.format('%d', lo))
+      if unknown or first == nil or first < horizon then first = horizon end
+      redis.call('HSET', KEYS[k], '_hi', string.format('%d', hi), '_lo', string.format('%d', lo),
+        '_first', string.format('%d', first))
     end
   end
 end
