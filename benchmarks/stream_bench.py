@@ -278,10 +278,11 @@ def service_pids(settings: Settings) -> dict[str, int]:
     """The local Kafka broker and redis-server by name, where they listen on this machine."""
     from urllib.parse import urlsplit
 
-    ports = {
-        "kafka": int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]),
-        "redis": urlsplit(settings.redis_url).port or 6379,
-    }
+    ports: dict[str, int] = {}
+    with contextlib.suppress(ValueError, IndexError):  # not host:port: not attributed, not fatal
+        ports["kafka"] = int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+    with contextlib.suppress(ValueError):
+        ports["redis"] = urlsplit(settings.redis_url).port or 6379  # a unix socket: no listener found
     return {name: pid for name, port in ports.items() if (pid := listener_pid(port)) is not None}
 
 

@@ -163,7 +163,7 @@ def test_the_cpu_meter_counts_workers_and_services_apart_from_the_machine_and_bo
     assert 0.38 <= spent <= 0.6  # its 0.4 s, counted in jiffies of 10 ms
     assert 0.18 <= cpu["broker_cores"] * cpu["seconds"] <= 0.4  # the service's 0.2 s, by its pid
     busy = cpu["machine_cores"] * cpu["seconds"]
-    assert busy >= spent + 0.18 - 0.05  # the machine saw at least both
+    assert busy >= spent + 0.18 - 0.1  # the machine saw at least both (its ticks are sampled)
     assert cpu["worker_cpu_ms_per_event"] == pytest.approx(1000 * spent / 100, rel=0.01)
     assert cpu["scaling_bound"] == pytest.approx(meter.cores / cpu["machine_cores"], rel=0.01)
 
