@@ -70,13 +70,17 @@ def markdown(summary: dict[str, Any]) -> str:
         f"goldstream / forward-only Faust baseline: **{ratios['goldstream_vs_forward_1']:.2f}x** (1 process), "
         f"{ratios['goldstream_vs_forward_2']:.2f}x (2). Two goldstream workers / one: "
         f"**{ratios['goldstream_2_vs_1_workers']:.2f}x** (forwarder: {ratios['forward_2_vs_1']:.2f}x).",
+        *_cpu_lines(st),
         "",
         "## Latency, submitted_at → ScoreRecord at a consumer (one worker)",
         "",
-        "Measured after a warm-up at the same rate (its p99 in the last column), as the OpenMessaging Benchmark does.",
+        "Measured after a warm-up at the same rate (its p99 in its own column), as the OpenMessaging Benchmark "
+        "does; the last column counts Redis's append-only-file rewrites during the probe (each one forks and "
+        "writes the dataset out on the cores the worker shares).",
         "",
-        "| offered rate | p50 ms | p95 ms | p99 ms | gold p50 / p99 | consensus p50 / p99 | n | warm-up p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| offered rate | p50 ms | p95 ms | p99 ms | gold p50 / p99 | consensus p50 / p99 | n | warm-up p99 ms "
+        "| AOF rewrites |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [("", r) for r in st["latency"]] + [(", steps split", r) for r in st.get("latency_split_steps", [])]
     for label, r in rows:
@@ -85,7 +89,8 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {r['fraction_of_max']:.0%} of max ({r['offered_per_s']:.0f}/s){label} | {_fmt(a['p50_ms'])} | "
             f"{_fmt(a['p95_ms'])} | {_fmt(a['p99_ms'])} | {_fmt(g['p50_ms'])} / {_fmt(g['p99_ms'])} | "
             f"{_fmt(c['p50_ms'])} / {_fmt(c['p99_ms'])} | {a['n']} | "
-            f"{_fmt(r['warmup']['p99_ms']) if 'warmup' in r else '-'} ({r.get('warmup_s', 0):.0f} s) |"
+            f"{_fmt(r['warmup']['p99_ms']) if 'warmup' in r else '-'} ({r.get('warmup_s', 0):.0f} s) | "
+            f"{_fmt(r.get('redis_aof_rewrites'))} |"
         )
     if "replay" in summary:
         lines += [
@@ -192,6 +197,33 @@ def qc_markdown(qc: dict[str, Any]) -> list[str]:
                 "",
             ]
     return out
+
+
+def _cpu_lines(st: dict[str, Any]) -> list[str]:
+    """Where each best run's CPU went (`stream_bench.CpuMeter`), when the run measured it."""
+    rows = [r for r in st["throughput"] if "cpu" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| pipeline | processes | cores busy (of all) | workers | Kafka | Redis | harness | CPU ms / annotation |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        c = r["cpu"]
+        lines.append(
+            f"| {r['name']} | {r['processes']} | {c['machine_cores']:.2f} | {c['worker_cores']:.2f} | "
+            f"{c.get('kafka_cores', float('nan')):.2f} | {c.get('redis_cores', float('nan')):.2f} | "
+            f"{c['harness_cores']:.2f} | {c['cpu_ms_per_event']:.3f} |"
+        )
+    bound = st["ratios"].get("goldstream_scaling_bound")
+    if bound is not None:
+        lines += [
+            "",
+            f"The most two goldstream workers can reach on this machine: **{bound:.2f}x** (all cores over "
+            "the cores the one-worker run kept busy).",
+        ]
+    return lines
 
 
 def main() -> None:
