@@ -176,3 +176,27 @@ def test_a_service_is_found_by_the_port_it_listens_on() -> None:
     with socket.socket() as bound:  # bound but not listening: not a service
         bound.bind(("127.0.0.1", 0))
         assert listener_pid(bound.getsockname()[1]) is None
+
+
+def test_the_summary_shows_where_each_runs_cpu_went_and_the_bound_it_leaves_two_workers() -> None:
+    import copy
+    import json
+    from pathlib import Path
+
+    from benchmarks.run_all import markdown
+
+    summary = json.loads((Path(__file__).parent.parent / "benchmarks/results/summary.json").read_text())
+    cpu = {"machine_cores": 1.25, "worker_cores": 0.875, "kafka_cores": 0.125, "redis_cores": 0.0625}
+    cpu |= {"harness_cores": 0.1875, "cpu_ms_per_event": 0.5}
+    for row in summary["stream"]["throughput"]:
+        row["cpu"] = cpu
+    summary["stream"]["ratios"]["goldstream_scaling_bound"] = 1.6
+    summary["stream"]["latency"][0]["redis_aof_rewrites"] = 7
+    text = markdown(summary)
+    assert "| goldstream | 1 | 1.25 | 0.88 | 0.12 | 0.06 | 0.19 | 0.500 |" in text
+    assert "two goldstream workers can reach on this machine: **1.60x**" in text
+    assert "(5 s) | 7 |" in text
+    older = copy.deepcopy(summary)  # a run before the meter: no CPU table, no bound
+    for row in older["stream"]["throughput"]:
+        del row["cpu"]
+    assert "cores busy" not in markdown(older)
