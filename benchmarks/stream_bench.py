@@ -232,7 +232,9 @@ def _jiffies(sessions: set[int], pids: set[int]) -> dict[int, int]:
                 fields = fh.read().rsplit(b")", 1)[1].split()
         except OSError:  # gone between the listing and the read
             continue
-        spent = int(fields[11]) + int(fields[12])  # after "pid (comm)": state, ppid, pgrp, session, ... utime, stime
+        # after "pid (comm)": state, ppid, pgrp, session, ..., utime, stime, and the children's it
+        # reaped (cutime, cstime: Redis's AOF rewrites, which it forks, are its own work)
+        spent = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
         if int(fields[3]) in sessions:
             out[int(fields[3])] += spent
         if int(entry.name) in pids:
@@ -241,11 +243,14 @@ def _jiffies(sessions: set[int], pids: set[int]) -> dict[int, int]:
 
 
 def _machine_jiffies() -> tuple[int, int]:
-    """(busy, all) jiffies of every CPU since boot, from /proc/stat's first line."""
+    """(busy, all) jiffies of every CPU since boot, from /proc/stat's first line: user, nice,
+    system, irq and softirq are busy; idle and iowait are not, nor is steal (the hypervisor's
+    time for others); guest time is inside user already."""
     with open("/proc/stat", "rb") as fh:
-        values = [int(v) for v in fh.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return sum(values) - idle, sum(values)
+        values = [int(v) for v in fh.readline().split()[1:]] + [0] * 10
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
 
 
 def listener_pid(port: int) -> int | None:
@@ -267,10 +272,14 @@ def listener_pid(port: int) -> int | None:
             continue
         try:
             fds = os.listdir(f"/proc/{entry.name}/fd")
-            if any(os.readlink(f"/proc/{entry.name}/fd/{fd}") in inodes for fd in fds):
-                return int(entry.name)
         except OSError:  # gone, or not ours to read
             continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry.name}/fd/{fd}") in inodes:
+                    return int(entry.name)
+            except OSError:  # that descriptor closed since the listing
+                continue
     return None
 
 
@@ -296,7 +305,7 @@ class CpuMeter:
         self.sessions = set(sessions)
         self.services = dict(services or {})
         self.hz = os.sysconf("SC_CLK_TCK")
-        self.cores = len(os.sched_getaffinity(0))
+        self.cores = os.cpu_count() or 1  # the machine's, as the busy time is the machine's
         self._start = self._sample()
 
     def _sample(self) -> tuple[float, int, dict[int, int], int]:

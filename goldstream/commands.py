@@ -564,10 +564,11 @@ async def committed_to_end(settings: Settings, group: str, logical: str) -> bool
         await admin.close()
 
 
-async def group_members(settings: Settings, group: str) -> tuple[str, int]:
+async def group_members(settings: Settings, group: str) -> tuple[str, int | None]:
     """A consumer group's state ('Stable', 'Empty', 'PreparingRebalance', ...) and member count;
-    ('Unknown', 0) while no broker coordinates it yet: a fresh cluster creates its offsets topic on
-    the first group lookup, and a caller waiting for members should ask again, not fail."""
+    ('Unknown', None) while no broker coordinates it yet: a fresh cluster creates its offsets topic
+    on the first group lookup, and a caller waiting for members should ask again, not fail (nor
+    read it as no members)."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
@@ -577,7 +578,7 @@ async def group_members(settings: Settings, group: str) -> tuple[str, int]:
         try:
             (resp,) = await admin.describe_consumer_groups([group])
         except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
-            return "Unknown", 0
+            return "Unknown", None
         (desc,) = resp.to_object()["groups"]
         return desc["state"], len(desc["members"])
     finally:

@@ -94,6 +94,7 @@ class ProficiencyProcessor:
         out: list[Emit] = []
         keys = self.store.keys
         projects = sorted({p for p, _ in latest})
+        as_of_ids = set(projects)
         checks: list[
             tuple[str, AlertScope, str, str, float | None, str]
         ] = []  # project, scope, id, key, target, metric
@@ -101,7 +102,11 @@ class ProficiencyProcessor:
             checks.append(
                 (p, AlertScope.PROJECT, p, keys.project(p, "buckets"), crit[p].targets.item_score, "item_score")
             )
-        labels = sorted({(s.project_id, label) for s, _ in scored for label in s.result.labels})
+        # labels of the projects this batch changed (a project whose scores were all applied
+        # before has no new event time to judge its windows as of)
+        labels = sorted(
+            {(s.project_id, label) for s, _ in scored if s.project_id in as_of_ids for label in s.result.labels}
+        )
         for p, label in labels:
             checks.append((p, AlertScope.LABEL, label, keys.project(p, f"label:{label}"), crit[p].targets.f1, "f1"))
         # Windows end at the project's high-water mark of event time, not at this batch's latest

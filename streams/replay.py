@@ -255,7 +255,7 @@ async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, 
         ):
             continue
         kind = await redis.type(raw_key)
-        if kind == b"hash":  # without a bucket hash's '_hi' / '_lo' (how far its pruning got)
+        if kind == b"hash":  # without a bucket hash's marks ('_hi', '_lo', '_first')
             fields = await redis.hgetall(raw_key)
             out[key[len(keys.prefix) + 1 :]] = {k.decode(): int(v) for k, v in sorted(fields.items()) if k[:1] != b"_"}
         elif kind == b"zset" and key.endswith(":evidence"):

@@ -780,12 +780,16 @@ class ProficiencyStore:
         half load (packing the names), where `first` leaves the few."""
         names = [window_fields(as_of, w, b, parts, first) for _, as_of, w, b, parts, first in reads]
 
+        asked = [(k, fields) for (k, *_), fields in zip(reads, names, strict=True) if fields]
+
         def build(pipe: Any) -> None:
-            for (k, *_), fields in zip(reads, names, strict=True):
+            for k, fields in asked:  # HMGET takes one field at least; an empty window reads nothing
                 pipe.hmget(k, fields)
 
+        found = iter(await self.state.read(build, "windows") if asked else [])
         out = []
-        for fields, values in zip(names, await self.state.read(build, "windows"), strict=True):
+        for fields in names:
+            values = next(found) if fields else []
             out.append({f: int(v) for f, v in zip(fields, values, strict=True) if v is not None})
         return out
 

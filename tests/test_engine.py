@@ -878,6 +878,14 @@ def test_a_young_bucket_hash_is_read_from_its_first_bucket_and_a_late_or_older_h
             store = ProficiencyStore(RedisState(client, keys))
             await store.apply_standing(scored(range(10), [600 + 5 * n for n in range(10)]), [])
             young = await read(store)
+            hi = young[0][0].hi
+            # a window that can hold no bucket (its first start after its end) reads nothing
+            assert await store.windows(
+                [(hashes[0], hi, w, b, parts[0], hi + b), (hashes[1], hi, w, b, parts[1], None)]
+            ) == [
+                {},
+                young[1][1],
+            ]
             await store.apply_standing(scored([10], [120]), [])  # late: 8 hours before the first
             late = await read(store)
             await client.hdel(hashes[0], "_first")  # as a worker that did not keep it left the hash
@@ -903,6 +911,48 @@ def test_a_young_bucket_hash_is_read_from_its_first_bucket_and_a_late_or_older_h
     assert 0 < named < len(window_fields(young[0].hi, w, b, parts[0])) / 20  # 10 buckets of 288
     horizon = (older[0].hi - c.proficiency.history_s) // b * b
     assert older[0].first == horizon < oldest[2]
+
+
+def test_a_proficiency_batch_with_one_project_only_redelivered_judges_the_other_and_skips_it(
+    services: Endpoints, keys: Keys
+) -> None:
+    """A batch can hold one project's scores all applied before (a redelivery) beside another's
+    new ones: the first has no new event time to judge its windows as of, so only the second's
+    windows are read (its labels' too), and the batch does not fail on the first's labels."""
+    from goldstream.scoring.item import score_items
+    from goldstream.streams.items import score_record
+
+    def scores(project: str, base: int) -> list[tuple[Record, s.ScoreRecord]]:
+        c = criteria(project)
+        anns = [annotation(base + n, f"i{n}", f"w{n % 3}", GOOD, project=project) for n in range(4)]
+        results = score_items([(a, gold(a.item_id, project=project)) for a in anns], c)
+        made = [
+            score_record(a, s.ScoreKind.GOLD, f"g-{a.item_id}", r, 1.0).value
+            for a, r in zip(anns, results, strict=True)
+        ]
+        return [(Record("scores", None, x.worker_id.encode(), 0, base + n), x) for n, x in enumerate(made)]
+
+    async def main() -> tuple[list, list, dict]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            engine = redis_engine(client, keys)
+            setup = [criteria("p1"), criteria("p2")]
+            await engine.process(
+                [Record("projects", c.to_bytes(), c.project_id.encode(), 0, n) for n, c in enumerate(setup)]
+            )
+            p2 = scores("p2", 100)
+            first = await engine.proficiency_processor.apply(p2)
+            again = await engine.proficiency_processor.apply([*p2, *scores("p1", 0)])  # p2 redelivered
+            return first, again, await proficiency_snapshot(client, keys)
+        finally:
+            await client.aclose()
+
+    try:
+        first, again, snapshot = asyncio.run(main())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    assert [e.topic for e in first + again if e.topic == "deadletter"] == []
+    assert snapshot["{p1}:totals"]["gold_items"] == 4 and snapshot["{p2}:totals"]["gold_items"] == 4
 
 
 def test_a_stored_item_state_splices_in_its_annotations_json_and_parses_back_equal() -> None:
