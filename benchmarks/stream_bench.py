@@ -242,15 +242,14 @@ def _jiffies(sessions: set[int], pids: set[int]) -> dict[int, int]:
     return out
 
 
-def _machine_jiffies() -> tuple[int, int]:
-    """(busy, all) jiffies of every CPU since boot, from /proc/stat's first line: user, nice,
-    system, irq and softirq are busy; idle and iowait are not, nor is steal (the hypervisor's
-    time for others); guest time is inside user already."""
+def _machine_busy_jiffies() -> int:
+    """Busy jiffies of every CPU since boot, from /proc/stat's first line: user, nice, system,
+    irq and softirq; not idle or iowait, nor steal (the hypervisor's time for others); guest
+    time is inside user already."""
     with open("/proc/stat", "rb") as fh:
         values = [int(v) for v in fh.readline().split()[1:]] + [0] * 10
-    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
-    busy = user + nice + system + irq + softirq
-    return busy, busy + idle + iowait + steal
+    user, nice, system, _idle, _iowait, irq, softirq = values[:7]
+    return user + nice + system + irq + softirq
 
 
 def listener_pid(port: int) -> int | None:
@@ -309,7 +308,7 @@ class CpuMeter:
         self._start = self._sample()
 
     def _sample(self) -> tuple[float, int, dict[int, int], int]:
-        busy, _ = _machine_jiffies()
+        busy = _machine_busy_jiffies()
         own = os.times()
         per = _jiffies(self.sessions, set(self.services.values()))
         return time.monotonic(), busy, per, round((own.user + own.system) * self.hz)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -20,6 +20,8 @@ from goldstream import schemas as s
 from goldstream.services import Endpoints
 from tests.conftest import drop_keys
 from tests.scenario import BAD, GOLD_CONTENT, GOOD, T0, annotation, boxes, criteria, gold, record, records, review
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -40,6 +42,33 @@ def run(services: Endpoints, keys: Keys) -> Iterator[Any]:
 
     yield go
     asyncio.run(drop_keys(services.redis_url, keys.prefix))
+
+
+def on_redis(services: Endpoints, keys: Keys, main: Callable[[Redis], Awaitable[T]]) -> T:
+    """Run `main` with a client of the test's Redis, then drop the test's keys."""
+
+    async def go() -> T:
+        client = Redis.from_url(services.redis_url)
+        try:
+            return await main(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+
+
+def gold_scores(anns: Sequence[s.AnnotationSubmitted], c: s.ProjectCriteria) -> list[s.ScoreRecord]:
+    """The ScoreRecords of annotations scored against their item's gold (`scenario.gold`)."""
+    from goldstream.scoring.item import score_items
+    from goldstream.streams.items import score_record
+
+    results = score_items([(a, gold(a.item_id, project=a.project_id)) for a in anns], c)
+    return [
+        score_record(a, s.ScoreKind.GOLD, f"g-{a.item_id}", r, 1.0).value for a, r in zip(anns, results, strict=True)
+    ]
 
 
 def out(result: ReplayResult, topic: str) -> list:
@@ -667,23 +696,16 @@ def test_a_redelivered_round_member_gets_its_round_again_not_a_gold_score_that_c
 
 
 def test_the_consensus_timer_does_not_ask_for_rounds_that_cannot_close(services: Endpoints, keys: Keys) -> None:
-    async def main() -> tuple[list, list]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            engine = redis_engine(client, keys)
-            c = criteria(consensus=s.ConsensusPolicy(overlap=3, min_annotators=2, timeout_s=60))
-            await engine.handle(record(c))
-            await engine.handle(record(annotation(1, "alone", "w1", GOOD)))
-            lonely = await engine.timed_out(T0 + timedelta(days=1))
-            await engine.handle(record(annotation(2, "alone", "w2", GOOD)))
-            return lonely, await engine.timed_out(T0 + timedelta(days=1))
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> tuple[list, list]:
+        engine = redis_engine(client, keys)
+        c = criteria(consensus=s.ConsensusPolicy(overlap=3, min_annotators=2, timeout_s=60))
+        await engine.handle(record(c))
+        await engine.handle(record(annotation(1, "alone", "w1", GOOD)))
+        lonely = await engine.timed_out(T0 + timedelta(days=1))
+        await engine.handle(record(annotation(2, "alone", "w2", GOOD)))
+        return lonely, await engine.timed_out(T0 + timedelta(days=1))
 
-    try:
-        lonely, pair = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    lonely, pair = on_redis(services, keys, main)
     assert lonely == []  # one annotator of min_annotators 2: close_round would refuse it
     assert [t.item_id for t in pair] == ["alone"]
 
@@ -697,26 +719,19 @@ def test_the_next_due_round_follows_new_annotations_a_changed_timeout_and_a_clos
     def consensus(timeout_s: float) -> s.ProjectCriteria:
         return criteria(consensus=s.ConsensusPolicy(overlap=3, min_annotators=2, timeout_s=timeout_s))
 
-    async def main() -> list[float | None]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            engine = redis_engine(client, keys)
-            seen = []
-            for m in (consensus(60), annotation(1, "i", "w1", GOOD), annotation(2, "i", "w2", GOOD)):
-                await engine.handle(record(m))
-                seen.append(await engine.item_processor.next_due())
-            seen.append(await engine.item_processor.next_due())  # asked again, nothing moved
-            for m in (consensus(30), annotation(3, "i", "w3", GOOD)):
-                await engine.handle(record(m))
-                seen.append(await engine.item_processor.next_due())
-            return seen
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> list[float | None]:
+        engine = redis_engine(client, keys)
+        seen = []
+        for m in (consensus(60), annotation(1, "i", "w1", GOOD), annotation(2, "i", "w2", GOOD)):
+            await engine.handle(record(m))
+            seen.append(await engine.item_processor.next_due())
+        seen.append(await engine.item_processor.next_due())  # asked again, nothing moved
+        for m in (consensus(30), annotation(3, "i", "w3", GOOD)):
+            await engine.handle(record(m))
+            seen.append(await engine.item_processor.next_due())
+        return seen
 
-    try:
-        seen = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    seen = on_redis(services, keys, main)
     first = (T0 + timedelta(minutes=1)).timestamp()
     # nothing waits; one annotator cannot close a round; two can; the same; a shorter timeout; the round closed
     assert seen == [None, None, first + 60, first + 60, first + 30, None]
@@ -845,9 +860,7 @@ def test_a_young_bucket_hash_is_read_from_its_first_bucket_and_a_late_or_older_h
     window names only the buckets since then (a fraction of a day's 288), with the same figures.
     A late score moves it back; a hash written before '_first' was kept is bounded only by its
     history horizon."""
-    from goldstream.scoring.item import score_items
     from goldstream.scoring.policy import window_f1, window_mean
-    from goldstream.streams.items import score_record
     from goldstream.streams.state import ProficiencyStore, RedisState, buckets_of, label_buckets, window_fields
 
     c = criteria()
@@ -860,11 +873,7 @@ def test_a_young_bucket_hash_is_read_from_its_first_bucket_and_a_late_or_older_h
             annotation(n, f"i{n}", f"w{n % 3}", GOOD if n % 2 else BAD, minutes=m)
             for n, m in zip(ns, minutes, strict=True)
         ]
-        results = score_items([(a, gold(a.item_id)) for a in anns], c)
-        return [
-            (score_record(a, s.ScoreKind.GOLD, f"g-{a.item_id}", r, 1.0).value, c)
-            for a, r in zip(anns, results, strict=True)
-        ]
+        return [(x, c) for x in gold_scores(anns, c)]
 
     async def read(store: Any) -> tuple:
         marks = await store.bucket_marks(hashes)
@@ -872,32 +881,25 @@ def test_a_young_bucket_hash_is_read_from_its_first_bucket_and_a_late_or_older_h
         few = await store.windows([(k, hi, w, b, p, m.first) for k, m, p in zip(hashes, marks, parts, strict=True)])
         return marks, few, await store.hashes(hashes)
 
-    async def main() -> list[tuple]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            store = ProficiencyStore(RedisState(client, keys))
-            await store.apply_standing(scored(range(10), [600 + 5 * n for n in range(10)]), [])
-            young = await read(store)
-            hi = young[0][0].hi
-            # a window that can hold no bucket (its first start after its end) reads nothing
-            assert await store.windows(
-                [(hashes[0], hi, w, b, parts[0], hi + b), (hashes[1], hi, w, b, parts[1], None)]
-            ) == [
-                {},
-                young[1][1],
-            ]
-            await store.apply_standing(scored([10], [120]), [])  # late: 8 hours before the first
-            late = await read(store)
-            await client.hdel(hashes[0], "_first")  # as a worker that did not keep it left the hash
-            await store.apply_standing(scored([11], [700]), [])
-            return [young, late, await read(store)]
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> list[tuple]:
+        store = ProficiencyStore(RedisState(client, keys))
+        await store.apply_standing(scored(range(10), [600 + 5 * n for n in range(10)]), [])
+        young = await read(store)
+        hi = young[0][0].hi
+        # a window that can hold no bucket (its first start after its end) reads nothing
+        assert await store.windows(
+            [(hashes[0], hi, w, b, parts[0], hi + b), (hashes[1], hi, w, b, parts[1], None)]
+        ) == [
+            {},
+            young[1][1],
+        ]
+        await store.apply_standing(scored([10], [120]), [])  # late: 8 hours before the first
+        late = await read(store)
+        await client.hdel(hashes[0], "_first")  # as a worker that did not keep it left the hash
+        await store.apply_standing(scored([11], [700]), [])
+        return [young, late, await read(store)]
 
-    try:
-        states = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    states = on_redis(services, keys, main)
     for marks, few, whole in states:  # the window's figures are those of the whole hash
         hi = marks[0].hi
         assert window_mean(buckets_of(few[0]), hi, w) == window_mean(buckets_of(whole[0]), hi, w)
@@ -919,38 +921,24 @@ def test_a_proficiency_batch_with_one_project_only_redelivered_judges_the_other_
     """A batch can hold one project's scores all applied before (a redelivery) beside another's
     new ones: the first has no new event time to judge its windows as of, so only the second's
     windows are read (its labels' too), and the batch does not fail on the first's labels."""
-    from goldstream.scoring.item import score_items
-    from goldstream.streams.items import score_record
 
     def scores(project: str, base: int) -> list[tuple[Record, s.ScoreRecord]]:
-        c = criteria(project)
         anns = [annotation(base + n, f"i{n}", f"w{n % 3}", GOOD, project=project) for n in range(4)]
-        results = score_items([(a, gold(a.item_id, project=project)) for a in anns], c)
-        made = [
-            score_record(a, s.ScoreKind.GOLD, f"g-{a.item_id}", r, 1.0).value
-            for a, r in zip(anns, results, strict=True)
-        ]
+        made = gold_scores(anns, criteria(project))
         return [(Record("scores", None, x.worker_id.encode(), 0, base + n), x) for n, x in enumerate(made)]
 
-    async def main() -> tuple[list, list, dict]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            engine = redis_engine(client, keys)
-            setup = [criteria("p1"), criteria("p2")]
-            await engine.process(
-                [Record("projects", c.to_bytes(), c.project_id.encode(), 0, n) for n, c in enumerate(setup)]
-            )
-            p2 = scores("p2", 100)
-            first = await engine.proficiency_processor.apply(p2)
-            again = await engine.proficiency_processor.apply([*p2, *scores("p1", 0)])  # p2 redelivered
-            return first, again, await proficiency_snapshot(client, keys)
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> tuple[list, list, dict]:
+        engine = redis_engine(client, keys)
+        setup = [criteria("p1"), criteria("p2")]
+        await engine.process(
+            [Record("projects", c.to_bytes(), c.project_id.encode(), 0, n) for n, c in enumerate(setup)]
+        )
+        p2 = scores("p2", 100)
+        first = await engine.proficiency_processor.apply(p2)
+        again = await engine.proficiency_processor.apply([*p2, *scores("p1", 0)])  # p2 redelivered
+        return first, again, await proficiency_snapshot(client, keys)
 
-    try:
-        first, again, snapshot = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    first, again, snapshot = on_redis(services, keys, main)
     assert [e.topic for e in first + again if e.topic == "deadletter"] == []
     assert snapshot["{p1}:totals"]["gold_items"] == 4 and snapshot["{p2}:totals"]["gold_items"] == 4
 
@@ -982,32 +970,19 @@ def test_a_stored_item_state_splices_in_its_annotations_json_and_parses_back_equ
 def test_standings_after_a_batch_equal_what_redis_holds_after_it(services: Endpoints, keys: Keys) -> None:
     """The proficiency step adds what it applied to the standings it read before, instead of
     reading again: the sum must be what Redis then holds, and a redelivered batch changes none."""
-    from goldstream.scoring.item import score_items
-    from goldstream.streams.items import score_record
     from goldstream.streams.state import ProficiencyStore, RedisState
 
     c = criteria()
-    anns = [annotation(n, f"i{n}", f"w{n % 3}", GOOD if n % 2 else BAD) for n in range(12)]
-    results = score_items([(a, gold(a.item_id)) for a in anns], c)
-    scores = [
-        score_record(a, s.ScoreKind.GOLD, f"g-{a.item_id}", r, 1.0).value for a, r in zip(anns, results, strict=True)
-    ]
+    scores = gold_scores([annotation(n, f"i{n}", f"w{n % 3}", GOOD if n % 2 else BAD) for n in range(12)], c)
     pairs = [("p1", f"w{k}", c) for k in range(3)]
 
-    async def main() -> tuple:
-        client = Redis.from_url(services.redis_url)
-        try:
-            store = ProficiencyStore(RedisState(client, keys))
-            first = await store.apply_standing([(x, c) for x in scores[:7]], pairs)
-            again = await store.apply_standing([(x, c) for x in scores], pairs)  # 7 redelivered, 5 new
-            return first, again, await store.snapshots(pairs)
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> tuple:
+        store = ProficiencyStore(RedisState(client, keys))
+        first = await store.apply_standing([(x, c) for x in scores[:7]], pairs)
+        again = await store.apply_standing([(x, c) for x in scores], pairs)  # 7 redelivered, 5 new
+        return first, again, await store.snapshots(pairs)
 
-    try:
-        (applied1, _, after1), (applied2, before2, after2), fresh = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    (applied1, _, after1), (applied2, before2, after2), fresh = on_redis(services, keys, main)
     assert applied1 == [True] * 7 and applied2 == [False] * 7 + [True] * 5
     assert before2 == after1 and after2 == fresh
     assert [p.items for p in fresh] == [4, 4, 4]
