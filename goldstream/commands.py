@@ -353,7 +353,7 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
             await keep_alive()
     waiting = {}
     for item in items:
-        since = engine.waiting_since(item)
+        since = engine.timer_since(item)
         waiting[item] = (partition_of.get(item, 0), None if since is None else since.timestamp())
     store = ItemStore(state)
     names = sorted(items)

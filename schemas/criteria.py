@@ -238,6 +238,11 @@ class ProficiencyPolicy(Model):
     prior_fails: Any = Field(None, exclude=True, description="retired (see prior_weight); ignored")
 
 
+MIN_ANNOTATORS = 2
+"""The fewest annotators of any consensus round: an item waiting on fewer workers cannot time out
+(the consensus timer need not watch it)."""
+
+
 class ConsensusPolicy(Model):
     """Items without gold: how many annotators, and how long to wait for them."""
 
@@ -246,7 +251,7 @@ class ConsensusPolicy(Model):
         "weighted", description="annotator score: mean agreement with peers, or weighted by peer reliability"
     )
     timeout_s: Seconds = 3_600.0
-    min_annotators: Annotated[int, Field(ge=2)] = 2
+    min_annotators: Annotated[int, Field(ge=MIN_ANNOTATORS)] = 2
 
 
 class AlertPolicy(Model):

@@ -94,8 +94,8 @@ class Engine:
     def waiting_items(self) -> list[tuple[str, datetime]]:
         return self.item_processor.waiting_items()
 
-    def waiting_since(self, item_id: str) -> datetime | None:
-        return self.item_processor.waiting_since(item_id)
+    def timer_since(self, item_id: str) -> datetime | None:
+        return self.item_processor.timer_since(item_id)
 
     def forget(self, item_ids: Iterable[str]) -> None:
         self.item_processor.forget(item_ids)

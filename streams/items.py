@@ -22,12 +22,11 @@ from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import combinations
-from typing import Any
 
 import numpy as np
 from goldstream.schemas.base import Id, Model
 from goldstream.schemas.content import Content
-from goldstream.schemas.criteria import ProjectCriteria
+from goldstream.schemas.criteria import MIN_ANNOTATORS, ProjectCriteria
 from goldstream.schemas.messages import (
     AnnotationSubmitted,
     Escalation,
@@ -61,6 +60,7 @@ from goldstream.scoring.policy import (
 from goldstream.scoring.reliability import known_risk, round_estimates_many, round_quality_many
 from goldstream.streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record
 from goldstream.streams.state import STANDING_FIELDS, ProficiencyStore, ProjectView, level_of
+from goldstream.streams.waiting import Waiting, WaitingIndex
 from pydantic import Field
 
 MAX_ANNOTATIONS_PER_ITEM = 200
@@ -202,13 +202,11 @@ class ItemProcessor:
     items: MutableMapping[str, ItemState] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
     event_time: float | None = None  # the latest annotation's submission (epoch s): a replay's clock
-    # items with annotations waiting for a round -> (oldest one's submission, project, workers), so that the
-    # consensus timer need not parse the whole item table each tick
-    _waiting: dict[str, tuple[datetime, str, int]] = field(default_factory=dict, repr=False)
+    # items with annotations waiting for a round (oldest one's submission, project, workers), so
+    # that the consensus timer need neither parse the item table nor scan every waiting item
+    _waiting: WaitingIndex = field(default_factory=WaitingIndex, repr=False)
     _indexed: set[str] = field(default_factory=set, repr=False)
     _rescan: bool = field(default=True, repr=False)
-    _changes: int = field(default=0, repr=False)  # of the waiting index: `due_times` is kept until it moves
-    _due_cache: tuple[int, dict[str, Any], dict[str, float], float | None] | None = field(default=None, repr=False)
     _ticks: int = field(default=0, repr=False)  # a replay's timer requests so far: their positions
     _at: float | None = field(default=None, repr=False)  # the event time of the input in hand
     removed: set[str] = field(default_factory=set)  # items whose state retention deleted
@@ -250,7 +248,8 @@ class ItemProcessor:
                     self.arrived.append((msg, rec.value))
         named = {m.project_id for _, _, m in decoded if not isinstance(m, Emit)}  # type: ignore[attr-defined]
         if ticks:
-            named |= self._timeout_projects(self.waiting_items())
+            self._refresh_index()
+            named |= self._waiting.projects()
         criteria = await self.ingress.projects(named)
         pending = sorted(ticks, key=lambda t: t[0])
         for i, rec, msg in decoded:
@@ -348,9 +347,8 @@ class ItemProcessor:
                 del self.items[item_id]
                 self.dirty.discard(item_id)
                 self.removed.add(item_id)
-                self._waiting.pop(item_id, None)
+                self._waiting.set(item_id, None)
                 self._indexed.discard(item_id)
-                self._changes += 1
                 continue
             for r in st.parked_reviews:
                 rec = Record("reviews", r.to_bytes(), r.item_id.encode())
@@ -363,14 +361,13 @@ class ItemProcessor:
         return out
 
     def _index(self, item_id: str, st: ItemState) -> None:
-        self._changes += 1
         self._indexed.add(item_id)
         first = [x for e in st.waiting if (x := st.annotation(e)) is not None]
         if first and st.gold is None:
             workers = len({x.worker_id for x in first})
-            self._waiting[item_id] = (min(x.submitted_at for x in first), first[0].project_id, workers)
+            self._waiting.set(item_id, Waiting(min(x.submitted_at for x in first), first[0].project_id, workers))
         else:
-            self._waiting.pop(item_id, None)
+            self._waiting.set(item_id, None)
 
     def _retract_gold(self, rec: Record) -> list[Slot]:
         item_id = self.ingress.tombstone_key(rec)
@@ -534,27 +531,36 @@ class ItemProcessor:
         timeout (every waiting item when `now` is None, as at the end of a replay). Only reads
         state: the worker's timer sends them on `control`, so the item's own consumer closes them.
         `candidates`: (item, oldest waiting submission) from the worker's index in Redis, else
-        this processor's own index of its items."""
+        the items of this processor's own index that its rules say are due."""
         if candidates is None:
-            candidates = self.waiting_items()
+            self._refresh_index()
+            known = await self.ingress.projects(self._waiting.projects())
+            mine = self.waiting_items() if now is None else self._candidates(now, known)
+            return self._due(now, mine, known)
         return self._due(now, candidates, await self.ingress.projects(self._timeout_projects(candidates)))
 
     def _timeout_projects(self, candidates: Sequence[tuple[str, datetime]]) -> set[str]:
         """The projects whose criteria decide whether the candidates' rounds are due."""
         out = set()
         for item_id, _ in candidates:
-            _, project, _ = self._waiting.get(item_id, (None, None, 0))
-            if project is not None:
-                out.add(project)
+            entry = self._waiting.get(item_id)
+            if entry is not None:
+                out.add(entry.project_id)
             st = self._item(item_id)
             if st.waiting and (a := st.annotation(st.waiting[0])) is not None:
                 out.add(a.project_id)
         return out
 
+    def _candidates(self, now: datetime, criteria: Mapping[str, ProjectCriteria | None]) -> list[tuple[str, datetime]]:
+        """The indexed items whose round may be due at `now` (a second's slack: `_due` decides
+        exactly, on the same datetimes as for the worker's candidates)."""
+        found = self._waiting.due_by(now.timestamp(), _rules(criteria), slack=1.0)
+        return [(item, entry.since) for item in found if (entry := self._waiting.get(item)) is not None]
+
     def _on_tick(self, now: datetime, criteria: Mapping[str, ProjectCriteria | None]) -> list[Slot]:
         """Close the rounds due at a timer tick inside a batch, as the timer's requests would."""
         slots: list[Slot] = []
-        for r in self._due(now, self.waiting_items(), criteria):
+        for r in self._due(now, self._candidates(now, criteria), criteria):
             c = criteria.get(r.project_id)
             if c is not None:
                 slots += self.close_round(r.item_id, c, self.timer_record(r))
@@ -574,11 +580,15 @@ class ItemProcessor:
     ) -> list[RoundTimeout]:
         out = []
         for item_id, first in candidates:
-            _, project, workers = self._waiting.get(item_id, (None, None, 0))
-            criteria = known.get(project) if project is not None else None
-            if criteria is not None and (
-                workers < criteria.consensus.min_annotators
-                or (now is not None and (now - first).total_seconds() < criteria.consensus.timeout_s)
+            entry = self._waiting.get(item_id)
+            criteria = known.get(entry.project_id) if entry is not None else None
+            if (
+                entry is not None
+                and criteria is not None
+                and (
+                    entry.workers < criteria.consensus.min_annotators
+                    or (now is not None and (now - first).total_seconds() < criteria.consensus.timeout_s)
+                )
             ):
                 continue  # not yet, or cannot close: decided from the index, without parsing the item
             st = self._item(item_id)
@@ -602,35 +612,18 @@ class ItemProcessor:
                 )
         return out
 
-    async def due_times(self) -> Mapping[str, float]:
-        """When (epoch s) each waiting item of this processor's own index reaches its project's
-        consensus timeout, for the items that have enough annotators for a round to close.
-
-        Kept until the index or a project's consensus rules change: a replay asks at every tick
-        of its event-time timer, and between two batches nothing it depends on moves."""
+    async def _index_rules(self) -> dict[str, tuple[float, int] | None]:
         self._refresh_index()
-        criteria = await self.ingress.projects({project for _, project, _ in self._waiting.values()})
-        rules = {p: c and (c.consensus.timeout_s, c.consensus.min_annotators) for p, c in criteria.items()}
-        if self._due_cache is not None and self._due_cache[0] == self._changes and self._due_cache[1] == rules:
-            return self._due_cache[2]
-        due = {
-            item: first.timestamp() + rule[0]
-            for item, (first, project, workers) in self._waiting.items()
-            if (rule := rules[project]) is not None and workers >= rule[1]
-        }
-        self._due_cache = (self._changes, rules, due, min(due.values(), default=None))
-        return due
+        return _rules(await self.ingress.projects(self._waiting.projects()))
 
     async def next_due(self) -> float | None:
-        """The earliest of `due_times` (None: nothing waits): a replay's timer need not stop its
-        batch before then."""
-        await self.due_times()
-        assert self._due_cache is not None
-        return self._due_cache[3]
+        """When (epoch s) the first round of this processor's own index can time out (None:
+        none can): a replay's timer need not stop its batch before then."""
+        return self._waiting.first_due(await self._index_rules())
 
     async def closing_by(self, at: float) -> set[str]:
         """Items of this processor's index whose round could time out by `at` (epoch s)."""
-        return {item for item, due in (await self.due_times()).items() if due <= at}
+        return set(self._waiting.due_by(at, await self._index_rules()))
 
     def waiting_items(self) -> list[tuple[str, datetime]]:
         """Items with annotations waiting for a round, with the oldest one's submission time.
@@ -638,7 +631,7 @@ class ItemProcessor:
         From the index kept by `_save`; the items are scanned again after `reindex` or when their
         number says that someone else changed them."""
         self._refresh_index()
-        return sorted((k, v[0]) for k, v in self._waiting.items())
+        return sorted((k, v.since) for k, v in self._waiting.items())
 
     def _refresh_index(self) -> None:
         if self._rescan or len(self.items) != len(self._indexed):
@@ -647,26 +640,26 @@ class ItemProcessor:
             self._indexed.clear()
             for item_id, st in list(self.items.items()):
                 self._index(item_id, st)
-            self._changes += 1
 
-    def waiting_since(self, item_id: str) -> datetime | None:
-        """When the oldest annotation of an item still waiting for a round was submitted (None:
-        nothing waits), as of the last save: the worker keeps its index in Redis with it."""
+    def timer_since(self, item_id: str) -> datetime | None:
+        """Since when the consensus timer must watch an item (the worker keeps it in Redis with
+        the item's state): the oldest waiting submission, once the waiting annotations come from
+        at least `MIN_ANNOTATORS` workers; None before (no round of fewer closes) and when nothing
+        waits. Items with one annotator can wait until retention: a timer that loaded them all at
+        every check did work that grew with the items waiting, not with the rounds due."""
         found = self._waiting.get(item_id)
-        return None if found is None else found[0]
+        return None if found is None or found.workers < MIN_ANNOTATORS else found.since
 
     def forget(self, item_ids: Iterable[str]) -> None:
         """Drop items from the in-memory index once their state is stored elsewhere (the worker
         swaps its items per batch; the index must not grow with every item ever seen)."""
-        self._changes += 1
         for item_id in item_ids:
-            self._waiting.pop(item_id, None)
+            self._waiting.set(item_id, None)
             self._indexed.discard(item_id)
 
     def reindex(self) -> None:
         """The items changed under us: scan them next time."""
         self._rescan = True
-        self._changes += 1
 
     # ------------------------------------------------------------------ outputs
 
@@ -690,6 +683,11 @@ class ItemProcessor:
 
 
 # ---------------------------------------------------------------------------- passes (pure)
+
+
+def _rules(criteria: Mapping[str, ProjectCriteria | None]) -> dict[str, tuple[float, int] | None]:
+    """Each project's round rules for the waiting index: (timeout, minimum annotators)."""
+    return {p: c and (c.consensus.timeout_s, c.consensus.min_annotators) for p, c in criteria.items()}
 
 
 def _score(jobs: Sequence[_Job]) -> None:

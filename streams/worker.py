@@ -452,7 +452,7 @@ class Worker:
         kept = {k: (b, engine.items[k], encoded[k][1]) for k, b in changed.items() if b}
         waiting, due = {}, {}
         for item, b in changed.items():
-            since = engine.waiting_since(item) if b else None
+            since = engine.timer_since(item) if b else None
             waiting[item] = (partition_of.get(item, 0), None if since is None else since.timestamp())
             due[item] = (partition_of.get(item, 0), processor.due(engine.items[item]) if b else None)
         for item, partition in expiring:

@@ -737,6 +737,25 @@ def test_the_next_due_round_follows_new_annotations_a_changed_timeout_and_a_clos
     assert seen == [None, None, first + 60, first + 60, first + 30, None]
 
 
+def test_the_timer_watches_an_item_only_once_enough_workers_wait_for_a_round(services: Endpoints, keys: Keys) -> None:
+    """The worker's timer loads every item it watches at each check: an item waiting on one
+    worker can never time out (no round has fewer than two), so it is not watched until a second
+    worker's annotation arrives, and no longer once its round closed."""
+
+    async def main(client: Redis) -> list[Any]:
+        engine = redis_engine(client, keys)
+        await engine.handle(record(criteria(consensus=s.ConsensusPolicy(overlap=3, min_annotators=2, timeout_s=60))))
+        seen = []
+        for n, worker in enumerate(["w1", "w1", "w2", "w3"]):
+            await engine.handle(record(annotation(n, "i", worker, GOOD), n))
+            seen.append(engine.timer_since("i"))
+        return seen
+
+    seen = on_redis(services, keys, main)
+    # one worker (twice); two workers: watched from the oldest waiting submission; three: the round closed
+    assert seen == [None, None, annotation(0, "i", "w1", GOOD).submitted_at, None]
+
+
 # ----------------------------------------------------------------------------- batches
 
 
