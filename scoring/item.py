@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
@@ -600,15 +600,21 @@ def _assign_chunk(chunk: Chunk, criteria: ProjectCriteria) -> list[Assignment]:
     return assign_batch(geometry.box_iou_blocks(a_planes, r_planes), n, m, a_codes, r_codes, thresholds)
 
 
-def score_items(pairs: Sequence[tuple[Answer, Answer]], criteria: ProjectCriteria | None = None) -> list[ItemScore]:
+def score_items(
+    pairs: Sequence[tuple[Answer, Answer]],
+    criteria: ProjectCriteria | None = None,
+    checked: Iterable[Content] = (),
+) -> list[ItemScore]:
     """`score_item` for many (annotation, reference) pairs of one project at once.
 
     The same results as one call per pair, faster: the box family of every item is computed and
     matched in one vectorised pass, which is what a stream agent scoring a batch of events wants.
+    `checked`: contents the caller has already checked against these same criteria
+    (`schemas.validation.content_errors`), as a stream agent does on arrival; not checked again.
     """
     criteria = criteria or DEFAULT_CRITERIA
-    checked: set[int] = set()
-    items = [_prepare(a, r, criteria, checked) for a, r in pairs]
+    checked_ids = {id(c) for c in checked}  # the caller holds them: their ids cannot be reused meanwhile
+    items = [_prepare(a, r, criteria, checked_ids) for a, r in pairs]
     _batch_boxes(items, criteria)
     regions = _bulk_regions(items)
     region_sims = _batch_region_sims(items, regions)

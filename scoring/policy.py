@@ -275,12 +275,20 @@ def window_mean(buckets: Mapping[int, tuple[int, int]], as_of: int, window_s: in
     return (s / SCALE / n if n else None), n
 
 
+_NO_COMPARISON = ItemScore(score=None, passed=None)
+
+
 def consensus_result(value: float | None, criteria: ProjectCriteria) -> ItemScore:
     """A consensus score is an agreement, not a comparison with one reference: no object counts,
-    and it passes at the project's threshold."""
+    and it passes at the project's threshold. Built without validation when the value is a
+    fraction (every annotation of a round gets one: validating each was a sixth of closing a
+    round); any other value is validated and refused as before."""
     if value is None:
-        return ItemScore(score=None, passed=None)
-    return ItemScore(score=value, passed=value >= criteria.pass_threshold)
+        return _NO_COMPARISON
+    passed = value >= criteria.pass_threshold
+    if 0.0 <= value <= 1.0:
+        return ItemScore.trusted(_NO_COMPARISON.__dict__ | {"score": value, "passed": passed})
+    return ItemScore(score=value, passed=passed)
 
 
 def rejected_result() -> ItemScore:

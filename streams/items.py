@@ -208,6 +208,8 @@ class ItemProcessor:
     _indexed: set[str] = field(default_factory=set, repr=False)
     _rescan: bool = field(default=True, repr=False)
     _ticks: int = field(default=0, repr=False)  # a replay's timer requests so far: their positions
+    # the batch's contents checked on arrival, with the criteria they fit: not checked again when scored
+    _checked: dict[int, tuple[Content, ProjectCriteria]] = field(default_factory=dict, repr=False)
     _at: float | None = field(default=None, repr=False)  # the event time of the input in hand
     removed: set[str] = field(default_factory=set)  # items whose state retention deleted
     # the latest submission per input partition: item retention's clock. Per partition, since an
@@ -233,6 +235,7 @@ class ItemProcessor:
                 slots += await self.ingress.on_criteria(rec)
         decoded: list[tuple[int, Record, object]] = []
         self.arrived = []
+        self._checked = {}
         for i, rec in enumerate(records):
             if rec.topic == "projects":
                 continue
@@ -271,10 +274,18 @@ class ItemProcessor:
         for _, at in pending:
             slots += self._on_tick(at, criteria)
         jobs = [s for s in slots if isinstance(s, _Job)]
-        _score(jobs)
+        _score(jobs, self._checked)
+        self._checked = {}
         out = await self._finish(slots, jobs)
         await self.ingress.count_dead(out)
         return out
+
+    def _problems(self, content: Content, c: ProjectCriteria) -> tuple[str, str] | None:
+        """`content_problems`, remembering content that fits `c` for the batch's scoring."""
+        found = content_problems(content, c)
+        if found is None:
+            self._checked[id(content)] = (content, c)
+        return found
 
     def _defect(self, rec: Record, exc: BaseException) -> Emit:
         log.error("input %s/%s@%s raised; dead-lettered", rec.topic, rec.partition, rec.offset, exc_info=exc)
@@ -379,7 +390,7 @@ class ItemProcessor:
         return []
 
     def _on_gold(self, rec: Record, g: GoldAnswer, c: ProjectCriteria) -> list[Slot]:
-        problems = content_problems(g.content, c)
+        problems = self._problems(g.content, c)
         if problems:
             return [self.ingress.dead(rec, *problems)]
         st = self._item(g.item_id)
@@ -399,7 +410,7 @@ class ItemProcessor:
         self.event_time = max(self.event_time or 0.0, a.submitted_at.timestamp())
         if rec.partition >= 0:
             self.clocks[rec.partition] = max(self.clocks.get(rec.partition, 0.0), a.submitted_at.timestamp())
-        problems = content_problems(a.content, c)
+        problems = self._problems(a.content, c)
         if problems:
             out: list[Slot] = [self.ingress.dead(rec, *problems)]
             if problems[0] == "invalid_geometry":
@@ -442,7 +453,7 @@ class ItemProcessor:
 
     def _on_review(self, rec: Record, r: ReviewResult, c: ProjectCriteria) -> list[Slot]:
         if r.corrected is not None:  # on arrival, not after parking: the letter keeps its source and bytes
-            problems = content_problems(r.corrected, c)
+            problems = self._problems(r.corrected, c)
             if problems:
                 return [self.ingress.dead(rec, *problems)]
         st = self._item(r.item_id, marker=True)
@@ -461,7 +472,7 @@ class ItemProcessor:
 
     def _review(self, rec: Record, r: ReviewResult, a: AnnotationSubmitted, c: ProjectCriteria) -> list[Slot]:
         if r.corrected is not None:
-            problems = content_problems(r.corrected, c)
+            problems = self._problems(r.corrected, c)
             if problems:
                 return [self.ingress.dead(rec, *problems)]
         st = self._item(r.item_id)
@@ -690,9 +701,10 @@ def _rules(criteria: Mapping[str, ProjectCriteria | None]) -> dict[str, tuple[fl
     return {p: c and (c.consensus.timeout_s, c.consensus.min_annotators) for p, c in criteria.items()}
 
 
-def _score(jobs: Sequence[_Job]) -> None:
+def _score(jobs: Sequence[_Job], checked: Mapping[int, tuple[Content, ProjectCriteria]]) -> None:
     """Every comparison of the batch, in one `score_items` call per project; when that raises,
-    each job alone, so that only the input that found the defect is dead-lettered."""
+    each job alone, so that only the input that found the defect is dead-lettered. `checked`:
+    contents checked on arrival, each with the criteria it was checked against."""
     by_project: dict[str, list[_Job]] = {}
     for j in jobs:
         if j.pairs:
@@ -700,8 +712,9 @@ def _score(jobs: Sequence[_Job]) -> None:
     for group in by_project.values():
         criteria = group[0].criteria
         flat = [p for j in group for p in j.pairs]
+        fits = [content for content, c in checked.values() if c is criteria]
         try:
-            results = score_items(flat, criteria)
+            results = score_items(flat, criteria, fits)
         except (ScoringError, *INPUT_DEFECTS):
             for j in group:
                 _score_alone(j)

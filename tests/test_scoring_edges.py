@@ -646,3 +646,37 @@ def test_region_ious_of_many_blocks_in_one_pass_equal_one_block_at_a_time() -> N
     for (a, b, crowd), got in zip(blocks, together, strict=True):
         np.testing.assert_array_equal(got, geometry.region_iou(a, b, crowd))
     assert any((t > 0).any() for t in together) and any((t == 0).any() for t in together)
+
+
+def test_a_consensus_result_built_unvalidated_equals_the_validated_one_and_a_value_outside_a_fraction_fails() -> None:
+    from goldstream.schemas.messages import ItemScore
+    from goldstream.scoring.policy import consensus_result
+    from pydantic import ValidationError
+
+    c = s.ProjectCriteria(project_id="p", pass_threshold=0.7)
+    for value in (None, 0.0, 0.69, 0.7, 1.0):
+        built = consensus_result(value, c)
+        passed = None if value is None else value >= 0.7
+        assert built == ItemScore(score=value, passed=passed)
+        assert built.model_dump_json() == ItemScore(score=value, passed=passed).model_dump_json()
+    for bad in (1.0000001, -0.1, float("nan")):
+        with pytest.raises(ValidationError):
+            consensus_result(bad, c)
+
+
+def test_score_items_checks_each_content_against_the_criteria_unless_the_caller_says_it_checked_it() -> None:
+    """A stream agent checks every content on arrival; scoring it again was half of that work.
+    Only the contents named as checked are skipped: the others are still refused."""
+    from goldstream.scoring import score_items
+    from goldstream.scoring.errors import UnknownLabel
+
+    c = s.ProjectCriteria(project_id="p", labels=[s.LabelSpec(name="car")])
+    box = s.BBox(x=0, y=0, w=10, h=10)
+    ann = s.Content(objects=[s.AnnotatedObject(id="a", label="cat", shape=box)])
+    ref = s.Content(objects=[s.AnnotatedObject(id="r", label="car", shape=box)])
+    with pytest.raises(UnknownLabel):
+        score_items([(ann, ref)], c)
+    with pytest.raises(UnknownLabel):
+        score_items([(ann, ref)], c, checked=[ref])
+    (result,) = score_items([(ann, ref)], c, checked=[ann, ref])
+    assert result.objects.mismatches == 1 and result.objects.matches == 0
