@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from goldstream.streams.ingress import Settings
 from goldstream.streams.memory import tune_gc
-from goldstream.streams.replay import BATCH, proficiency_snapshot, read_envelopes, replay, write_outputs
+from goldstream.streams.replay import BATCH, OutputFiles, proficiency_snapshot, read_envelopes, replay
 from goldstream.streams.state import Keys
 
 
@@ -35,12 +35,22 @@ async def run_replay(
         async for key in client.scan_iter(match=f"{prefix}:*", count=1000):  # a replay starts empty
             await client.delete(key)
         settings = Settings(stage="replay", item_retention_s=item_retention_s)
-        result = await replay(
-            read_envelopes(events), client, keys, settings=settings, close_rounds=close_rounds, batch=batch
-        )
-        counts = write_outputs(result, await proficiency_snapshot(client, keys), out)
-        counts["inputs"] = result.inputs
-        return counts
+        files = OutputFiles(out)  # outputs go to disk as they are made: a replay of months makes millions
+        try:
+            result = await replay(
+                read_envelopes(events),
+                client,
+                keys,
+                settings=settings,
+                close_rounds=close_rounds,
+                batch=batch,
+                sink=files.write,
+            )
+        except BaseException:
+            files.discard()
+            raise
+        files.finish(await proficiency_snapshot(client, keys))
+        return {**result.counts, "inputs": result.inputs}
     finally:
         await client.aclose()
         if embedded is not None:

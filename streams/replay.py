@@ -9,7 +9,7 @@ same Redis state, which is how tests check the live pipeline, and how users try 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,8 +49,12 @@ def envelope(topic: str, message: Message | None, key: str | None = None) -> byt
 
 @dataclass
 class ReplayResult:
+    """What a replay made: its outputs by topic (or only their number, when a `sink` took them)."""
+
     outputs: dict[str, list[Message]] = field(default_factory=lambda: {t: [] for t in OUTPUTS})
     inputs: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTPUTS, 0))
+    sink: Callable[[str, Message], None] | None = None
 
 
 async def replay(
@@ -63,6 +67,7 @@ async def replay(
     dedup_ttl_s: int = 7 * 86_400,
     timer_s: float | None = 60.0,
     batch: int = BATCH,
+    sink: Callable[[str, Message], None] | None = None,
 ) -> ReplayResult:
     """Run records through a fresh engine whose proficiency lives under `keys` in `redis`, in
     batches of `batch` records, as the worker does: each batch's item records, then the scores
@@ -73,7 +78,9 @@ async def replay(
     past the last tick, the batch so far is processed and the rounds waiting past their
     project's `consensus.timeout_s` are closed, as the live worker's timer closes them on its
     clock (a replay of history has no other clock worth using). None: no timer.
-    `close_rounds`: close every round still waiting at the end."""
+    `close_rounds`: close every round still waiting at the end. `sink(topic, message)`: takes
+    each output as it is made instead of the result keeping them all (a replay of months of
+    history makes millions; `OutputFiles` writes them out)."""
     engine = Engine(
         items={},
         criteria=CriteriaStore(redis, keys, ttl_s=float("inf")),
@@ -82,7 +89,7 @@ async def replay(
         settings=settings or Settings(stage="replay"),
         clock=lambda: 0.0,  # logical time: replays are byte-for-byte repeatable
     )
-    result = ReplayResult()
+    result = ReplayResult(sink=sink)
     swept: list[float] = []  # event time of the last retention sweep
     pending: list[Record] = []
     submitted: list[float | None] = []  # each pending record's `_submitted_at`, read once
@@ -232,8 +239,12 @@ def _fed_back(e: Emit, encode: bool = True) -> Record:
 
 def _collect(result: ReplayResult, emits: Iterable[Emit]) -> None:
     for e in emits:
-        if e.value is not None and e.topic in result.outputs:
-            result.outputs[e.topic].append(e.value)
+        if e.value is not None and e.topic in result.counts:
+            result.counts[e.topic] += 1
+            if result.sink is None:
+                result.outputs[e.topic].append(e.value)
+            else:
+                result.sink(e.topic, e.value)
 
 
 async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, int]]:
@@ -264,17 +275,29 @@ async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, 
     return dict(sorted(out.items()))
 
 
-def write_outputs(result: ReplayResult, snapshot: dict, out_dir: Path) -> dict[str, int]:
-    """scores.jsonl, escalations.jsonl, alerts.jsonl, deadletter.jsonl, gold.jsonl, proficiency.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for topic, messages in result.outputs.items():
-        path = out_dir / f"{topic}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            for m in messages:
-                fh.write(m.to_bytes() + b"\n")
-        os.replace(tmp, path)
-        counts[topic] = len(messages)
-    (out_dir / "proficiency.json").write_bytes(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2) + b"\n")
-    return counts
+class OutputFiles:
+    """scores.jsonl, escalations.jsonl, alerts.jsonl, deadletter.jsonl, gold.jsonl and
+    proficiency.json in a directory, written as a replay makes them (`write` is a replay's
+    `sink`), so its memory does not grow with its outputs. Each file appears whole, or not at
+    all: written under a temporary name and renamed by `finish`."""
+
+    def __init__(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self._files = {t: open(out_dir / f"{t}.tmp", "wb") for t in OUTPUTS}
+
+    def write(self, topic: str, message: Message) -> None:
+        self._files[topic].write(message.to_bytes() + b"\n")
+
+    def finish(self, snapshot: dict) -> None:
+        """Close the files under their names and write the proficiency snapshot."""
+        for topic, fh in self._files.items():
+            fh.close()
+            os.replace(self.out_dir / f"{topic}.tmp", self.out_dir / f"{topic}.jsonl")
+        (self.out_dir / "proficiency.json").write_bytes(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2) + b"\n")
+
+    def discard(self) -> None:
+        """Close and remove the unfinished files (a replay that failed)."""
+        for topic, fh in self._files.items():
+            fh.close()
+            (self.out_dir / f"{topic}.tmp").unlink(missing_ok=True)

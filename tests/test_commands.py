@@ -95,6 +95,34 @@ def test_replay_command_writes_every_output_and_repeats_exactly(tmp_path: Path) 
     assert prof["{p1|w1}:totals"]["passed"] == 2 and prof["{deadletter}:counts"]["undecodable"] == 1
 
 
+def test_the_replay_command_writes_outputs_as_they_are_made_equal_to_those_a_replay_keeps(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`goldstream replay` hands each output to its files as it is made (a replay of months must
+    not hold them all): the files hold what a replay in memory keeps, in the same order."""
+    from redis.asyncio import Redis
+
+    from goldstream.replay_cli import run_replay
+
+    events = _events(tmp_path)
+
+    async def kept() -> dict:
+        client = Redis.from_url(settings.redis_url)
+        try:
+            return (await replay(read_envelopes(events), client, Keys(settings.key_prefix + "-kept"))).outputs
+        finally:
+            async for key in client.scan_iter(match=settings.key_prefix + "-kept:*"):
+                await client.delete(key)
+            await client.aclose()
+
+    outputs = asyncio.run(kept())
+    counts = asyncio.run(run_replay(events, tmp_path / "out", settings.redis_url, settings.key_prefix + "-files"))
+    for topic, messages in outputs.items():
+        lines = (tmp_path / "out" / f"{topic}.jsonl").read_bytes().splitlines()
+        assert lines == [m.to_bytes() for m in messages] and counts[topic] == len(messages), topic
+    assert counts["scores"] == 4 and not list((tmp_path / "out").glob("*.tmp"))
+
+
 def test_report_gives_batch_verdicts_and_emits_them(settings: Settings, tmp_path: Path) -> None:
     async def load() -> None:
         from redis.asyncio import Redis
