@@ -9,14 +9,15 @@ same Redis state, which is how tests check the live pipeline, and how users try 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 from goldstream.schemas.messages import Message
-from goldstream.streams.engine import Emit, Engine, Record, Settings
+from goldstream.streams.engine import Emit, Engine, ItemState, Record, Settings
 from goldstream.streams.state import AlertFlags, CriteriaStore, Keys, ProficiencyStore, RedisState
 from redis.asyncio import Redis
 
@@ -47,6 +48,61 @@ def envelope(topic: str, message: Message | None, key: str | None = None) -> byt
     return orjson.dumps({"topic": topic, "key": key, "value": value}) + b"\n"
 
 
+class KeptItems(MutableMapping[str, ItemState]):
+    """A replay's item states: the `size` most recently used parsed, the others as the JSON the
+    worker would store in Redis. Why: a replay holds every item within retention, and a parsed
+    state takes about ten times its JSON (16 KB a kept annotation on the QC workloads), so a
+    month of a busy project's history did not fit in memory. Each state's retention deadline is
+    kept beside it (`due_by`), so a retention sweep parses only the items it expires."""
+
+    def __init__(self, due: Callable[[ItemState], float | None], size: int = 20_000) -> None:
+        self.size = size
+        self._due = due
+        self._parsed: OrderedDict[str, ItemState] = OrderedDict()
+        self._raw: dict[str, bytes] = {}
+        self._deadline: dict[str, float | None] = {}
+
+    def __getitem__(self, item_id: str) -> ItemState:
+        st = self._parsed.get(item_id)
+        if st is not None:
+            self._parsed.move_to_end(item_id)
+            return st
+        raw = self._raw.pop(item_id)  # KeyError: no such item
+        st = self._parsed[item_id] = ItemState.model_validate_json(raw)
+        self._evict()
+        return st
+
+    def __setitem__(self, item_id: str, st: ItemState) -> None:
+        self._raw.pop(item_id, None)
+        self._parsed[item_id] = st
+        self._parsed.move_to_end(item_id)
+        self._deadline[item_id] = self._due(st)
+        self._evict()
+
+    def __delitem__(self, item_id: str) -> None:
+        if self._parsed.pop(item_id, None) is None:
+            del self._raw[item_id]
+        del self._deadline[item_id]
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._deadline
+
+    def __len__(self) -> int:
+        return len(self._deadline)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._deadline))
+
+    def due_by(self, now: float) -> list[str]:
+        """The items whose retention ends by `now` (event time, epoch s)."""
+        return [k for k, d in self._deadline.items() if d is not None and d <= now]
+
+    def _evict(self) -> None:
+        while len(self._parsed) > self.size:
+            item_id, st = self._parsed.popitem(last=False)
+            self._raw[item_id] = st.encode()[0]
+
+
 @dataclass
 class ReplayResult:
     """What a replay made: its outputs by topic (or only their number, when a `sink` took them)."""
@@ -68,6 +124,7 @@ async def replay(
     timer_s: float | None = 60.0,
     batch: int = BATCH,
     sink: Callable[[str, Message], None] | None = None,
+    parsed_items: int = 20_000,
 ) -> ReplayResult:
     """Run records through a fresh engine whose proficiency lives under `keys` in `redis`, in
     batches of `batch` records, as the worker does: each batch's item records, then the scores
@@ -80,15 +137,17 @@ async def replay(
     clock (a replay of history has no other clock worth using). None: no timer.
     `close_rounds`: close every round still waiting at the end. `sink(topic, message)`: takes
     each output as it is made instead of the result keeping them all (a replay of months of
-    history makes millions; `OutputFiles` writes them out)."""
+    history makes millions; `OutputFiles` writes them out). `parsed_items`: how many item states
+    stay parsed; the others are kept as JSON (`KeptItems`)."""
     engine = Engine(
-        items={},
+        items={},  # replaced below, once the processor's retention rule exists
         criteria=CriteriaStore(redis, keys, ttl_s=float("inf")),
         proficiency=ProficiencyStore(RedisState(redis, keys, dedup_ttl_s)),
         alerts=AlertFlags(redis, keys),
         settings=settings or Settings(stage="replay"),
         clock=lambda: 0.0,  # logical time: replays are byte-for-byte repeatable
     )
+    kept_items = engine.item_processor.items = KeptItems(engine.item_processor.due, parsed_items)
     result = ReplayResult(sink=sink)
     swept: list[float] = []  # event time of the last retention sweep
     pending: list[Record] = []
@@ -117,7 +176,7 @@ async def replay(
         if now is None or (swept and now - swept[0] < retention / 10):
             return
         swept[:] = [now]
-        due = [k for k, st in processor.items.items() if (d := processor.due(st)) is not None and d <= now]
+        due = kept_items.due_by(now)
         expired = processor.expire(due, now)
         processor.removed.clear()
         await engine.count_dead(expired)

@@ -802,6 +802,50 @@ def test_a_replay_in_batches_scores_the_same_annotations_and_sums_the_same_count
     assert many_state == one_state and len(one_state) > 10
 
 
+def test_a_replay_that_keeps_few_item_states_parsed_makes_the_same_outputs_and_counters(
+    services: Endpoints, keys: Keys
+) -> None:
+    """A long replay keeps most item states as JSON and parses one again when an input needs it:
+    with room for five parsed states, every later input of an item finds it stored that way."""
+    recs = event_records(reviewed_workforce(120, 0.2, 3).events)
+
+    async def main(parsed: int, prefix: str) -> tuple[list[bytes], dict]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            result = await replay(recs, client, Keys(prefix), batch=64, close_rounds=True, parsed_items=parsed)
+            made = [m.to_bytes() for t in sorted(result.outputs) for m in result.outputs[t]]
+            return made, await proficiency_snapshot(client, Keys(prefix))
+        finally:
+            await client.aclose()
+
+    try:
+        all_parsed = asyncio.run(main(20_000, f"{keys.prefix}-all"))
+        few_parsed = asyncio.run(main(5, f"{keys.prefix}-few"))
+    finally:
+        for prefix in (f"{keys.prefix}-all", f"{keys.prefix}-few"):
+            asyncio.run(drop_keys(services.redis_url, prefix))
+    assert len(all_parsed[0]) > 300 and few_parsed == all_parsed
+
+
+def test_kept_items_hold_states_as_json_past_their_size_and_know_each_ones_retention_without_parsing() -> None:
+    from goldstream.streams.engine import ItemState
+    from goldstream.streams.replay import KeptItems
+
+    states = {
+        f"i{n}": ItemState(active_at=float(n)).with_annotation(annotation(n, f"i{n}", "w1", GOOD)) for n in range(6)
+    }
+    kept = KeptItems(lambda st: None if st.active_at is None else st.active_at + 10, size=2)
+    for item_id, st in states.items():
+        kept[item_id] = st
+    assert len(kept) == 6 and list(kept) == list(states) and "i0" in kept and "i9" not in kept
+    assert len(kept._parsed) == 2 and kept._raw.keys() == {"i0", "i1", "i2", "i3"}
+    assert kept["i0"] == states["i0"] and kept["i0"] is not states["i0"]  # parsed again from its JSON
+    assert kept.due_by(12.0) == ["i0", "i1", "i2"]
+    del kept["i1"]
+    assert "i1" not in kept and kept.get("i1") is None and kept.due_by(12.0) == ["i0", "i2"]
+    assert {k: kept[k] for k in kept} == {k: v for k, v in states.items() if k != "i1"}
+
+
 def test_the_worker_reuses_an_item_state_it_wrote_and_parses_one_another_worker_wrote() -> None:
     from goldstream.streams.engine import ItemState
     from goldstream.streams.worker import ParsedItems
