@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from goldstream.schemas.base import SchemaError, decode, is_id
-from goldstream.schemas.criteria import ConsensusPolicy, ProjectCriteria
+from goldstream.schemas.criteria import ProjectCriteria
 from goldstream.schemas.messages import DeadLetter, Message
 from goldstream.streams.state import CriteriaStore, RedisState, dead_letter_increment
 from shapely.errors import GEOSException
@@ -128,15 +128,6 @@ class Ingress:
     async def projects(self, project_ids: Iterable[str]) -> dict[str, ProjectCriteria | None]:
         """Criteria of every project a batch names, each read once."""
         return {p: await self.project(p) for p in sorted(set(project_ids))}
-
-    async def shortest_timeout(self) -> float | None:
-        """The shortest consensus timeout a waiting item can have: of the projects with criteria,
-        and the defaults' when unknown projects get them (None: no round can time out)."""
-        found = await self.criteria.shortest_timeout()
-        if self.settings.unknown_projects == "default":
-            default = ConsensusPolicy().timeout_s
-            return default if found is None else min(found, default)
-        return found
 
     async def on_criteria(self, rec: Record) -> list[Emit]:
         """A record of the `projects` topic: criteria set, or retracted by a tombstone."""

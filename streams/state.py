@@ -284,15 +284,6 @@ class Keys:
         waiting submission (the consensus timer reads its own partitions')."""
         return self.key("{waiting}", str(partition))
 
-    def timeouts(self) -> str:
-        """Every project with criteria by its consensus timeout: the consensus timer reads only
-        the waiting items old enough for the shortest one to have passed."""
-        return self.key("{waiting}", "timeouts")
-
-    def timeouts_indexed(self) -> str:
-        """Set once `timeouts` holds the projects whose criteria were written before it existed."""
-        return self.key("{waiting}", "timeouts-indexed")
-
     def inputs(self) -> str:
         """The score step's progress: '<topic>:<partition>' -> the last offset it handled there.
         Compared with the topics at start, it tells a topic recreated under kept state."""
@@ -943,13 +934,12 @@ class ItemStore:
             states |= await self.load(more)
         return states, expiring
 
-    async def waiting(self, partitions: Sequence[int], until: float | None = None) -> list[tuple[str, float]]:
-        """(item, oldest waiting submission) of the items waiting in these partitions, those whose
-        oldest waiting submission is at `until` (epoch s) or before when given."""
+    async def waiting(self, partitions: Sequence[int]) -> list[tuple[str, float]]:
+        """(item, oldest waiting submission) of the items waiting in these partitions."""
 
         def build(pipe: Any) -> None:
             for p in partitions:
-                pipe.zrangebyscore(self.keys.waiting(p), "-inf", "+inf" if until is None else until, withscores=True)
+                pipe.zrange(self.keys.waiting(p), 0, -1, withscores=True)
 
         out: list[tuple[str, float]] = []
         for entries in await self.state.read(build, "waiting"):
@@ -987,54 +977,12 @@ class CriteriaStore:
 
     async def set(self, criteria: ProjectCriteria, now: float) -> None:
         key, raw = self.keys.criteria(criteria.project_id), criteria.to_bytes()
-        timeout = {criteria.project_id: criteria.consensus.timeout_s}
-
-        async def call() -> None:
-            await self.client.set(key, raw)
-            await self.client.zadd(self.keys.timeouts(), timeout)
-
-        await self.state.guard.run(call, "criteria")
+        await self.state.guard.run(lambda: self.client.set(key, raw), "criteria")
         self._cache[criteria.project_id] = (now, criteria)
 
     async def delete(self, project_id: str, now: float) -> None:
-        async def call() -> None:
-            await self.client.delete(self.keys.criteria(project_id))
-            await self.client.zrem(self.keys.timeouts(), project_id)
-
-        await self.state.guard.run(call, "criteria")
+        await self.state.guard.run(lambda: self.client.delete(self.keys.criteria(project_id)), "criteria")
         self._cache[project_id] = (now, None)
-
-    async def shortest_timeout(self) -> float | None:
-        """The shortest consensus timeout of any project with criteria (None: there is none).
-        The first call on state written before the index existed builds it from the criteria
-        keys (a scan, once per deployment)."""
-
-        def build(pipe: Any) -> None:
-            pipe.exists(self.keys.timeouts_indexed())
-            pipe.zrange(self.keys.timeouts(), 0, 0, withscores=True)
-
-        indexed, first = await self.state.read(build, "criteria")
-        if not indexed:
-            await self._index_timeouts()
-            indexed, first = await self.state.read(build, "criteria")
-        return float(first[0][1]) if first else None
-
-    async def _index_timeouts(self) -> None:
-        async def call() -> None:
-            timeouts = {}
-            async for key in self.client.scan_iter(match=self.keys.criteria("*"), count=1000):
-                raw = await self.client.get(key)
-                try:
-                    c = decode(ProjectCriteria, raw) if raw is not None else None
-                except SchemaError:
-                    c = None  # written by a newer goldstream: unknown here, as `get` reads it
-                if c is not None:
-                    timeouts[c.project_id] = c.consensus.timeout_s
-            if timeouts:
-                await self.client.zadd(self.keys.timeouts(), timeouts)
-            await self.client.set(self.keys.timeouts_indexed(), 1)
-
-        await self.state.guard.run(call, "criteria")
 
 
 class AlertFlags:

@@ -505,17 +505,12 @@ class Worker:
             if consumer is None:
                 continue
             mine = sorted(tp.partition for tp in consumer.assignment() if tp.topic == annotations)
-            shortest = await engine.ingress.shortest_timeout() if mine else None
-            if shortest is None:
-                continue  # no partition, or no project whose rounds can time out
-            now = datetime.now(UTC)
-            # only items old enough for the shortest timeout to have passed: the others are not due
-            candidates = await self.items.waiting(mine, until=now.timestamp() - shortest)
+            candidates = await self.items.waiting(mine) if mine else []
             if not candidates:
                 continue
             engine.items = self.parsed.parse(await self.items.load([item for item, _ in candidates]))
             when = [(item, datetime.fromtimestamp(t, UTC)) for item, t in candidates]
-            requests = await engine.timed_out(now, when)
+            requests = await engine.timed_out(datetime.now(UTC), when)
             await self.send([Emit("control", r.item_id, r) for r in requests])
             engine.forget(engine.items)
 

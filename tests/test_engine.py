@@ -756,51 +756,6 @@ def test_the_timer_watches_an_item_only_once_enough_workers_wait_for_a_round(ser
     assert seen == [None, None, annotation(0, "i", "w1", GOOD).submitted_at, None]
 
 
-def test_the_timer_reads_only_items_old_enough_for_the_shortest_timeout_of_any_project(
-    services: Endpoints, keys: Keys
-) -> None:
-    """The consensus timer loads the items it reads; those younger than every project's timeout
-    cannot be due. The shortest timeout comes from an index the criteria writes keep, built once
-    from the criteria keys when the state predates it; without a project, the defaults' counts
-    unless unknown projects are refused."""
-    from goldstream.streams.engine import Settings as EngineSettings
-    from goldstream.streams.state import CriteriaStore, ItemStore, RedisState
-
-    def consensus(project: str, timeout_s: float) -> s.ProjectCriteria:
-        return s.ProjectCriteria(project_id=project, consensus=s.ConsensusPolicy(timeout_s=timeout_s))
-
-    async def main(client: Redis) -> list[Any]:
-        state = RedisState(client, keys)
-        store = CriteriaStore(client, keys, state=state)
-        seen: list[Any] = [await store.shortest_timeout()]
-        await client.set(keys.criteria("old"), consensus("old", 90).to_bytes())  # before the index existed
-        await client.delete(keys.timeouts_indexed())
-        seen.append(await store.shortest_timeout())  # builds the index: finds "old"
-        await store.set(consensus("p", 600), 0.0)
-        await store.set(consensus("q", 30), 0.0)
-        seen.append(await store.shortest_timeout())
-        await store.delete("q", 0.0)
-        seen.append(await store.shortest_timeout())
-        engine = redis_engine(client, keys)
-        engine.ingress.settings = EngineSettings(unknown_projects="deadletter")
-        seen.append(await engine.ingress.shortest_timeout())
-        await store.delete("old", 0.0)
-        await store.delete("p", 0.0)
-        seen.append(await engine.ingress.shortest_timeout())
-        engine.ingress.settings = EngineSettings(unknown_projects="default")
-        seen.append(await engine.ingress.shortest_timeout())
-        items = ItemStore(state)
-        await items.store({}, {"young": (0, 1_000.0), "old": (0, 100.0), "edge": (0, 400.0)})
-        seen.append(await items.waiting([0], until=400.0))
-        seen.append(len(await items.waiting([0])))
-        return seen
-
-    seen = on_redis(services, keys, main)
-    default = s.ConsensusPolicy().timeout_s
-    assert seen[:7] == [None, 90.0, 30.0, 90.0, 90.0, None, default]
-    assert seen[7] == [("old", 100.0), ("edge", 400.0)] and seen[8] == 3
-
-
 # ----------------------------------------------------------------------------- batches
 
 
