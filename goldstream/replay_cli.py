@@ -46,10 +46,11 @@ async def run_replay(
                 batch=batch,
                 sink=files.write,
             )
+            snapshot = await proficiency_snapshot(client, keys)
         except BaseException:
             files.discard()
             raise
-        files.finish(await proficiency_snapshot(client, keys))
+        files.finish(snapshot)
         return {**result.counts, "inputs": result.inputs}
     finally:
         await client.aclose()

@@ -35,7 +35,8 @@ class WaitingIndex:
     in their heap until they reach its top or the heaps are rebuilt (lazy deletion): a heap
     entry counts only while it is the item's current entry (the same object)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spare: int = 1_000) -> None:
+        self.spare = spare  # dead heap entries allowed beyond one per live entry before a rebuild
         self._entries: dict[str, tuple[Waiting, float]] = {}
         self._heaps: dict[tuple[str, int], list[tuple[float, str, Waiting]]] = {}
         self._stale = 0
@@ -117,7 +118,7 @@ class WaitingIndex:
         """Count a dead heap entry; rebuild the heaps once they hold more dead entries than live
         ones, so memory stays proportional to the items that wait."""
         self._stale += 1
-        if self._stale <= len(self._entries) + 1_000:
+        if self._stale <= len(self._entries) + self.spare:
             return
         heaps: dict[tuple[str, int], list[tuple[float, str, Waiting]]] = {}
         for item_id, (entry, at) in self._entries.items():

@@ -806,25 +806,35 @@ def test_a_replay_that_keeps_few_item_states_parsed_makes_the_same_outputs_and_c
     services: Endpoints, keys: Keys
 ) -> None:
     """A long replay keeps most item states as JSON and parses one again when an input needs it:
-    with room for five parsed states, every later input of an item finds it stored that way."""
+    with room for five parsed states, every later input of an item finds it stored that way, and
+    so does the retention sweep (a 5-minute retention expires items of this 48-minute history)."""
     recs = event_records(reviewed_workforce(120, 0.2, 3).events)
 
-    async def main(parsed: int, prefix: str) -> tuple[list[bytes], dict]:
+    async def main(parsed: int, retention_s: float, prefix: str) -> tuple[list[bytes], dict]:
         client = Redis.from_url(services.redis_url)
+        settings = Settings(stage="replay", item_retention_s=retention_s)
         try:
-            result = await replay(recs, client, Keys(prefix), batch=64, close_rounds=True, parsed_items=parsed)
+            result = await replay(
+                recs, client, Keys(prefix), batch=64, close_rounds=True, parsed_items=parsed, settings=settings
+            )
             made = [m.to_bytes() for t in sorted(result.outputs) for m in result.outputs[t]]
             return made, await proficiency_snapshot(client, Keys(prefix))
         finally:
             await client.aclose()
 
+    runs = {}
     try:
-        all_parsed = asyncio.run(main(20_000, f"{keys.prefix}-all"))
-        few_parsed = asyncio.run(main(5, f"{keys.prefix}-few"))
+        for retention_s in (0.0, 300.0):
+            for parsed in (20_000, 5):
+                runs[parsed, retention_s] = asyncio.run(main(parsed, retention_s, f"{keys.prefix}-{parsed}"))
+                asyncio.run(drop_keys(services.redis_url, f"{keys.prefix}-{parsed}"))
     finally:
-        for prefix in (f"{keys.prefix}-all", f"{keys.prefix}-few"):
-            asyncio.run(drop_keys(services.redis_url, prefix))
-    assert len(all_parsed[0]) > 300 and few_parsed == all_parsed
+        for parsed in (20_000, 5):
+            asyncio.run(drop_keys(services.redis_url, f"{keys.prefix}-{parsed}"))
+    assert len(runs[20_000, 0.0][0]) > 300 and runs[5, 0.0] == runs[20_000, 0.0]
+    assert runs[5, 300.0] == runs[20_000, 300.0]
+    expired = [s.DeadLetter.from_bytes(m) for m in runs[5, 300.0][0] if b'"item_expired"' in m]
+    assert expired and all(d.reason == "item_expired" for d in expired)
 
 
 def test_kept_items_hold_states_as_json_past_their_size_and_know_each_ones_retention_without_parsing() -> None:

@@ -45,9 +45,10 @@ def first(entries: dict[str, Waiting], rules: dict) -> float | None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops, rules, st.integers(0, 90))
-def test_due_rounds_and_the_first_due_equal_a_scan_of_every_entry_after_any_changes(ops, rules, at) -> None:
-    index, entries = WaitingIndex(), {}
+@given(ops, rules, st.integers(0, 90), st.sampled_from([0, 3, 1_000]))
+def test_due_rounds_and_the_first_due_equal_a_scan_of_every_entry_after_any_changes(ops, rules, at, spare) -> None:
+    """`spare` 0 and 3 rebuild the heaps often, in the middle of the changes."""
+    index, entries = WaitingIndex(spare), {}
     for item, change in ops:
         entry = None if change is None else Waiting(T0 + timedelta(seconds=change[0]), change[1], change[2])
         index.set(item, entry)
@@ -56,6 +57,8 @@ def test_due_rounds_and_the_first_due_equal_a_scan_of_every_entry_after_any_chan
         else:
             entries[item] = entry
         assert index.get(item) == entry
+        if len(entries) % 4 == 0:  # queries between changes pop dead entries off the heaps' tops
+            assert index.first_due(rules) == first(entries, rules)
     bound = T0.timestamp() + at
     assert index.due_by(bound, rules) == scan(entries, bound, rules)
     assert index.first_due(rules) == first(entries, rules)
@@ -69,3 +72,4 @@ def test_entries_replaced_again_and_again_do_not_grow_the_heaps_without_bound() 
     held = sum(len(h) for h in index._heaps.values())
     assert len(index) == 10 and held <= 2 * len(index) + 1_001
     assert index.due_by(T0.timestamp() + 20_000, {"p": (0.0, 2)}) == [f"i{n}" for n in range(10)]
+    assert index.first_due({"p": (5.0, 2)}) == T0.timestamp() + 19_990 + 5  # the oldest live entry, i0
