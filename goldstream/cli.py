@@ -173,6 +173,14 @@ def _cvat(args: argparse.Namespace) -> object:
     return CvatConnection(args.cvat_url, token, secret, args.cvat_token_scheme, CvatProjects(mapping))
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count that 0 would make meaningless)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _pair(text: str, option: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or not value:
@@ -319,6 +327,7 @@ def _replay(args: argparse.Namespace) -> int:
             close_rounds=args.close_rounds,
             batch=args.batch,
             item_retention_s=args.item_retention_s,
+            parsed_items=args.parsed_items,
         )
     )
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
@@ -592,6 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=WORKER_DEFAULTS.item_retention_s,
         help="keep an item this long after its latest input, in event time, as the worker does "
         f"(default {WORKER_DEFAULTS.item_retention_s:.0f}; 0: for ever)",
+    )
+    rp.add_argument(
+        "--parsed-items",
+        type=_at_least_one,
+        default=20_000,
+        help="item states kept parsed (default 20000); the others are held as JSON, about a tenth of "
+        "the memory, and parsed again when an input needs them",
     )
     rp.set_defaults(func=_replay)
 

@@ -20,6 +20,7 @@ async def run_replay(
     close_rounds: bool = False,
     batch: int = BATCH,
     item_retention_s: float = 0.0,
+    parsed_items: int = 20_000,
 ) -> dict:
     tune_gc()  # a long replay holds every item it has seen: see streams.memory
     embedded = None
@@ -45,6 +46,7 @@ async def run_replay(
                 close_rounds=close_rounds,
                 batch=batch,
                 sink=files.write,
+                parsed_items=parsed_items,
             )
             snapshot = await proficiency_snapshot(client, keys)
         except BaseException:

