@@ -109,10 +109,16 @@ class ParsedItems:
     an item's next annotation usually finds its state as this worker wrote it, and parsing it
     again (every annotation of the item, validated) was a large share of the score step. The
     bytes decide, so a state another worker wrote is parsed afresh. Each kept state also keeps
-    where its annotations' JSON lies in its bytes, so storing it again splices them in."""
+    where its annotations' JSON lies in its bytes, so storing it again splices them in.
 
-    def __init__(self, size: int = 20_000) -> None:
+    Bounded by count (`size`) and by the JSON the kept states came from (`budget`): a parsed state
+    takes about ten times its JSON (16 KB a kept annotation on the QC workloads), so a count alone
+    let a worker whose items hold many annotations keep gigabytes."""
+
+    def __init__(self, size: int = 20_000, budget: int = 64 << 20) -> None:
         self.size = size
+        self.budget = budget
+        self._bytes = 0
         self._kept: OrderedDict[str, tuple[bytes, ItemState, dict[str, tuple[int, int]]]] = OrderedDict()
 
     def parse(self, loaded: Mapping[str, bytes]) -> dict[str, ItemState]:
@@ -140,10 +146,12 @@ class ParsedItems:
 
     def keep(self, states: Mapping[str, tuple[bytes, ItemState, dict[str, tuple[int, int]]]]) -> None:
         for item_id, entry in states.items():
+            old = self._kept.get(item_id)
+            self._bytes += len(entry[0]) - (0 if old is None else len(old[0]))
             self._kept[item_id] = entry
             self._kept.move_to_end(item_id)
-        while len(self._kept) > self.size:
-            self._kept.popitem(last=False)
+        while self._kept and (len(self._kept) > self.size or self._bytes > self.budget):
+            self._bytes -= len(self._kept.popitem(last=False)[1][0])
 
 
 class SentScores:

@@ -872,6 +872,27 @@ def test_the_worker_reuses_an_item_state_it_wrote_and_parses_one_another_worker_
     assert parsed.parse({"i1": raw})["i1"] is not mine  # the oldest was let go: memory stays bounded
 
 
+def test_the_worker_keeps_parsed_item_states_within_a_budget_of_their_json() -> None:
+    """A parsed state is about ten times its JSON: the kept ones are bounded by the bytes they came
+    from as well as by their number, the least recently kept going first."""
+    from goldstream.streams.engine import ItemState
+    from goldstream.streams.worker import ParsedItems
+
+    states = {f"i{n}": ItemState().with_annotation(annotation(n, f"i{n}", "w1", GOOD)) for n in range(4)}
+    encoded = {k: st.encode() for k, st in states.items()}
+    size = len(encoded["i0"][0])
+    parsed = ParsedItems(size=10, budget=2 * size + size // 2)
+    for k, (raw, spans) in encoded.items():
+        parsed.keep({k: (raw, states[k], spans)})
+    again = parsed.parse({k: raw for k, (raw, _) in encoded.items()})
+    assert [k for k in states if again[k] is states[k]] == ["i2", "i3"]  # two fit the budget
+    parsed.keep({"i3": (encoded["i3"][0], states["i3"], encoded["i3"][1])})  # kept again: counted once
+    assert parsed._bytes == len(encoded["i2"][0]) + len(encoded["i3"][0])
+    whole = ParsedItems(size=10, budget=size // 2)
+    whole.keep({"i0": (encoded["i0"][0], states["i0"], encoded["i0"][1])})
+    assert whole.parse({"i0": encoded["i0"][0]})["i0"] is not states["i0"]  # over the budget alone: not kept
+
+
 def test_a_score_the_worker_sent_is_read_back_as_what_its_bytes_decode_to(run) -> None:
     """The proficiency step takes the ScoreRecord the worker sent for bytes it reads back instead
     of decoding them again: that holds only if every kind of score decodes to what was sent."""
