@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from goldstream import __version__
+from goldstream.streams.memory import PARSED_ITEMS  # a constant beside the collector's settings: cheap to import
 from goldstream.streams.settings import Settings as WORKER_DEFAULTS  # a plain dataclass: cheap to import
 
 
@@ -605,9 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--parsed-items",
         type=_at_least_one,
-        default=20_000,
-        help="item states kept parsed (default 20000); the others are held as JSON, about a tenth of "
-        "the memory, and parsed again when an input needs them",
+        default=PARSED_ITEMS,
+        help=f"item states kept parsed (default {PARSED_ITEMS}); the others are held as JSON, about a tenth "
+        "of the memory, and parsed again when an input needs them",
     )
     rp.set_defaults(func=_replay)
 

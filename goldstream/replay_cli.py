@@ -7,7 +7,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from goldstream.streams.ingress import Settings
-from goldstream.streams.memory import tune_gc
+from goldstream.streams.memory import PARSED_ITEMS, tune_gc
 from goldstream.streams.replay import BATCH, OutputFiles, proficiency_snapshot, read_envelopes, replay
 from goldstream.streams.state import Keys
 
@@ -20,7 +20,7 @@ async def run_replay(
     close_rounds: bool = False,
     batch: int = BATCH,
     item_retention_s: float = 0.0,
-    parsed_items: int = 20_000,
+    parsed_items: int = PARSED_ITEMS,
 ) -> dict:
     tune_gc()  # a long replay holds every item it has seen: see streams.memory
     embedded = None

@@ -23,6 +23,10 @@ import gc
 # new): full collections come no more often than with (10,000, 10, 100).
 THRESHOLDS = (10_000, 1, 1_000)
 
+# Item states a replay keeps parsed (`streams.replay.KeptItems`); the others as their JSON, about a
+# tenth of the memory: a replay holds every item within retention.
+PARSED_ITEMS = 20_000
+
 
 def tune_gc(thresholds: tuple[int, int, int] = THRESHOLDS) -> None:
     """Move what exists now (imports, settings) out of the collector's view and set the
@@ -32,4 +36,4 @@ def tune_gc(thresholds: tuple[int, int, int] = THRESHOLDS) -> None:
     gc.set_threshold(*thresholds)
 
 
-__all__ = ["THRESHOLDS", "tune_gc"]
+__all__ = ["PARSED_ITEMS", "THRESHOLDS", "tune_gc"]

@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 from goldstream.schemas.messages import Message
 from goldstream.streams.engine import Emit, Engine, ItemState, Record, Settings
+from goldstream.streams.memory import PARSED_ITEMS
 from goldstream.streams.state import AlertFlags, CriteriaStore, Keys, ProficiencyStore, RedisState
 from redis.asyncio import Redis
 
@@ -55,7 +56,7 @@ class KeptItems(MutableMapping[str, ItemState]):
     month of a busy project's history did not fit in memory. Each state's retention deadline is
     kept beside it (`due_by`), so a retention sweep parses only the items it expires."""
 
-    def __init__(self, due: Callable[[ItemState], float | None], size: int = 20_000) -> None:
+    def __init__(self, due: Callable[[ItemState], float | None], size: int = PARSED_ITEMS) -> None:
         self.size = size
         self._due = due
         self._parsed: OrderedDict[str, ItemState] = OrderedDict()
@@ -124,7 +125,7 @@ async def replay(
     timer_s: float | None = 60.0,
     batch: int = BATCH,
     sink: Callable[[str, Message], None] | None = None,
-    parsed_items: int = 20_000,
+    parsed_items: int = PARSED_ITEMS,
 ) -> ReplayResult:
     """Run records through a fresh engine whose proficiency lives under `keys` in `redis`, in
     batches of `batch` records, as the worker does: each batch's item records, then the scores
