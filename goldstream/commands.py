@@ -351,10 +351,7 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
         await engine.process([rec for _, _, rec in records[n : n + 500]])
         if keep_alive is not None:
             await keep_alive()
-    waiting = {}
-    for item in items:
-        since = engine.timer_since(item)
-        waiting[item] = (partition_of.get(item, 0), None if since is None else since.timestamp())
+    waiting = {item: (partition_of.get(item, 0), None, engine.watched(item)) for item in items}
     store = ItemStore(state)
     names = sorted(items)
     for i in range(0, len(names), 500):

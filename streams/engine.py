@@ -28,6 +28,7 @@ from goldstream.streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record, Set
 from goldstream.streams.items import MAX_ANNOTATIONS_PER_ITEM, ItemProcessor, ItemState
 from goldstream.streams.proficiency import ProficiencyProcessor
 from goldstream.streams.state import AlertFlags, CriteriaStore, ProficiencyStore
+from goldstream.streams.waiting import Waiting
 
 
 class Engine:
@@ -94,8 +95,8 @@ class Engine:
     def waiting_items(self) -> list[tuple[str, datetime]]:
         return self.item_processor.waiting_items()
 
-    def timer_since(self, item_id: str) -> datetime | None:
-        return self.item_processor.timer_since(item_id)
+    def watched(self, item_id: str) -> Waiting | None:
+        return self.item_processor.watched(item_id)
 
     def forget(self, item_ids: Iterable[str]) -> None:
         self.item_processor.forget(item_ids)

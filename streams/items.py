@@ -60,7 +60,7 @@ from goldstream.scoring.policy import (
 from goldstream.scoring.reliability import known_risk, round_estimates_many, round_quality_many
 from goldstream.streams.ingress import INPUT_DEFECTS, Emit, Ingress, Record
 from goldstream.streams.state import STANDING_FIELDS, ProficiencyStore, ProjectView, level_of
-from goldstream.streams.waiting import Waiting, WaitingIndex
+from goldstream.streams.waiting import Rules, Waiting, WaitingIndex
 from pydantic import Field
 
 MAX_ANNOTATIONS_PER_ITEM = 200
@@ -373,12 +373,7 @@ class ItemProcessor:
 
     def _index(self, item_id: str, st: ItemState) -> None:
         self._indexed.add(item_id)
-        first = [x for e in st.waiting if (x := st.annotation(e)) is not None]
-        if first and st.gold is None:
-            workers = len({x.worker_id for x in first})
-            self._waiting.set(item_id, Waiting(min(x.submitted_at for x in first), first[0].project_id, workers))
-        else:
-            self._waiting.set(item_id, None)
+        self._waiting.set(item_id, waiting_of(st))
 
     def _retract_gold(self, rec: Record) -> list[Slot]:
         item_id = self.ingress.tombstone_key(rec)
@@ -623,9 +618,14 @@ class ItemProcessor:
                 )
         return out
 
-    async def _index_rules(self) -> dict[str, tuple[float, int] | None]:
+    async def _index_rules(self) -> Rules:
         self._refresh_index()
-        return _rules(await self.ingress.projects(self._waiting.projects()))
+        return await self.round_rules(self._waiting.projects())
+
+    async def round_rules(self, projects: Iterable[str]) -> Rules:
+        """Each project's round rules (consensus timeout, minimum annotators; None: its rounds
+        never close), from the criteria every batch reads: what a timer index is read with."""
+        return _rules(await self.ingress.projects(projects))
 
     async def next_due(self) -> float | None:
         """When (epoch s) the first round of this processor's own index can time out (None:
@@ -652,14 +652,10 @@ class ItemProcessor:
             for item_id, st in list(self.items.items()):
                 self._index(item_id, st)
 
-    def timer_since(self, item_id: str) -> datetime | None:
-        """Since when the consensus timer must watch an item (the worker keeps it in Redis with
-        the item's state): the oldest waiting submission, once the waiting annotations come from
-        at least `MIN_ANNOTATORS` workers; None before (no round of fewer closes) and when nothing
-        waits. Items with one annotator can wait until retention: a timer that loaded them all at
-        every check did work that grew with the items waiting, not with the rounds due."""
+    def watched(self, item_id: str) -> Waiting | None:
+        """The item's entry in the worker's timer index (`watched` of its current state)."""
         found = self._waiting.get(item_id)
-        return None if found is None or found.workers < MIN_ANNOTATORS else found.since
+        return None if found is None or found.workers < MIN_ANNOTATORS else found
 
     def forget(self, item_ids: Iterable[str]) -> None:
         """Drop items from the in-memory index once their state is stored elsewhere (the worker
@@ -694,6 +690,24 @@ class ItemProcessor:
 
 
 # ---------------------------------------------------------------------------- passes (pure)
+
+
+def waiting_of(st: ItemState) -> Waiting | None:
+    """An item's place among the items waiting for a round: since its oldest waiting submission,
+    in its project, with how many workers wait (None: nothing waits, or gold scores them)."""
+    first = [x for e in st.waiting if (x := st.annotation(e)) is not None]
+    if not first or st.gold is not None:
+        return None
+    return Waiting(min(x.submitted_at for x in first), first[0].project_id, len({x.worker_id for x in first}))
+
+
+def watched(st: ItemState) -> Waiting | None:
+    """The item's entry in the worker's consensus timer index (kept in Redis beside its state):
+    only once its waiting annotations come from at least `MIN_ANNOTATORS` workers. Items with one
+    annotator can wait until retention, and no round of fewer closes: a timer that loaded them
+    all at every check did work that grew with the items waiting, not with the rounds due."""
+    found = waiting_of(st)
+    return None if found is None or found.workers < MIN_ANNOTATORS else found
 
 
 def _rules(criteria: Mapping[str, ProjectCriteria | None]) -> dict[str, tuple[float, int] | None]:

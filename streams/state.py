@@ -39,6 +39,7 @@ from goldstream.scoring import reliability
 from goldstream.scoring.counters import Counters
 from goldstream.scoring.policy import SCALE, Proficiency, proficiency
 from goldstream.scoring.reliability import risk_bin, time_bin
+from goldstream.streams.waiting import Rules, Waiting
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -280,9 +281,20 @@ class Keys:
         return self.key("{expiry}", str(partition))
 
     def waiting(self, partition: int) -> str:
-        """Items of an input partition waiting for a consensus round, scored by the oldest
-        waiting submission (the consensus timer reads its own partitions')."""
+        """The consensus timer's index as goldstream wrote it before the `watched` sets: every
+        watched item of an input partition, by oldest waiting submission, read whole. Still read,
+        and its entries removed as their items change, until it is empty."""
         return self.key("{waiting}", str(partition))
+
+    def watched(self, partition: int, workers: int, project_id: str) -> str:
+        """Items of an input partition whose waiting annotations come from `workers` workers of
+        a project, by oldest waiting submission: the timer reads only the prefix a project's
+        current rules make due (its timeout; none below its minimum annotators)."""
+        return self.key("{waiting}", f"{partition}:{workers}:{project_id}")
+
+    def watch_sets(self, partition: int) -> str:
+        """The `watched` sets of a partition that may hold items, as '<workers>:<project>'."""
+        return self.key("{waiting}", f"{partition}:sets")
 
     def inputs(self) -> str:
         """The score step's progress: '<topic>:<partition>' -> the last offset it handled there.
@@ -838,7 +850,11 @@ class ItemStore:
         self.state = state
         self.keys = state.keys
         self._swap: AsyncScript = state.client.register_script(self.SWAP)
-        state.guard.scripts.append(self._swap)
+        self._prune: AsyncScript = state.client.register_script(self.PRUNE)
+        state.guard.scripts += [self._swap, self._prune]
+        # partitions whose old timer index (`Keys.waiting`) the timer last found empty: changes
+        # there no longer remove entries from it
+        self.legacy_empty: set[int] = set()
 
     async def load(self, item_ids: Sequence[str]) -> dict[str, bytes]:
         """The stored states of `item_ids` (those that have one)."""
@@ -857,10 +873,19 @@ class ItemStore:
     return 0
     """
 
+    # drop a partition's empty `watched` sets from its list: atomic, so an item added meanwhile
+    # (ZADD, then SADD, in one pipeline) keeps its set listed
+    PRUNE = """
+    for i = 2, #KEYS do
+      if redis.call('ZCARD', KEYS[i]) == 0 then redis.call('SREM', KEYS[1], ARGV[i - 1]) end
+    end
+    return 1
+    """
+
     async def store(
         self,
         changed: Mapping[str, bytes],
-        waiting: Mapping[str, tuple[int, float | None]],
+        waiting: Mapping[str, tuple[int, Waiting | None, Waiting | None]],
         loaded: Mapping[str, bytes] | None = None,
         due: Mapping[str, tuple[int, float | None]] | None = None,
         progress: Mapping[str, int] | None = None,
@@ -868,10 +893,11 @@ class ItemStore:
         """Write changed item states (an empty one deletes the item: retention), each only over
         the state it was derived from (`loaded`; raises `ItemConflict` when another worker wrote
         it meanwhile; None: unconditionally, as a rebuild does), each item's place in its
-        partition's waiting index (`waiting[item] = (partition, oldest waiting submission as epoch
-        seconds, or None)`) and in its retention index (`due[item] = (partition, when it falls
-        out of retention, or None)`), and the batch's `progress` ('<topic>:<partition>' -> last
-        offset, `Keys.inputs`). A write seen again (a retry after a lost reply) succeeds."""
+        partition's timer index (`waiting[item] = (partition, its entry in the state it was
+        derived from, its entry now)`, as `items.watched` gives them) and in its retention index
+        (`due[item] = (partition, when it falls out of retention, or None)`), and the batch's
+        `progress` ('<topic>:<partition>' -> last offset, `Keys.inputs`). A write seen again (a
+        retry after a lost reply) succeeds."""
         due = due or {}
         if not changed and not waiting and not due and not progress:
             return
@@ -888,11 +914,17 @@ class ItemStore:
                         pipe.delete(key)
                 else:
                     evalsha(pipe, self._swap, [key], [loaded.get(item_id, b""), new])
-            for item_id, (partition, since) in waiting.items():
-                if since is None:
+            for item_id, (partition, was, now) in waiting.items():
+                if partition not in self.legacy_empty:
                     pipe.zrem(self.keys.waiting(partition), item_id)
-                else:
-                    pipe.zadd(self.keys.waiting(partition), {item_id: since})
+                if was == now:
+                    continue
+                if was is not None:
+                    pipe.zrem(self.keys.watched(partition, was.workers, was.project_id), item_id)
+                if now is not None:
+                    key = self.keys.watched(partition, now.workers, now.project_id)
+                    pipe.zadd(key, {item_id: now.since.timestamp()})
+                    pipe.sadd(self.keys.watch_sets(partition), f"{now.workers}:{now.project_id}")
             for item_id, (partition, when) in due.items():
                 if when is None:
                     pipe.zrem(self.keys.expiry(partition), item_id)
@@ -917,13 +949,22 @@ class ItemStore:
         take a second one, which only a sweep pays."""
         partitions = sorted(now)
 
+        # whether the old timer index still holds entries, until it is found empty: the store
+        # then stops removing entries from it (the timer's read tells it if one appears again)
+        legacy = [p for p in partitions if p not in self.legacy_empty]
+
         def build(pipe: Any) -> None:
             for item_id in item_ids:
                 pipe.get(self.keys.item(item_id))
             for p in partitions:
                 pipe.zrangebyscore(self.keys.expiry(p), "-inf", now[p], start=0, num=limit)
+            for p in legacy:
+                pipe.exists(self.keys.waiting(p))
 
         results = await self.state.read(build, "items")
+        if legacy:
+            self.legacy_empty |= {p for p, n in zip(legacy, results[-len(legacy) :], strict=True) if not n}
+            results = results[: -len(legacy)]
         states = {i: v for i, v in zip(item_ids, results, strict=False) if v is not None}
         expiring: list[tuple[str, int]] = []
         for p, found in zip(partitions, results[len(item_ids) :], strict=True):
@@ -934,17 +975,68 @@ class ItemStore:
             states |= await self.load(more)
         return states, expiring
 
-    async def waiting(self, partitions: Sequence[int]) -> list[tuple[str, float]]:
-        """(item, oldest waiting submission) of the items waiting in these partitions."""
+    async def watched(
+        self, partitions: Sequence[int], rules: Callable[[set[str]], Awaitable[Rules]], now: float, slack: float = 1.0
+    ) -> list[tuple[str, float]]:
+        """(item, oldest waiting submission) of the items of these partitions whose round may be
+        due at `now` (epoch s) under `rules` (project -> (timeout, minimum annotators), asked for
+        the projects found), and every item of the old whole-partition index. `slack`: also those
+        due that many seconds later (the engine decides exactly). Three round trips, however many
+        items wait: the timer loads only these items' states."""
+        slack = max(slack, 0.0)
 
-        def build(pipe: Any) -> None:
+        def listed(pipe: Any) -> None:
             for p in partitions:
+                pipe.smembers(self.keys.watch_sets(p))
                 pipe.zrange(self.keys.waiting(p), 0, -1, withscores=True)
 
-        out: list[tuple[str, float]] = []
-        for entries in await self.state.read(build, "waiting"):
-            out += [(k.decode() if isinstance(k, bytes) else k, float(v)) for k, v in entries]
-        return out
+        found = await self.state.read(listed, "waiting")
+        sets: list[tuple[int, int, str]] = []
+        out: dict[str, float] = {}
+        for p, members, legacy in zip(partitions, found[::2], found[1::2], strict=True):
+            for m in members:
+                workers, _, project = (m.decode() if isinstance(m, bytes) else m).partition(":")
+                sets.append((p, int(workers), project))
+            if legacy:
+                self.legacy_empty.discard(p)
+            else:
+                self.legacy_empty.add(p)
+            for k, v in legacy:
+                out.setdefault(k.decode() if isinstance(k, bytes) else k, float(v))
+        if not sets:
+            return sorted(out.items())
+        known = await rules({project for _, _, project in sets})
+        read = [(p, w, project, rule) for p, w, project in sets if (rule := known.get(project)) and w >= rule[1]]
+
+        def ranges(pipe: Any) -> None:
+            for p, w, project in sets:
+                pipe.zcard(self.keys.watched(p, w, project))
+            for p, w, project, (timeout, _) in read:
+                pipe.zrangebyscore(self.keys.watched(p, w, project), "-inf", now - timeout + slack, withscores=True)
+
+        results = await self.state.read(ranges, "waiting")
+        for entries in results[len(sets) :]:
+            for k, v in entries:
+                out.setdefault(k.decode() if isinstance(k, bytes) else k, float(v))
+        empty = [entry for entry, n in zip(sets, results, strict=False) if n == 0]
+        if empty:
+            await self._prune_sets(empty)
+        return sorted(out.items())
+
+    async def _prune_sets(self, empty: Sequence[tuple[int, int, str]]) -> None:
+        """Unlist sets found empty (each checked again inside the script)."""
+        by_partition: dict[int, list[tuple[int, str]]] = {}
+        for p, w, project in empty:
+            by_partition.setdefault(p, []).append((w, project))
+
+        async def call() -> list[Any]:
+            pipe = self.state.client.pipeline(transaction=False)
+            for p, entries in by_partition.items():
+                keys = [self.keys.watch_sets(p)] + [self.keys.watched(p, w, project) for w, project in entries]
+                evalsha(pipe, self._prune, keys, [f"{w}:{project}" for w, project in entries])
+            return await pipe.execute()
+
+        await self.state.guard.run(call, "waiting")
 
 
 class CriteriaStore:

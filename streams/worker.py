@@ -39,7 +39,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from goldstream.schemas.messages import ScoreRecord
 from goldstream.streams.engine import Emit, Engine, ItemState, Record
 from goldstream.streams.engine import Settings as EngineSettings
-from goldstream.streams.items import ITEM_TOPICS
+from goldstream.streams.items import ITEM_TOPICS, watched
 from goldstream.streams.memory import tune_gc
 from goldstream.streams.metrics import Metrics
 from goldstream.streams.settings import Settings
@@ -445,6 +445,7 @@ class Worker:
         for item, partition in expiring:
             partition_of.setdefault(item, partition)
         engine.items = self.parsed.parse(loaded)
+        before = dict(engine.items)  # as loaded: where the timer's index has them
         processor = engine.item_processor
         emits: list[Emit] = []
         for partition, at in sorted(now.items()):
@@ -460,8 +461,8 @@ class Worker:
         kept = {k: (b, engine.items[k], encoded[k][1]) for k, b in changed.items() if b}
         waiting, due = {}, {}
         for item, b in changed.items():
-            since = engine.timer_since(item) if b else None
-            waiting[item] = (partition_of.get(item, 0), None if since is None else since.timestamp())
+            was = watched(before[item]) if item in before else None
+            waiting[item] = (partition_of.get(item, 0), was, processor.watched(item) if b else None)
             due[item] = (partition_of.get(item, 0), processor.due(engine.items[item]) if b else None)
         for item, partition in expiring:
             if item not in loaded:  # gone already (an index entry left behind): drop the entry
@@ -513,7 +514,8 @@ class Worker:
             if consumer is None:
                 continue
             mine = sorted(tp.partition for tp in consumer.assignment() if tp.topic == annotations)
-            candidates = await self.items.waiting(mine) if mine else []
+            rules = engine.item_processor.round_rules
+            candidates = await self.items.watched(mine, rules, time.time()) if mine else []
             if not candidates:
                 continue
             engine.items = self.parsed.parse(await self.items.load([item for item, _ in candidates]))

@@ -14,6 +14,7 @@ import pytest
 from goldstream.streams.engine import Record, Settings
 from goldstream.streams.replay import ReplayResult, proficiency_snapshot, replay
 from goldstream.streams.state import Keys
+from goldstream.streams.waiting import Waiting
 from redis.asyncio import Redis
 
 from goldstream import schemas as s
@@ -748,12 +749,12 @@ def test_the_timer_watches_an_item_only_once_enough_workers_wait_for_a_round(ser
         seen = []
         for n, worker in enumerate(["w1", "w1", "w2", "w3"]):
             await engine.handle(record(annotation(n, "i", worker, GOOD), n))
-            seen.append(engine.timer_since("i"))
+            seen.append(engine.watched("i"))
         return seen
 
     seen = on_redis(services, keys, main)
     # one worker (twice); two workers: watched from the oldest waiting submission; three: the round closed
-    assert seen == [None, None, annotation(0, "i", "w1", GOOD).submitted_at, None]
+    assert seen == [None, None, Waiting(annotation(0, "i", "w1", GOOD).submitted_at, "p1", 2), None]
 
 
 # ----------------------------------------------------------------------------- batches

@@ -11,9 +11,12 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from goldstream.streams.state import Keys, RedisGuard, RedisState, StateLost
+from goldstream.streams.waiting import Waiting
 from goldstream.streams.watchdog import (
     EXIT_CRASHED,
     EXIT_HUNG,
@@ -204,14 +207,15 @@ def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(servic
         client = Redis.from_url(services.redis_url)
         try:
             items = ItemStore(RedisState(client, keys))
-            await items.store({"i": b"s1"}, {"i": (0, 10.0)}, {})  # a new item
+            entry = Waiting(datetime.fromtimestamp(10.0, UTC), "p", 2)
+            await items.store({"i": b"s1"}, {"i": (0, None, entry)}, {})  # a new item
             assert await items.load(["i", "j"]) == {"i": b"s1"}
-            await items.store({"i": b"s2"}, {"i": (0, None)}, {"i": b"s1"})  # the owner moves on
+            await items.store({"i": b"s2"}, {"i": (0, entry, None)}, {"i": b"s1"})  # the owner moves on
             await items.store({"i": b"s2"}, {}, {"i": b"s1"})  # the same write again (a retry) is fine
             with pytest.raises(ItemConflict):  # a worker still holding s1 must not set it back
                 await items.store({"i": b"s1-late"}, {}, {"i": b"s1"})
             assert await items.load(["i"]) == {"i": b"s2"}
-            assert await items.waiting([0]) == []
+            assert await items.watched([0], rules, 1e9) == []
         finally:
             await client.aclose()
 
@@ -219,3 +223,57 @@ def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(servic
         asyncio.run(main())
     finally:
         asyncio.run(drop_keys(services.redis_url, keys.prefix))
+
+
+async def rules(projects: set[str]) -> dict[str, tuple[float, int] | None]:
+    """Round rules as `ItemProcessor.round_rules` gives them: p times out after 60 s with two
+    workers, q needs three, r never closes (no criteria)."""
+    known = {"p": (60.0, 2), "q": (60.0, 3), "r": None}
+    return {k: known[k] for k in projects}
+
+
+@pytest.mark.services
+def test_the_timer_reads_only_items_whose_round_can_be_due_and_the_old_index_whole(
+    services: Endpoints, keys: Keys
+) -> None:
+    from goldstream.streams.state import ItemStore
+
+    def at(t: float, project: str = "p", workers: int = 2) -> Waiting:
+        return Waiting(datetime.fromtimestamp(t, UTC), project, workers)
+
+    async def main() -> list[Any]:
+        client = Redis.from_url(services.redis_url)
+        try:
+            items = ItemStore(RedisState(client, keys))
+            await client.zadd(keys.waiting(0), {"old": 5.0})  # written by an earlier version
+            await items.store(
+                {k: b"s" for k in "abcde"},
+                {"a": (0, None, at(100)), "b": (0, None, at(950)), "c": (0, None, at(100, "q", 2)),
+                 "d": (0, None, at(100, "r", 5)), "e": (1, None, at(100))},
+                {},
+            )  # fmt: skip
+            seen = [await items.watched([0], rules, 1000.0)]
+            # c's third worker makes its round closable; a's round closed; the old entry's item moved on
+            await items.store({"c": b"s2", "a": b"s2", "old": b"s"},
+                              {"c": (0, at(100, "q", 2), at(100, "q", 3)), "a": (0, at(100), None),
+                               "old": (0, None, None)},
+                              {"c": b"s", "a": b"s", "old": b""})  # fmt: skip
+            seen += [await items.watched([0], rules, 1000.0), await items.watched([0, 1], rules, 2000.0)]
+            seen.append(sorted(m.decode() for m in await client.smembers(keys.watch_sets(0))))
+            seen.append(sorted(items.legacy_empty))
+            return seen
+        finally:
+            await client.aclose()
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    # at 1000: a is due (and b's since is not old enough; c and d cannot close), with the old entry;
+    # then c is due, a and the old entry are gone; at 2000 b is due too, and e in partition 1
+    assert seen[0] == [("a", 100.0), ("old", 5.0)]
+    assert seen[1] == [("c", 100.0)]
+    assert seen[2] == [("b", 950.0), ("c", 100.0), ("e", 100.0)]
+    # c's old set was unlisted once found empty; d's stays listed (r's rounds never close: unread)
+    assert seen[3] == ["2:p", "3:q", "5:r"]
+    assert seen[4] == [0, 1]
