@@ -258,11 +258,32 @@ def test_kill9_midstream_then_restart_equals_replay(settings: Settings, tmp_path
 def test_consensus_timeout_closes_rounds_in_the_stream(settings: Settings, worker: Worker) -> None:
     c = criteria(consensus=s.ConsensusPolicy(overlap=5, min_annotators=2, timeout_s=1.0))
     asyncio.run(set_criteria(settings, c, wait_s=90))
+    patient = criteria("p2", consensus=s.ConsensusPolicy(overlap=5, min_annotators=2, timeout_s=1e9))
+    asyncio.run(set_criteria(settings, patient, wait_s=90))
     old = annotation(1, "slow", "a", GOOD, minutes=-600)  # submitted long ago: past the timeout
     send(settings, [old, annotation(2, "slow", "b", boxes(("car", 12, 10, 50, 40)), minutes=-600)])
+    send(settings, [annotation(n, "kept", w, GOOD, project="p2", minutes=-600) for n, w in ((3, "a"), (4, "b"))])
     wait_for(lambda: len(unique_ids(settings, "scores", s.ScoreRecord)) >= 2, 120, "scores after the timeout", [worker])
     kinds = {r.kind for r in messages_of(settings, "scores", s.ScoreRecord)}
     assert kinds == {s.ScoreKind.CONSENSUS}
+    # the closed round's item left the timer's index; p2's item waits in its two-worker set
+    wait_for(lambda: _watched(settings) == {"2:p2": 1}, 60, "the timer index of the waiting item alone", [worker])
+
+
+def _watched(settings: Settings) -> dict[str, int]:
+    """Entries of the consensus timer's sets (`Keys.watched`), by '<workers>:<project>'."""
+    from redis import Redis
+
+    client = Redis.from_url(settings.redis_url)
+    out: dict[str, int] = {}
+    try:
+        for key in client.scan_iter(match=f"{settings.key_prefix}:{{waiting}}:*:*:*"):
+            workers_project = key.decode().split("}:", 1)[1].split(":", 1)[1]
+            if n := client.zcard(key):
+                out[workers_project] = out.get(workers_project, 0) + n
+        return out
+    finally:
+        client.close()
 
 
 def test_items_past_their_retention_leave_redis_and_a_late_review_of_one_is_dead_lettered(
