@@ -93,6 +93,25 @@ def test_the_replay_benchmark_times_both_ways_on_every_workforce_and_leaves_no_k
     assert asyncio.run(left()) == []
 
 
+def test_the_timer_benchmark_loads_every_state_through_the_old_index_and_none_through_the_sets(
+    services: Endpoints,
+) -> None:
+    from benchmarks.timer_bench import run as timer_bench
+
+    row = asyncio.run(timer_bench(Settings.load(redis_url=services.redis_url), items=50))
+    assert row["whole_index"]["loaded"] == 50 and row["whole_index"]["bytes"] > 50 * 1000
+    assert row["per_project_sets"]["loaded"] == 0  # none of the rounds is due for an hour
+
+    async def left() -> list:
+        redis = Redis.from_url(services.redis_url)
+        try:
+            return [k async for k in redis.scan_iter(match="bench-timer-*")]
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(left()) == []
+
+
 def test_the_bridge_benchmark_times_the_bridge_and_the_bare_receiver_on_the_same_deliveries(
     services: Endpoints,
 ) -> None:
