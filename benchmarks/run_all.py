@@ -70,6 +70,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"goldstream / forward-only Faust baseline: **{ratios['goldstream_vs_forward_1']:.2f}x** (1 process), "
         f"{ratios['goldstream_vs_forward_2']:.2f}x (2). Two goldstream workers / one: "
         f"**{ratios['goldstream_2_vs_1_workers']:.2f}x** (forwarder: {ratios['forward_2_vs_1']:.2f}x).",
+        *_round_lines(st),
         *_cpu_lines(st),
         "",
         "## Latency, submitted_at → ScoreRecord at a consumer (one worker)",
@@ -197,6 +198,18 @@ def qc_markdown(qc: dict[str, Any]) -> list[str]:
                 "",
             ]
     return out
+
+
+def _round_lines(st: dict[str, Any]) -> list[str]:
+    """The ratios within each round of runs (every configuration in turn), and their median."""
+    by_round, median = st.get("ratios_by_round"), st.get("ratios_median_of_rounds")
+    if not by_round or not median:
+        return []
+    rows = [
+        f"{name.replace('_', ' ')}: {' / '.join(f'{v:.2f}' for v in values)} (median {median[name]:.2f}x)"
+        for name, values in by_round.items()
+    ]
+    return ["", "Within each round of runs (minutes apart, every configuration in turn): " + "; ".join(rows) + "."]
 
 
 def _cpu_lines(st: dict[str, Any]) -> list[str]:

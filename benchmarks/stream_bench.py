@@ -7,6 +7,8 @@ as the producer goes to workers that already run and hold the gold; the clock ru
 first annotation sent to the moment every ScoreRecord is on Kafka *and* the proficiency group has
 committed past the last one (Redis updated, alerts raised). The baseline, in the same run and on
 the same events, is a Faust agent that only consumes and forwards (`benchmarks.forward_app`).
+The configurations run in rounds, each in turn; the best run of each is kept, and each round's
+own ratios too (a drift of the machine's speed then falls on both sides of a ratio).
 
 Latency: one worker, annotations offered at fixed rates (25 / 50 / 75 % of the measured
 one-worker maximum), each stamped with `submitted_at` as it is sent. A gold score's latency runs
@@ -25,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -682,9 +685,13 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
     items = 300 if quick else 2000
     sim = workload("tp", items, seed=2026)
     runs: list[Run] = []
-    for kind, procs in (("forward", 1), ("goldstream", 1), ("forward", 2), ("goldstream", 2)):
-        tries = []
-        for _ in range(repeat):  # best of `repeat`: a shared 2-core machine only ever slows a run down
+    configs = (("forward", 1), ("goldstream", 1), ("forward", 2), ("goldstream", 2))
+    tries: dict[tuple[str, int], list[Run]] = {c: [] for c in configs}
+    # rounds of every configuration in turn, not one configuration's runs in a row: this machine's
+    # speed drifts by a third within an hour (docs/benchmarks.md), so a slow spell falls on both
+    # sides of a ratio alike; each round's own ratios are kept beside the best runs'
+    for _ in range(repeat):  # best of `repeat`: a shared 2-core machine only ever slows a run down
+        for kind, procs in configs:
             r = await throughput(base, sim, kind, procs, logs)
             c = r.outputs["cpu"]
             print(
@@ -693,11 +700,19 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
                 f"{c.get('kafka_cores', math.nan):.2f}, Redis {c.get('redis_cores', math.nan):.2f}, harness "
                 f"{c['harness_cores']:.2f}, the rest {c['rest_cores']:.2f}), {c['cpu_ms_per_event']:.3f} CPU ms each"
             )
-            tries.append(r)
-        best = max(tries, key=lambda r: r.rate)
-        best.outputs["tries_per_s"] = [round(r.rate, 1) for r in tries]  # type: ignore[assignment]
+            tries[(kind, procs)].append(r)
+    for config in configs:
+        best = max(tries[config], key=lambda r: r.rate)
+        best.outputs["tries_per_s"] = [round(r.rate, 1) for r in tries[config]]  # type: ignore[assignment]
         runs.append(best)
     by = {(r.name, r.processes): r for r in runs}
+    rounds = [{c: tries[c][i].rate for c in configs} for i in range(repeat)]
+    paired = {
+        "goldstream_vs_forward_1": [r[("goldstream", 1)] / r[("forward", 1)] for r in rounds],
+        "goldstream_vs_forward_2": [r[("goldstream", 2)] / r[("forward", 2)] for r in rounds],
+        "goldstream_2_vs_1_workers": [r[("goldstream", 2)] / r[("goldstream", 1)] for r in rounds],
+    }
+    print("  each round's ratios: " + "; ".join(f"{k} {' '.join(f'{v:.2f}' for v in vs)}" for k, vs in paired.items()))
     one = by[("goldstream", 1)].rate
     seconds, warmup = (6.0, 2.0) if quick else (25.0, WARMUP_S)
     lat = await latency(base, one, (0.25, 0.5, 0.75), seconds, logs, warmup_s=warmup)
@@ -731,6 +746,9 @@ async def run(base: Settings, quick: bool, logs: Path, repeat: int) -> dict[str,
             "goldstream_scaling_bound": by[("goldstream", 1)].outputs["cpu"]["scaling_bound"],
             "forward_scaling_bound": by[("forward", 1)].outputs["cpu"]["scaling_bound"],
         },
+        # the same ratios within each round (runs minutes apart), and their median
+        "ratios_by_round": {k: [round(v, 3) for v in vs] for k, vs in paired.items()},
+        "ratios_median_of_rounds": {k: round(statistics.median(vs), 3) for k, vs in paired.items()},
         "latency": lat,
         "latency_split_steps": lat_split,
         "partitions": base.partitions,
@@ -741,12 +759,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small workload (a smoke run)")
     ap.add_argument("--json", type=Path, default=RESULTS / "stream.json")
-    ap.add_argument("--repeat", type=int, default=0, help="throughput runs per configuration, best kept (default 2)")
+    ap.add_argument("--repeat", type=int, default=0, help="rounds of throughput runs, best kept (default 3)")
     args = ap.parse_args()
     base = Settings.load(partitions=4, log_level="warning")
     logs = Path(tempfile.mkdtemp(prefix="goldstream-bench-"))
     print(f"stream benchmark on {base.kafka_bootstrap} and {base.redis_url} (worker logs: {logs})")
-    figures = asyncio.run(run(base, args.quick, logs, args.repeat or (1 if args.quick else 2)))
+    figures = asyncio.run(run(base, args.quick, logs, args.repeat or (1 if args.quick else 3)))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures["ratios"]))
