@@ -902,43 +902,77 @@ class ItemStore:
         if not changed and not waiting and not due and not progress:
             return
         names = list(changed)
+        if loaded is None:  # a rebuild: the topics are the truth, written as they are
 
-        async def call() -> list[Any]:
+            async def rebuild() -> list[Any]:
+                pipe = self.state.client.pipeline(transaction=False)
+                for item_id in names:
+                    if changed[item_id]:
+                        pipe.set(self.keys.item(item_id), changed[item_id])
+                    else:
+                        pipe.delete(self.keys.item(item_id))
+                self._index_writes(pipe, waiting, due, progress, set())
+                return await pipe.execute()
+
+            await self.state.guard.run(rebuild, "items")
+            return
+
+        before = loaded
+
+        async def swap() -> list[Any]:
             pipe = self.state.client.pipeline(transaction=False)
             for item_id in names:
-                key, new = self.keys.item(item_id), changed[item_id]
-                if loaded is None:  # a rebuild: the topics are the truth
-                    if new:
-                        pipe.set(key, new)
-                    else:
-                        pipe.delete(key)
-                else:
-                    evalsha(pipe, self._swap, [key], [loaded.get(item_id, b""), new])
-            for item_id, (partition, was, now) in waiting.items():
-                if partition not in self.legacy_empty:
-                    pipe.zrem(self.keys.waiting(partition), item_id)
-                if was == now:
-                    continue
-                if was is not None:
-                    pipe.zrem(self.keys.watched(partition, was.workers, was.project_id), item_id)
-                if now is not None:
-                    key = self.keys.watched(partition, now.workers, now.project_id)
-                    pipe.zadd(key, {item_id: now.since.timestamp()})
-                    pipe.sadd(self.keys.watch_sets(partition), f"{now.workers}:{now.project_id}")
-            for item_id, (partition, when) in due.items():
-                if when is None:
-                    pipe.zrem(self.keys.expiry(partition), item_id)
-                else:
-                    pipe.zadd(self.keys.expiry(partition), {item_id: when})
-            if progress:
-                pipe.hset(self.keys.inputs(), mapping=dict(progress))
+                evalsha(pipe, self._swap, [self.keys.item(item_id)], [before.get(item_id, b""), changed[item_id]])
             return await pipe.execute()
 
-        results = await self.state.guard.run(call, "items")
-        lost = [item for item, ok in zip(names, results, strict=False) if not ok]
+        # the states first, then the indexes of those written: an item's index entries move only
+        # with the state they derive from, so a worker whose partitions moved on (its writes
+        # refused) cannot take an entry out of the index, nor add one, under the new owner's state
+        lost = [item for item, ok in zip(names, await self.state.guard.run(swap, "items"), strict=True) if not ok]
         if lost:
             await self.state.guard.verify()  # a flushed Redis loses the states too: StateLost first
+        skip = set(lost)
+
+        async def index() -> list[Any]:
+            pipe = self.state.client.pipeline(transaction=False)
+            self._index_writes(pipe, waiting, due, progress, skip)
+            return await pipe.execute()
+
+        await self.state.guard.run(index, "items")
+        if lost:
             raise ItemConflict(f"{len(lost)} item state(s) changed by another worker meanwhile, e.g. {lost[0]!r}")
+
+    def _index_writes(
+        self,
+        pipe: Any,
+        waiting: Mapping[str, tuple[int, Waiting | None, Waiting | None]],
+        due: Mapping[str, tuple[int, float | None]],
+        progress: Mapping[str, int] | None,
+        skip: set[str],
+    ) -> None:
+        """The timer and retention index entries of `store`, but those of items in `skip`."""
+        for item_id, (partition, was, now) in waiting.items():
+            if item_id in skip:
+                continue
+            if partition not in self.legacy_empty:
+                pipe.zrem(self.keys.waiting(partition), item_id)
+            if was == now:
+                continue
+            if was is not None:
+                pipe.zrem(self.keys.watched(partition, was.workers, was.project_id), item_id)
+            if now is not None:
+                key = self.keys.watched(partition, now.workers, now.project_id)
+                pipe.zadd(key, {item_id: now.since.timestamp()})
+                pipe.sadd(self.keys.watch_sets(partition), f"{now.workers}:{now.project_id}")
+        for item_id, (partition, when) in due.items():
+            if item_id in skip:
+                continue
+            if when is None:
+                pipe.zrem(self.keys.expiry(partition), item_id)
+            else:
+                pipe.zadd(self.keys.expiry(partition), {item_id: when})
+        if progress:
+            pipe.hset(self.keys.inputs(), mapping=dict(progress))
 
     async def load_due(
         self, item_ids: Sequence[str], now: Mapping[int, float], limit: int = 500

@@ -213,9 +213,11 @@ def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(servic
             await items.store({"i": b"s2"}, {"i": (0, entry, None)}, {"i": b"s1"})  # the owner moves on
             await items.store({"i": b"s2"}, {}, {"i": b"s1"})  # the same write again (a retry) is fine
             with pytest.raises(ItemConflict):  # a worker still holding s1 must not set it back
-                await items.store({"i": b"s1-late"}, {}, {"i": b"s1"})
+                await items.store({"i": b"s1-late"}, {"i": (0, None, entry)}, {"i": b"s1"}, {"i": (0, 99.0)})
             assert await items.load(["i"]) == {"i": b"s2"}
+            # nor put it back in the timer's index, nor in retention's
             assert await items.watched([0], rules, 1e9) == []
+            assert await client.zrange(keys.expiry(0), 0, -1) == []
         finally:
             await client.aclose()
 
