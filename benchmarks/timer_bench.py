@@ -71,7 +71,7 @@ async def run(settings: Settings, items: int) -> dict[str, Any]:
         now = datetime.now(UTC)
         for start in range(0, items, 1000):
             states = {f"i{n}": _state(n, now) for n in range(start, min(items, start + 1000))}
-            raw = {k: st.model_dump_json().encode() for k, st in states.items()}
+            raw = {k: st.encode() for k, st in states.items()}
             await store.store(raw, {k: (0, None, watched(st)) for k, st in states.items()}, {})
             await redis.zadd(keys.waiting(0), {k: now.timestamp() for k in states})  # as earlier versions
         whole = await _check(store, ParsedItems())

@@ -356,7 +356,7 @@ async def rebuild_items(settings: Settings, state: RedisState, keep_alive: Any =
     names = sorted(items)
     for i in range(0, len(names), 500):
         chunk = names[i : i + 500]
-        states = {k: items[k].model_dump_json().encode() for k in chunk}
+        states = {k: items[k].encode() for k in chunk}
         due = {k: (waiting[k][0], engine.item_processor.due(items[k])) for k in chunk}  # the worker's sweep expires
         await store.store(states, {k: waiting[k] for k in chunk}, None, due)
     return len(items)

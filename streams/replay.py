@@ -321,6 +321,7 @@ async def proficiency_snapshot(redis: Redis, keys: Keys) -> dict[str, dict[str, 
         if (
             ":seen:" in key
             or key.startswith(f"{keys.prefix}:criteria:")
+            or keys.is_item(key)
             or key.endswith((":alerts", ":risks", ":applied"))
             or key == keys.inputs()
         ):

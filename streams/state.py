@@ -273,8 +273,17 @@ class Keys:
         return f"{self.prefix}:criteria:{project_id}"
 
     def item(self, item_id: str) -> str:
-        """An item's state (gold, annotations, rounds): one string, its own slot."""
+        """An item's state (gold, rounds, ...) with the ids of its annotations, whose JSON is in
+        `item_annotations` (a state written before that split holds them inline); its own slot."""
         return self.key("{item" + SEP + item_id + "}", "state")
+
+    def is_item(self, key: str) -> bool:
+        """Whether a key holds an item's state or its annotations."""
+        return key.startswith(f"{self.prefix}:{{item{SEP}")
+
+    def item_annotations(self, item_id: str) -> str:
+        """An item's annotations: event id -> JSON, each written once (hash, the item's slot)."""
+        return self.key("{item" + SEP + item_id + "}", "annotations")
 
     def expiry(self, partition: int) -> str:
         """Items of an input partition by when their state falls out of retention (event time)."""
@@ -838,13 +847,59 @@ class ProficiencyStore:
         return await self.state.counters(self.keys.project(project_id, "workers"))
 
 
+Spans = Mapping[str, tuple[int, int]]
+"""Where each annotation's JSON lies in an item state's JSON, in the state's order (`ItemState.encode`)."""
+
+HEAD = b"@"  # starts a stored head: `@<annotation ids, JSON>\n<the state's JSON without annotations>`
+_ANNOTATIONS = b'"annotations":['
+
+
+class Stored(NamedTuple):
+    """An item state as loaded: its JSON with the annotations in place (what the engine parses),
+    the value its key held (what a write compares with), and the annotations in its hash."""
+
+    full: bytes
+    raw: bytes
+    ids: frozenset[str]
+
+
+def split_state(full: bytes, spans: Spans) -> tuple[bytes, dict[str, bytes]]:
+    """A state's JSON as `ItemState.encode` makes it (annotations last) -> the head stored under
+    `Keys.item` and each annotation's JSON, stored once in `Keys.item_annotations`. Why: a state
+    holds every annotation of its item and is written after each input, so writing it whole grew
+    with the square of an item's annotations (a crowd item answered by 20 workers wrote 20 states
+    of up to 20 answers); a head and the new annotation grow with one."""
+    key = min((start for start, _ in spans.values()), default=len(full) - 2) - len(_ANNOTATIONS)
+    if full[key : key + len(_ANNOTATIONS)] != _ANNOTATIONS or not full.endswith(b"]}"):
+        raise ValueError("not a state as ItemState.encode makes it: its annotations must come last")
+    head = full[:key].removesuffix(b",") + b"}"
+    return HEAD + orjson.dumps(list(spans)) + b"\n" + head, {e: full[a:b] for e, (a, b) in spans.items()}
+
+
+def join_state(raw: bytes, annotations: Mapping[bytes, bytes]) -> tuple[bytes, frozenset[str]]:
+    """A stored value and its item's annotation hash -> the state's JSON (byte for byte what
+    `ItemState.encode` made) and the ids in the hash. A value without a head is a whole state
+    written before the split: it is its own JSON."""
+    held = frozenset(k.decode() for k in annotations)
+    if not raw.startswith(HEAD):
+        return raw, held
+    line = raw.index(b"\n")
+    ids, head = orjson.loads(raw[1:line]), raw[line + 1 :]
+    try:
+        parts = [annotations[i.encode()] for i in ids]
+    except KeyError as exc:
+        raise StateLost(f"an item state names annotation {exc.args[0]!r}, which its hash lacks") from None
+    out = head[:-1] + (b"," if len(head) > 2 else b"") + _ANNOTATIONS + b",".join(parts) + b"]}"
+    return out, held
+
+
 class ItemStore:
     """Item state in Redis, read for a batch in one round trip and written back in one.
 
     It replaced a Faust table: with it, the score step runs on a plain consumer group that
     commits only what it applied (faust-streaming committed offsets of events it never processed
-    after a restart; docs/reliability.md). Writes are plain SETs, so a batch written again after
-    a redelivery changes nothing."""
+    after a restart; docs/reliability.md). Writes replace the head and add the annotations the
+    head names that the hash lacks, so a batch written again after a redelivery changes nothing."""
 
     def __init__(self, state: RedisState) -> None:
         self.state = state
@@ -857,16 +912,21 @@ class ItemStore:
         self.legacy_empty: set[int] = set()
 
     async def load(self, item_ids: Sequence[str]) -> dict[str, bytes]:
-        """The stored states of `item_ids` (those that have one)."""
-        return (await self.load_due(item_ids, {}))[0]
+        """The states of `item_ids` (those that have one), as JSON."""
+        return {k: v.full for k, v in (await self.load_due(item_ids, {}))[0].items()}
 
-    # write an item's state only over the state it was derived from (or its absence): a worker
-    # that lost its partitions during a long Redis outage must not set an item back
-    # (an empty new state deletes it: retention)
+    # write an item's head only over the value it was derived from (or its absence): a worker
+    # that lost its partitions during a long Redis outage must not set an item back (an empty
+    # new value deletes the item: retention). With the head, the annotations its hash lacks
+    # (ARGV[3] pairs of id and JSON), and those it no longer names go (the rest of ARGV)
     SWAP = """
     local cur = redis.call('GET', KEYS[1])
     if cur == ARGV[1] or (cur == false and ARGV[1] == '') then
-      if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
+      if ARGV[2] == '' then redis.call('DEL', KEYS[1], KEYS[2]) return 1 end
+      redis.call('SET', KEYS[1], ARGV[2])
+      local n = tonumber(ARGV[3])
+      if n > 0 then redis.call('HSET', KEYS[2], unpack(ARGV, 4, 3 + 2 * n)) end
+      if #ARGV > 3 + 2 * n then redis.call('HDEL', KEYS[2], unpack(ARGV, 4 + 2 * n)) end
       return 1
     end
     if cur == ARGV[2] or (cur == false and ARGV[2] == '') then return 1 end
@@ -884,14 +944,15 @@ class ItemStore:
 
     async def store(
         self,
-        changed: Mapping[str, bytes],
+        changed: Mapping[str, tuple[bytes, Spans]],
         waiting: Mapping[str, tuple[int, Waiting | None, Waiting | None]],
-        loaded: Mapping[str, bytes] | None = None,
+        loaded: Mapping[str, Stored] | None = None,
         due: Mapping[str, tuple[int, float | None]] | None = None,
         progress: Mapping[str, int] | None = None,
     ) -> None:
-        """Write changed item states (an empty one deletes the item: retention), each only over
-        the state it was derived from (`loaded`; raises `ItemConflict` when another worker wrote
+        """Write changed item states (`ItemState.encode`'s JSON and spans; an empty JSON deletes
+        the item: retention), each only over the state it was derived from (`loaded`, as
+        `load_due` gave it; raises `ItemConflict` when another worker wrote
         it meanwhile; None: unconditionally, as a rebuild does), each item's place in its
         partition's timer index (`waiting[item] = (partition, its entry in the state it was
         derived from, its entry now)`, as `items.watched` gives them) and in its retention index
@@ -907,22 +968,25 @@ class ItemStore:
             async def rebuild() -> list[Any]:
                 pipe = self.state.client.pipeline(transaction=False)
                 for item_id in names:
-                    if changed[item_id]:
-                        pipe.set(self.keys.item(item_id), changed[item_id])
-                    else:
-                        pipe.delete(self.keys.item(item_id))
+                    full, spans = changed[item_id]
+                    pipe.delete(self.keys.item(item_id), self.keys.item_annotations(item_id))
+                    if full:
+                        head, annotations = split_state(full, spans)
+                        pipe.set(self.keys.item(item_id), head)
+                        if annotations:
+                            pipe.hset(self.keys.item_annotations(item_id), mapping=annotations)
                 self._index_writes(pipe, waiting, due, progress, set())
                 return await pipe.execute()
 
             await self.state.guard.run(rebuild, "items")
             return
 
-        before = loaded
+        calls = [self._swap_args(item_id, changed[item_id], loaded.get(item_id)) for item_id in names]
 
         async def swap() -> list[Any]:
             pipe = self.state.client.pipeline(transaction=False)
-            for item_id in names:
-                evalsha(pipe, self._swap, [self.keys.item(item_id)], [before.get(item_id, b""), changed[item_id]])
+            for keys, args in calls:
+                evalsha(pipe, self._swap, keys, args)
             return await pipe.execute()
 
         # the states first, then the indexes of those written: an item's index entries move only
@@ -941,6 +1005,20 @@ class ItemStore:
         await self.state.guard.run(index, "items")
         if lost:
             raise ItemConflict(f"{len(lost)} item state(s) changed by another worker meanwhile, e.g. {lost[0]!r}")
+
+    def _swap_args(
+        self, item_id: str, new: tuple[bytes, Spans], was: Stored | None
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        """The SWAP script's keys and arguments for one item."""
+        keys = [self.keys.item(item_id), self.keys.item_annotations(item_id)]
+        expected = was.raw if was is not None else b""
+        if not new[0]:
+            return keys, [expected, b"", 0]
+        head, annotations = split_state(*new)
+        held = was.ids if was is not None else frozenset()
+        added = [(e, j) for e, j in annotations.items() if e not in held]
+        gone = [e for e in held if e not in annotations]
+        return keys, [expected, head, len(added), *(x for pair in added for x in pair), *gone]
 
     def _index_writes(
         self,
@@ -976,7 +1054,7 @@ class ItemStore:
 
     async def load_due(
         self, item_ids: Sequence[str], now: Mapping[int, float], limit: int = 500
-    ) -> tuple[dict[str, bytes], list[tuple[str, int]]]:
+    ) -> tuple[dict[str, Stored], list[tuple[str, int]]]:
         """The states of `item_ids` and (item, partition) of up to `limit` items per partition out
         of retention at its clock (`now[partition]`, event time), with their states too. One round
         trip (a batch's fixed cost is mostly round trips); the states of due items not asked for
@@ -990,6 +1068,7 @@ class ItemStore:
         def build(pipe: Any) -> None:
             for item_id in item_ids:
                 pipe.get(self.keys.item(item_id))
+                pipe.hgetall(self.keys.item_annotations(item_id))
             for p in partitions:
                 pipe.zrangebyscore(self.keys.expiry(p), "-inf", now[p], start=0, num=limit)
             for p in legacy:
@@ -999,14 +1078,19 @@ class ItemStore:
         if legacy:
             self.legacy_empty |= {p for p, n in zip(legacy, results[-len(legacy) :], strict=True) if not n}
             results = results[: -len(legacy)]
-        states = {i: v for i, v in zip(item_ids, results, strict=False) if v is not None}
+        states: dict[str, Stored] = {}
+        for n, item_id in enumerate(item_ids):
+            raw, annotations = results[2 * n], results[2 * n + 1]
+            if raw is not None:
+                full, ids = join_state(raw, annotations)
+                states[item_id] = Stored(full, raw, ids)
         expiring: list[tuple[str, int]] = []
-        for p, found in zip(partitions, results[len(item_ids) :], strict=True):
+        for p, found in zip(partitions, results[2 * len(item_ids) :], strict=True):
             expiring += [(k.decode() if isinstance(k, bytes) else k, p) for k in found]
         asked = set(item_ids)
         more = sorted({i for i, _ in expiring if i not in asked})
         if more:
-            states |= await self.load(more)
+            states |= (await self.load_due(more, {}))[0]
         return states, expiring
 
     async def watched(

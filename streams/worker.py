@@ -441,7 +441,8 @@ class Worker:
         # of an item out of retention finds what is left of it (a late review, its marker), as
         # it would have had the item been swept the moment it fell out
         now = engine.item_processor.retention_clocks(set(owned) | set(partition_of.values()), time.time())
-        loaded, expiring = await self.items.load_due(sorted(partition_of), now)
+        stored, expiring = await self.items.load_due(sorted(partition_of), now)
+        loaded = {k: v.full for k, v in stored.items()}
         for item, partition in expiring:
             partition_of.setdefault(item, partition)
         engine.items = self.parsed.parse(loaded)
@@ -456,11 +457,11 @@ class Worker:
         emits += await engine.process(records)
         known = self.parsed.known(engine.dirty, processor.arrived)
         encoded = {k: engine.items[k].encode(known) for k in engine.dirty}
-        changed = {k: b for k, (b, _) in encoded.items() if b != loaded.get(k)}
-        changed |= {k: b"" for k in processor.removed if k in loaded}
-        kept = {k: (b, engine.items[k], encoded[k][1]) for k, b in changed.items() if b}
+        changed = {k: e for k, e in encoded.items() if e[0] != loaded.get(k)}
+        changed |= {k: (b"", {}) for k in processor.removed if k in loaded}
+        kept = {k: (b, engine.items[k], spans) for k, (b, spans) in changed.items() if b}
         waiting, due = {}, {}
-        for item, b in changed.items():
+        for item, (b, _) in changed.items():
             was = watched(before[item]) if item in before else None
             waiting[item] = (partition_of.get(item, 0), was, processor.watched(item) if b else None)
             due[item] = (partition_of.get(item, 0), processor.due(engine.items[item]) if b else None)
@@ -474,7 +475,7 @@ class Worker:
         # as it was before, e.g. a round closed by a timeout or a parked review)
         progress = {f"{tp.topic}:{tp.partition}": rs[-1].offset for tp, rs in batch.items() if rs}
         await self.send(emits)
-        await self.items.store(changed, waiting, loaded, due, progress)
+        await self.items.store(changed, waiting, stored, due, progress)
         self.parsed.keep(kept)
 
     async def proficiency_step(self) -> None:

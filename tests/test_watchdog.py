@@ -201,6 +201,7 @@ def test_reads_refuse_a_redis_whose_epoch_is_gone_instead_of_reading_zeros(servi
 
 @pytest.mark.services
 def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(services: Endpoints, keys: Keys) -> None:
+    from goldstream.streams.items import ItemState
     from goldstream.streams.state import ItemConflict, ItemStore
 
     async def main() -> None:
@@ -208,13 +209,15 @@ def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(servic
         try:
             items = ItemStore(RedisState(client, keys))
             entry = Waiting(datetime.fromtimestamp(10.0, UTC), "p", 2)
-            await items.store({"i": b"s1"}, {"i": (0, None, entry)}, {})  # a new item
-            assert await items.load(["i", "j"]) == {"i": b"s1"}
-            await items.store({"i": b"s2"}, {"i": (0, entry, None)}, {"i": b"s1"})  # the owner moves on
-            await items.store({"i": b"s2"}, {}, {"i": b"s1"})  # the same write again (a retry) is fine
+            s1, s2, late = (ItemState(active_at=t).encode() for t in (1.0, 2.0, 3.0))
+            await items.store({"i": s1}, {"i": (0, None, entry)}, {})  # a new item
+            assert await items.load(["i", "j"]) == {"i": s1[0]}
+            held, _ = await items.load_due(["i"], {})
+            await items.store({"i": s2}, {"i": (0, entry, None)}, held)  # the owner moves on
+            await items.store({"i": s2}, {}, held)  # the same write again (a retry) is fine
             with pytest.raises(ItemConflict):  # a worker still holding s1 must not set it back
-                await items.store({"i": b"s1-late"}, {"i": (0, None, entry)}, {"i": b"s1"}, {"i": (0, 99.0)})
-            assert await items.load(["i"]) == {"i": b"s2"}
+                await items.store({"i": late}, {"i": (0, None, entry)}, held, {"i": (0, 99.0)})
+            assert await items.load(["i"]) == {"i": s2[0]}
             # nor put it back in the timer's index, nor in retention's
             assert await items.watched([0], rules, 1e9) == []
             assert await client.zrange(keys.expiry(0), 0, -1) == []
@@ -225,6 +228,66 @@ def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(servic
         asyncio.run(main())
     finally:
         asyncio.run(drop_keys(services.redis_url, keys.prefix))
+
+
+@pytest.mark.services
+def test_an_item_state_is_stored_as_a_head_and_each_annotation_once(services: Endpoints, keys: Keys) -> None:
+    """A state holds every annotation of its item and is written after each of its inputs: each
+    write carries the head and only the annotations the hash lacks, and removes those the state
+    no longer has. A whole state written before the split loads as it is and is split when next
+    written."""
+    from goldstream.streams.items import ItemState
+    from goldstream.streams.state import ItemStore
+
+    from tests.scenario import GOOD, annotation
+
+    a1, a2, a3 = (annotation(n, "i", f"w{n}", GOOD) for n in (1, 2, 3))
+    first = ItemState(annotations=[a1, a2], waiting=[a1.event_id, a2.event_id], active_at=1.0)
+    second = first.with_annotation(a3)
+    third = second.model_copy(update={"annotations": [a2, a3], "waiting": []})  # a1 left the item
+    old = ItemState(annotations=[a1], active_at=5.0)
+
+    async def main() -> list[Any]:
+        client = Redis.from_url(services.redis_url)
+        hash_ = keys.item_annotations("i")
+        try:
+            items = ItemStore(RedisState(client, keys))
+            seen: list[Any] = []
+            await items.store({"i": first.encode()}, {}, {})
+            seen += [await client.hlen(hash_), (await client.get(keys.item("i")))[:1], await items.load(["i"])]
+            await client.hset(hash_, a1.event_id, b"untouched")  # a write that carried a1 again would reset it
+            held, _ = await items.load_due(["i"], {})
+            await items.store({"i": second.encode()}, {}, held)
+            seen += [sorted(await client.hkeys(hash_)), await client.hget(hash_, a1.event_id)]
+            await client.hset(hash_, a1.event_id, a1.model_dump_json())
+            held, _ = await items.load_due(["i"], {})
+            seen.append(held["i"].full == second.encode()[0])
+            await items.store({"i": third.encode()}, {}, held)
+            seen += [sorted(await client.hkeys(hash_)), await items.load(["i"])]
+            await client.delete(hash_)  # an item written before the split: one whole JSON
+            await client.set(keys.item("i"), old.model_dump_json())
+            held, _ = await items.load_due(["i"], {})
+            seen.append(ItemState.model_validate_json(held["i"].full) == old)
+            await items.store({"i": first.encode()}, {}, held)
+            seen += [sorted(await client.hkeys(hash_)), await items.load(["i"])]
+            held, _ = await items.load_due(["i"], {})
+            await items.store({"i": (b"", {})}, {}, held)  # retention deletes the item
+            seen.append(await client.exists(keys.item("i"), hash_))
+            return seen
+        finally:
+            await client.aclose()
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    ids = [a.event_id.encode() for a in (a1, a2, a3)]
+    assert seen[:3] == [2, b"@", {"i": first.encode()[0]}]  # a head; loads byte for byte as encoded
+    assert seen[3:6] == [sorted(ids), b"untouched", True]  # a3 added, a1 not written again
+    assert seen[6:8] == [sorted(ids[1:]), {"i": third.encode()[0]}]  # a1 removed with the state's
+    assert seen[8] is True  # the whole state loads as it is
+    assert seen[9:11] == [sorted(ids[:2]), {"i": first.encode()[0]}]  # and is split when written
+    assert seen[11] == 0
 
 
 async def rules(projects: set[str]) -> dict[str, tuple[float, int] | None]:
@@ -238,6 +301,7 @@ async def rules(projects: set[str]) -> dict[str, tuple[float, int] | None]:
 def test_the_timer_reads_only_items_whose_round_can_be_due_and_the_old_index_whole(
     services: Endpoints, keys: Keys
 ) -> None:
+    from goldstream.streams.items import ItemState
     from goldstream.streams.state import ItemStore
 
     def at(t: float, project: str = "p", workers: int = 2) -> Waiting:
@@ -249,17 +313,18 @@ def test_the_timer_reads_only_items_whose_round_can_be_due_and_the_old_index_who
             items = ItemStore(RedisState(client, keys))
             await client.zadd(keys.waiting(0), {"old": 5.0})  # written by an earlier version
             await items.store(
-                {k: b"s" for k in "abcde"},
+                {k: ItemState().encode() for k in "abcde"},
                 {"a": (0, None, at(100)), "b": (0, None, at(950)), "c": (0, None, at(100, "q", 2)),
                  "d": (0, None, at(100, "r", 5)), "e": (1, None, at(100))},
                 {},
             )  # fmt: skip
             seen = [await items.watched([0], rules, 1000.0)]
             # c's third worker makes its round closable; a's round closed; the old entry's item moved on
-            await items.store({"c": b"s2", "a": b"s2", "old": b"s"},
+            later = ItemState(active_at=1.0).encode()
+            await items.store({"c": later, "a": later, "old": later},
                               {"c": (0, at(100, "q", 2), at(100, "q", 3)), "a": (0, at(100), None),
                                "old": (0, None, None)},
-                              {"c": b"s", "a": b"s", "old": b""})  # fmt: skip
+                              (await items.load_due(["a", "c"], {}))[0])  # fmt: skip
             seen += [await items.watched([0], rules, 1000.0), await items.watched([0, 1], rules, 2000.0)]
             seen.append(sorted(m.decode() for m in await client.smembers(keys.watch_sets(0))))
             seen.append(sorted(items.legacy_empty))
