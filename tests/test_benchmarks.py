@@ -112,6 +112,26 @@ def test_the_timer_benchmark_loads_every_state_through_the_old_index_and_none_th
     assert asyncio.run(left()) == []
 
 
+def test_the_state_benchmark_finds_whole_states_cost_more_per_annotation_as_items_grow(services: Endpoints) -> None:
+    from benchmarks.state_bench import run as state_bench
+
+    rows = asyncio.run(state_bench(Settings.load(redis_url=services.redis_url), [2, 8], items=5))
+    for kind in ("classification", "boxes"):
+        two, eight = (r for r in rows if r["content"] == kind)
+        # whole states grow with the annotations they hold; a head and one annotation hardly
+        assert eight["whole_state"]["input_bytes"] > 2 * two["whole_state"]["input_bytes"]
+        assert eight["head_and_annotations"]["input_bytes"] < 2 * two["head_and_annotations"]["input_bytes"]
+
+    async def left() -> list:
+        redis = Redis.from_url(services.redis_url)
+        try:
+            return [k async for k in redis.scan_iter(match="bench-state-*")]
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(left()) == []
+
+
 def test_the_bridge_benchmark_times_the_bridge_and_the_bare_receiver_on_the_same_deliveries(
     services: Endpoints,
 ) -> None:
