@@ -104,6 +104,25 @@ class Fault:
         raise RuntimeError("injected crash")
 
 
+def retention_entries(
+    expiring: Sequence[tuple[str, int]],
+    loaded: Mapping[str, bytes],
+    changed: Mapping[str, object],
+    due_of: Callable[[str], float | None],
+) -> dict[str, tuple[int, float | None]]:
+    """Retention index entries for the items the sweep listed that the batch does not write: an
+    item gone already loses its entry; one not out of retention after all (`item_retention_s`
+    was raised since its entry was written) moves to when it is. Else the sweep would load it
+    again at every batch until then, up to its limit per partition."""
+    out: dict[str, tuple[int, float | None]] = {}
+    for item, partition in expiring:
+        if item not in loaded:
+            out[item] = (partition, None)
+        elif item not in changed:
+            out[item] = (partition, due_of(item))
+    return out
+
+
 class ParsedItems:
     """Item states as stored in Redis, parsed, with the latest few thousand kept by their bytes:
     an item's next annotation usually finds its state as this worker wrote it, and parsing it
@@ -465,9 +484,7 @@ class Worker:
             was = watched(before[item]) if item in before else None
             waiting[item] = (partition_of.get(item, 0), was, processor.watched(item) if b else None)
             due[item] = (partition_of.get(item, 0), processor.due(engine.items[item]) if b else None)
-        for item, partition in expiring:
-            if item not in loaded:  # gone already (an index entry left behind): drop the entry
-                due[item] = (partition, None)
+        due |= retention_entries(expiring, loaded, changed, lambda item: processor.due(engine.items[item]))
         processor.removed.clear()
         engine.forget(engine.items)
         # outputs first, then the states that record them: a state must never say "done" for

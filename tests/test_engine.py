@@ -894,6 +894,18 @@ def test_the_worker_keeps_parsed_item_states_within_a_budget_of_their_json() -> 
     assert whole.parse({"i0": encoded["i0"][0]})["i0"] is not states["i0"]  # over the budget alone: not kept
 
 
+def test_the_retention_sweep_moves_the_entry_of_an_item_not_yet_out_of_retention() -> None:
+    """An item listed by the sweep that is not out of retention (the retention was raised since
+    its entry was written) gets an entry at its new deadline; one gone already loses its entry;
+    one the batch writes gets its entry with its state."""
+    from goldstream.streams.worker import retention_entries
+
+    expiring = [("gone", 0), ("kept", 0), ("written", 1)]
+    loaded = {"kept": b"{}", "written": b"{}"}
+    entries = retention_entries(expiring, loaded, {"written": (b"", {})}, {"kept": 500.0}.__getitem__)
+    assert entries == {"gone": (0, None), "kept": (0, 500.0)}
+
+
 def test_a_score_the_worker_sent_is_read_back_as_what_its_bytes_decode_to(run) -> None:
     """The proficiency step takes the ScoreRecord the worker sent for bytes it reads back instead
     of decoding them again: that holds only if every kind of score decodes to what was sent."""
