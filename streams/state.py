@@ -856,11 +856,14 @@ _ANNOTATIONS = b'"annotations":['
 
 class Stored(NamedTuple):
     """An item state as loaded: its JSON with the annotations in place (what the engine parses),
-    the value its key held (what a write compares with), and the annotations in its hash."""
+    the value its key held (what a write compares with), the annotations in its hash, and where
+    each one's JSON lies in `full` (the hash's own bytes: a state parsed afresh splices them back
+    when written, so what a worker stores stays what it loads)."""
 
     full: bytes
     raw: bytes
     ids: frozenset[str]
+    spans: dict[str, tuple[int, int]]
 
 
 def split_state(full: bytes, spans: Spans) -> tuple[bytes, dict[str, bytes]]:
@@ -876,25 +879,52 @@ def split_state(full: bytes, spans: Spans) -> tuple[bytes, dict[str, bytes]]:
     return HEAD + orjson.dumps(list(spans)) + b"\n" + head, {e: full[a:b] for e, (a, b) in spans.items()}
 
 
-def join_state(raw: bytes, annotations: Mapping[bytes, bytes]) -> tuple[bytes, frozenset[str]]:
-    """A stored value and its item's annotation hash -> the state's JSON (byte for byte what
-    `ItemState.encode` made) and the ids in the hash. A value without a head is a whole state
-    written before the split: it is its own JSON."""
+def join_state(raw: bytes, annotations: Mapping[bytes, bytes]) -> Stored:
+    """A stored value and its item's annotation hash (read together, atomically) -> the state as
+    loaded, its JSON byte for byte what `ItemState.encode` made. A value without a head is a whole
+    state written before the split: it is its own JSON. An annotation the head names and the hash
+    lacks (a key evicted or deleted by hand) is left out, and logged: the state loses it, where
+    refusing the item would stop its partition for good."""
     held = frozenset(k.decode() for k in annotations)
     if not raw.startswith(HEAD):
-        return raw, held
+        return Stored(raw, raw, held, {})
     line = raw.index(b"\n")
     ids, head = orjson.loads(raw[1:line]), raw[line + 1 :]
-    try:
-        parts = [annotations[i.encode()] for i in ids]
-    except KeyError as exc:
-        raise StateLost(f"an item state names annotation {exc.args[0]!r}, which its hash lacks") from None
-    out = head[:-1] + (b"," if len(head) > 2 else b"") + _ANNOTATIONS + b",".join(parts) + b"]}"
-    return out, held
+    out = bytearray(head[:-1])
+    out += b"," + _ANNOTATIONS if len(head) > 2 else _ANNOTATIONS
+    spans: dict[str, tuple[int, int]] = {}
+    for event_id in ids:
+        part = annotations.get(event_id.encode())
+        if part is None:
+            log.error("an item state names annotation %r, which its hash lacks: left out", event_id)
+            continue
+        if spans:
+            out += b","
+        start = len(out)
+        out += part
+        spans[event_id] = (start, len(out))
+    out += b"]}"
+    return Stored(bytes(out), raw, held, spans)
+
+
+class Candidate(NamedTuple):
+    """A timer index entry read for a check: the item, its oldest waiting submission (epoch s),
+    its input partition and the set it was found in (an earlier version's index, or a `watched`
+    set that should hold it, or not: the timer moves entries whose state says otherwise)."""
+
+    item_id: str
+    since: float
+    partition: int
+    found_in: str
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class ItemStore:
-    """Item state in Redis, read for a batch in one round trip and written back in one.
+    """Item state in Redis, read for a batch in one round trip and written back in two (the
+    states, then the index entries of those written).
 
     It replaced a Faust table: with it, the score step runs on a plain consumer group that
     commits only what it applied (faust-streaming committed offsets of events it never processed
@@ -906,10 +936,17 @@ class ItemStore:
         self.keys = state.keys
         self._swap: AsyncScript = state.client.register_script(self.SWAP)
         self._prune: AsyncScript = state.client.register_script(self.PRUNE)
-        state.guard.scripts += [self._swap, self._prune]
+        self._load: AsyncScript = state.client.register_script(self.LOAD)
+        state.guard.scripts += [self._swap, self._prune, self._load]
         # partitions whose old timer index (`Keys.waiting`) the timer last found empty: changes
         # there no longer remove entries from it
         self.legacy_empty: set[int] = set()
+
+    # an item's head and annotations, read together: a write between two reads could delete
+    # annotations the head read first still names (retention, the per-item limit)
+    LOAD = """
+    return {redis.call('GET', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+    """
 
     async def load(self, item_ids: Sequence[str]) -> dict[str, bytes]:
         """The states of `item_ids` (those that have one), as JSON."""
@@ -1020,6 +1057,26 @@ class ItemStore:
         gone = [e for e in held if e not in annotations]
         return keys, [expected, head, len(added), *(x for pair in added for x in pair), *gone]
 
+    def _watch(self, pipe: Any, item_id: str, partition: int, entry: Waiting) -> None:
+        pipe.zadd(self.keys.watched(partition, entry.workers, entry.project_id), {item_id: entry.since.timestamp()})
+        pipe.sadd(self.keys.watch_sets(partition), f"{entry.workers}:{entry.project_id}")
+
+    async def rewatch(self, moves: Sequence[tuple[str, int, str, Waiting | None]]) -> None:
+        """Move timer entries found in the wrong set: (item, partition, the set it was found in,
+        its entry as its state says, None: none). The caller holds the score step's lock and read
+        the states under it, so they are the ones the entries must follow."""
+
+        async def call() -> list[Any]:
+            pipe = self.state.client.pipeline(transaction=False)
+            for item_id, partition, found_in, entry in moves:
+                pipe.zrem(found_in, item_id)
+                if entry is not None:
+                    self._watch(pipe, item_id, partition, entry)
+            return await pipe.execute()
+
+        if moves:
+            await self.state.guard.run(call, "waiting")
+
     def _index_writes(
         self,
         pipe: Any,
@@ -1034,14 +1091,11 @@ class ItemStore:
                 continue
             if partition not in self.legacy_empty:
                 pipe.zrem(self.keys.waiting(partition), item_id)
-            if was == now:
-                continue
-            if was is not None:
+            if was is not None and (now is None or (was.workers, was.project_id) != (now.workers, now.project_id)):
                 pipe.zrem(self.keys.watched(partition, was.workers, was.project_id), item_id)
-            if now is not None:
-                key = self.keys.watched(partition, now.workers, now.project_id)
-                pipe.zadd(key, {item_id: now.since.timestamp()})
-                pipe.sadd(self.keys.watch_sets(partition), f"{now.workers}:{now.project_id}")
+            if now is not None:  # written even when unchanged: it may be missing (an earlier version's
+                # item, in the old index only; a worker that died between a batch's states and entries)
+                self._watch(pipe, item_id, partition, now)
         for item_id, (partition, when) in due.items():
             if item_id in skip:
                 continue
@@ -1067,8 +1121,7 @@ class ItemStore:
 
         def build(pipe: Any) -> None:
             for item_id in item_ids:
-                pipe.get(self.keys.item(item_id))
-                pipe.hgetall(self.keys.item_annotations(item_id))
+                evalsha(pipe, self._load, [self.keys.item(item_id), self.keys.item_annotations(item_id)], [])
             for p in partitions:
                 pipe.zrangebyscore(self.keys.expiry(p), "-inf", now[p], start=0, num=limit)
             for p in legacy:
@@ -1079,13 +1132,11 @@ class ItemStore:
             self.legacy_empty |= {p for p, n in zip(legacy, results[-len(legacy) :], strict=True) if not n}
             results = results[: -len(legacy)]
         states: dict[str, Stored] = {}
-        for n, item_id in enumerate(item_ids):
-            raw, annotations = results[2 * n], results[2 * n + 1]
+        for item_id, (raw, flat) in zip(item_ids, results, strict=False):
             if raw is not None:
-                full, ids = join_state(raw, annotations)
-                states[item_id] = Stored(full, raw, ids)
+                states[item_id] = join_state(raw, dict(zip(flat[::2], flat[1::2], strict=True)))
         expiring: list[tuple[str, int]] = []
-        for p, found in zip(partitions, results[2 * len(item_ids) :], strict=True):
+        for p, found in zip(partitions, results[len(item_ids) :], strict=True):
             expiring += [(k.decode() if isinstance(k, bytes) else k, p) for k in found]
         asked = set(item_ids)
         more = sorted({i for i, _ in expiring if i not in asked})
@@ -1095,12 +1146,13 @@ class ItemStore:
 
     async def watched(
         self, partitions: Sequence[int], rules: Callable[[set[str]], Awaitable[Rules]], now: float, slack: float = 1.0
-    ) -> list[tuple[str, float]]:
-        """(item, oldest waiting submission) of the items of these partitions whose round may be
-        due at `now` (epoch s) under `rules` (project -> (timeout, minimum annotators), asked for
-        the projects found), and every item of the old whole-partition index. `slack`: also those
-        due that many seconds later (the engine decides exactly). Three round trips, however many
-        items wait: the timer loads only these items' states."""
+    ) -> list[Candidate]:
+        """The entries of the items of these partitions whose round may be due at `now` (epoch s)
+        under `rules` (project -> (timeout, minimum annotators), asked for the projects found),
+        and every entry of the old whole-partition index, sorted. `slack`: also those due that
+        many seconds later (the engine decides exactly). A few round trips however many items
+        wait (the sets, the criteria, the due prefixes, and unlisting sets found empty): the timer
+        loads only these items' states."""
         slack = max(slack, 0.0)
 
         def listed(pipe: Any) -> None:
@@ -1110,7 +1162,7 @@ class ItemStore:
 
         found = await self.state.read(listed, "waiting")
         sets: list[tuple[int, int, str]] = []
-        out: dict[str, float] = {}
+        out: list[Candidate] = []
         for p, members, legacy in zip(partitions, found[::2], found[1::2], strict=True):
             for m in members:
                 workers, _, project = (m.decode() if isinstance(m, bytes) else m).partition(":")
@@ -1119,10 +1171,9 @@ class ItemStore:
                 self.legacy_empty.discard(p)
             else:
                 self.legacy_empty.add(p)
-            for k, v in legacy:
-                out.setdefault(k.decode() if isinstance(k, bytes) else k, float(v))
+            out += [Candidate(_text(k), float(v), p, self.keys.waiting(p)) for k, v in legacy]
         if not sets:
-            return sorted(out.items())
+            return sorted(out)
         known = await rules({project for _, _, project in sets})
         read = [(p, w, project, rule) for p, w, project in sets if (rule := known.get(project)) and w >= rule[1]]
 
@@ -1133,13 +1184,12 @@ class ItemStore:
                 pipe.zrangebyscore(self.keys.watched(p, w, project), "-inf", now - timeout + slack, withscores=True)
 
         results = await self.state.read(ranges, "waiting")
-        for entries in results[len(sets) :]:
-            for k, v in entries:
-                out.setdefault(k.decode() if isinstance(k, bytes) else k, float(v))
+        for (p, w, project, _), entries in zip(read, results[len(sets) :], strict=True):
+            out += [Candidate(_text(k), float(v), p, self.keys.watched(p, w, project)) for k, v in entries]
         empty = [entry for entry, n in zip(sets, results, strict=False) if n == 0]
         if empty:
             await self._prune_sets(empty)
-        return sorted(out.items())
+        return sorted(out)
 
     async def _prune_sets(self, empty: Sequence[tuple[int, int, str]]) -> None:
         """Unlist sets found empty (each checked again inside the script)."""

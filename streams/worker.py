@@ -46,6 +46,7 @@ from goldstream.streams.settings import Settings
 from goldstream.streams.state import (
     SOCKET_TIMEOUT_S,
     AlertFlags,
+    Candidate,
     CriteriaStore,
     ItemStore,
     Keys,
@@ -53,6 +54,7 @@ from goldstream.streams.state import (
     RedisGuard,
     RedisState,
     StateLost,
+    Stored,
     connect,
 )
 from goldstream.streams.topics import Topics
@@ -147,21 +149,38 @@ class ParsedItems:
             out[item_id] = kept[1] if kept is not None and kept[0] == raw else ItemState.model_validate_json(raw)
         return out
 
-    def known(self, item_ids: Iterable[str], arrived: Sequence[tuple[object, bytes]]) -> dict[int, bytes | memoryview]:
+    def known(
+        self,
+        item_ids: Iterable[str],
+        arrived: Sequence[tuple[object, bytes]],
+        states: Mapping[str, ItemState] | None = None,
+        loaded: Mapping[str, Stored] | None = None,
+    ) -> dict[int, bytes | memoryview]:
         """JSON of annotations by `id()` (`ItemState.encode`): those that arrived in the batch,
-        and those of the kept states of `item_ids`. The objects are alive (kept here, or in the
-        batch), so their ids name them."""
+        those of the kept states of `item_ids`, and those of `states` parsed afresh from what
+        was `loaded` (the bytes Redis holds for them: stored again as they are, a state stays
+        what it loads as, and the next load finds it kept). The objects are alive (kept here, in
+        the batch, or in `states`), so their ids name them."""
         out: dict[int, bytes | memoryview] = {id(a): raw for a, raw in arrived}
         for item_id in item_ids:
-            kept = self._kept.get(item_id)
-            if kept is None:
-                continue
-            view = memoryview(kept[0])
-            for a in kept[1].annotations:
-                span = kept[2].get(a.event_id)
-                if span is not None:
-                    out[id(a)] = view[span[0] : span[1]]
+            for raw, st, spans in (self._kept.get(item_id) or (b"", None, {}), self._loaded(item_id, states, loaded)):
+                if st is None:
+                    continue
+                view = memoryview(raw)
+                for a in st.annotations:
+                    span = spans.get(a.event_id)
+                    if span is not None:
+                        out.setdefault(id(a), view[span[0] : span[1]])
         return out
+
+    @staticmethod
+    def _loaded(
+        item_id: str, states: Mapping[str, ItemState] | None, loaded: Mapping[str, Stored] | None
+    ) -> tuple[bytes, ItemState | None, Mapping[str, tuple[int, int]]]:
+        found = loaded.get(item_id) if loaded is not None else None
+        if found is None or not found.spans or states is None:
+            return b"", None, {}
+        return found.full, states.get(item_id), found.spans
 
     def keep(self, states: Mapping[str, tuple[bytes, ItemState, dict[str, tuple[int, int]]]]) -> None:
         for item_id, entry in states.items():
@@ -323,6 +342,9 @@ class Worker:
         self.state = RedisState(self.redis, self.keys, settings.dedup_ttl_s, self.guard)
         self.items = ItemStore(self.state)
         self.parsed = ParsedItems()
+        # held by the score step for a batch, from its loads to its writes; the consensus timer
+        # takes it to move index entries by states that cannot change under it meanwhile
+        self.score_lock = asyncio.Lock()
         self.sent = SentScores()
         self.health = Health()
         self.metrics = Metrics(self.guard)
@@ -405,7 +427,7 @@ class Worker:
     # ------------------------------------------------------------------ steps
 
     async def score_step(self) -> None:
-        lock = asyncio.Lock()
+        lock = self.score_lock
         commits = Commits(lambda batch: self.commit(consumer, batch))
         revoke = _Revoke(lock, self.health, "score", commits)
         consumer = self.consumer("score", self.settings.app_id, SCORE_INPUTS, revoke)
@@ -460,6 +482,7 @@ class Worker:
         # of an item out of retention finds what is left of it (a late review, its marker), as
         # it would have had the item been swept the moment it fell out
         now = engine.item_processor.retention_clocks(set(owned) | set(partition_of.values()), time.time())
+        named = set(partition_of)
         stored, expiring = await self.items.load_due(sorted(partition_of), now)
         loaded = {k: v.full for k, v in stored.items()}
         for item, partition in expiring:
@@ -474,7 +497,7 @@ class Worker:
             await engine.count_dead(emits)
             self.metrics.items_expired(len([i for i, _ in expiring if i in loaded]))
         emits += await engine.process(records)
-        known = self.parsed.known(engine.dirty, processor.arrived)
+        known = self.parsed.known(engine.dirty, processor.arrived, engine.items, stored)
         encoded = {k: engine.items[k].encode(known) for k in engine.dirty}
         changed = {k: e for k, e in encoded.items() if e[0] != loaded.get(k)}
         changed |= {k: (b"", {}) for k in processor.removed if k in loaded}
@@ -485,6 +508,12 @@ class Worker:
             waiting[item] = (partition_of.get(item, 0), was, processor.watched(item) if b else None)
             due[item] = (partition_of.get(item, 0), processor.due(engine.items[item]) if b else None)
         due |= retention_entries(expiring, loaded, changed, lambda item: processor.due(engine.items[item]))
+        for item in named & (loaded.keys() - changed.keys() - due.keys()):
+            # inputs seen before (a redelivery): the state has them, but the index entries written
+            # after it may not, had the worker died in between; written again, they are
+            st = engine.items[item]
+            waiting[item] = (partition_of[item], watched(st), watched(st))
+            due[item] = (partition_of[item], processor.due(st))
         processor.removed.clear()
         engine.forget(engine.items)
         # outputs first, then the states that record them: a state must never say "done" for
@@ -536,11 +565,36 @@ class Worker:
             candidates = await self.items.watched(mine, rules, time.time()) if mine else []
             if not candidates:
                 continue
-            engine.items = self.parsed.parse(await self.items.load([item for item, _ in candidates]))
-            when = [(item, datetime.fromtimestamp(t, UTC)) for item, t in candidates]
+            engine.items = self.parsed.parse(await self.items.load(sorted({c.item_id for c in candidates})))
+            misplaced = [c for c in candidates if self._misplaced(c, engine.items.get(c.item_id))]
+            # each item once, since when its state says it waits (an entry left behind may be older)
+            entries = {item: e for item, st in engine.items.items() if (e := watched(st)) is not None}
+            when = [(item, e.since) for item, e in sorted(entries.items())]
             requests = await engine.timed_out(datetime.now(UTC), when)
             await self.send([Emit("control", r.item_id, r) for r in requests])
             engine.forget(engine.items)
+            if misplaced:
+                await self.rewatch(misplaced)
+
+    def _misplaced(self, c: Candidate, st: ItemState | None) -> bool:
+        """Whether an entry the timer read is not where the item's state puts it: an earlier
+        version's index, or a set left behind (a worker that died between a batch's states and
+        its entries, or whose partitions moved on meanwhile)."""
+        entry = watched(st) if st is not None else None
+        return entry is None or c.found_in != self.keys.watched(c.partition, entry.workers, entry.project_id)
+
+    async def rewatch(self, misplaced: Sequence[Candidate]) -> None:
+        """Move misplaced timer entries to where their states, read again under the score step's
+        lock (so no batch of this worker is between its loads and its writes), put them. An
+        earlier version's index drains so, and a set left behind empties."""
+        async with self.score_lock:
+            fresh = self.parsed.parse(await self.items.load(sorted({c.item_id for c in misplaced})))
+            moves = []
+            for c in misplaced:
+                st = fresh.get(c.item_id)
+                if self._misplaced(c, st):
+                    moves.append((c.item_id, c.partition, c.found_in, watched(st) if st is not None else None))
+            await self.items.rewatch(moves)
 
     async def watchdog(self) -> None:
         """Ends a worker whose partitions have lag and no progress for `stall_timeout_s`, and keeps
