@@ -56,7 +56,7 @@ async def _check(store: ItemStore, parsed: ParsedItems) -> tuple[float, float, i
 
     t0, c0 = time.perf_counter(), time.process_time()
     found = await store.watched([0], rules, time.time())
-    loaded = await store.load([item for item, _ in found])
+    loaded = await store.load(sorted({c.item_id for c in found}))
     states = parsed.parse(loaded)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     del states
