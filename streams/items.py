@@ -654,8 +654,7 @@ class ItemProcessor:
 
     def watched(self, item_id: str) -> Waiting | None:
         """The item's entry in the worker's timer index (`watched` of its current state)."""
-        found = self._waiting.get(item_id)
-        return None if found is None or found.workers < MIN_ANNOTATORS else found
+        return _timed(self._waiting.get(item_id))
 
     def forget(self, item_ids: Iterable[str]) -> None:
         """Drop items from the in-memory index once their state is stored elsewhere (the worker
@@ -706,7 +705,10 @@ def watched(st: ItemState) -> Waiting | None:
     only once its waiting annotations come from at least `MIN_ANNOTATORS` workers. Items with one
     annotator can wait until retention, and no round of fewer closes: a timer that loaded them
     all at every check did work that grew with the items waiting, not with the rounds due."""
-    found = waiting_of(st)
+    return _timed(waiting_of(st))
+
+
+def _timed(found: Waiting | None) -> Waiting | None:
     return None if found is None or found.workers < MIN_ANNOTATORS else found
 
 

@@ -922,6 +922,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _member(workers: int, project_id: str) -> str:
+    """A `watched` set's name in its partition's list (`Keys.watch_sets`), parsed by `watched`."""
+    return f"{workers}:{project_id}"
+
+
 class ItemStore:
     """Item state in Redis, read for a batch in one round trip and written back in two (the
     states, then the index entries of those written).
@@ -1059,7 +1064,7 @@ class ItemStore:
 
     def _watch(self, pipe: Any, item_id: str, partition: int, entry: Waiting) -> None:
         pipe.zadd(self.keys.watched(partition, entry.workers, entry.project_id), {item_id: entry.since.timestamp()})
-        pipe.sadd(self.keys.watch_sets(partition), f"{entry.workers}:{entry.project_id}")
+        pipe.sadd(self.keys.watch_sets(partition), _member(entry.workers, entry.project_id))
 
     async def rewatch(self, moves: Sequence[tuple[str, int, str, Waiting | None]]) -> None:
         """Move timer entries found in the wrong set: (item, partition, the set it was found in,
@@ -1137,7 +1142,7 @@ class ItemStore:
                 states[item_id] = join_state(raw, dict(zip(flat[::2], flat[1::2], strict=True)))
         expiring: list[tuple[str, int]] = []
         for p, found in zip(partitions, results[len(item_ids) :], strict=True):
-            expiring += [(k.decode() if isinstance(k, bytes) else k, p) for k in found]
+            expiring += [(_text(k), p) for k in found]
         asked = set(item_ids)
         more = sorted({i for i, _ in expiring if i not in asked})
         if more:
@@ -1165,7 +1170,7 @@ class ItemStore:
         out: list[Candidate] = []
         for p, members, legacy in zip(partitions, found[::2], found[1::2], strict=True):
             for m in members:
-                workers, _, project = (m.decode() if isinstance(m, bytes) else m).partition(":")
+                workers, _, project = _text(m).partition(":")
                 sets.append((p, int(workers), project))
             if legacy:
                 self.legacy_empty.discard(p)
@@ -1201,7 +1206,7 @@ class ItemStore:
             pipe = self.state.client.pipeline(transaction=False)
             for p, entries in by_partition.items():
                 keys = [self.keys.watch_sets(p)] + [self.keys.watched(p, w, project) for w, project in entries]
-                evalsha(pipe, self._prune, keys, [f"{w}:{project}" for w, project in entries])
+                evalsha(pipe, self._prune, keys, [_member(w, project) for w, project in entries])
             return await pipe.execute()
 
         await self.state.guard.run(call, "waiting")

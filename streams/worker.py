@@ -129,8 +129,7 @@ class ParsedItems:
     """Item states as stored in Redis, parsed, with the latest few thousand kept by their bytes:
     an item's next annotation usually finds its state as this worker wrote it, and parsing it
     again (every annotation of the item, validated) was a large share of the score step. The
-    bytes decide, so a state another worker wrote is parsed afresh. Each kept state also keeps
-    where its annotations' JSON lies in its bytes, so storing it again splices them in.
+    bytes decide, so a state another worker wrote is parsed afresh.
 
     Bounded by count (`size`) and by the JSON the kept states came from (`budget`): a parsed state
     takes about ten times its JSON (16 KB a kept annotation on the QC workloads), so a count alone
@@ -140,7 +139,7 @@ class ParsedItems:
         self.size = size
         self.budget = budget
         self._bytes = 0
-        self._kept: OrderedDict[str, tuple[bytes, ItemState, dict[str, tuple[int, int]]]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[bytes, ItemState]] = OrderedDict()
 
     def parse(self, loaded: Mapping[str, bytes]) -> dict[str, ItemState]:
         out = {}
@@ -149,40 +148,32 @@ class ParsedItems:
             out[item_id] = kept[1] if kept is not None and kept[0] == raw else ItemState.model_validate_json(raw)
         return out
 
+    @staticmethod
     def known(
-        self,
         item_ids: Iterable[str],
         arrived: Sequence[tuple[object, bytes]],
         states: Mapping[str, ItemState] | None = None,
         loaded: Mapping[str, Stored] | None = None,
     ) -> dict[int, bytes | memoryview]:
         """JSON of annotations by `id()` (`ItemState.encode`): those that arrived in the batch,
-        those of the kept states of `item_ids`, and those of `states` parsed afresh from what
-        was `loaded` (the bytes Redis holds for them: stored again as they are, a state stays
-        what it loads as, and the next load finds it kept). The objects are alive (kept here, in
-        the batch, or in `states`), so their ids name them."""
+        and those of `states` (`item_ids` of them) as they lie in what was `loaded` (the bytes
+        Redis holds: stored again as they are, a state stays what it loads as, and the next load
+        finds it kept, whether it was kept or parsed afresh). The objects are alive (in the
+        batch, or in `states`), so their ids name them."""
         out: dict[int, bytes | memoryview] = {id(a): raw for a, raw in arrived}
         for item_id in item_ids:
-            for raw, st, spans in (self._kept.get(item_id) or (b"", None, {}), self._loaded(item_id, states, loaded)):
-                if st is None:
-                    continue
-                view = memoryview(raw)
-                for a in st.annotations:
-                    span = spans.get(a.event_id)
-                    if span is not None:
-                        out.setdefault(id(a), view[span[0] : span[1]])
+            found = loaded.get(item_id) if loaded is not None else None
+            st = states.get(item_id) if states is not None else None
+            if found is None or st is None or not found.spans:
+                continue
+            view = memoryview(found.full)
+            for a in st.annotations:
+                span = found.spans.get(a.event_id)
+                if span is not None:
+                    out.setdefault(id(a), view[span[0] : span[1]])
         return out
 
-    @staticmethod
-    def _loaded(
-        item_id: str, states: Mapping[str, ItemState] | None, loaded: Mapping[str, Stored] | None
-    ) -> tuple[bytes, ItemState | None, Mapping[str, tuple[int, int]]]:
-        found = loaded.get(item_id) if loaded is not None else None
-        if found is None or not found.spans or states is None:
-            return b"", None, {}
-        return found.full, states.get(item_id), found.spans
-
-    def keep(self, states: Mapping[str, tuple[bytes, ItemState, dict[str, tuple[int, int]]]]) -> None:
+    def keep(self, states: Mapping[str, tuple[bytes, ItemState]]) -> None:
         for item_id, entry in states.items():
             old = self._kept.get(item_id)
             self._bytes += len(entry[0]) - (0 if old is None else len(old[0]))
@@ -501,7 +492,7 @@ class Worker:
         encoded = {k: engine.items[k].encode(known) for k in engine.dirty}
         changed = {k: e for k, e in encoded.items() if e[0] != loaded.get(k)}
         changed |= {k: (b"", {}) for k in processor.removed if k in loaded}
-        kept = {k: (b, engine.items[k], spans) for k, (b, spans) in changed.items() if b}
+        kept = {k: (b, engine.items[k]) for k, (b, _) in changed.items() if b}
         waiting, due = {}, {}
         for item, (b, _) in changed.items():
             was = watched(before[item]) if item in before else None

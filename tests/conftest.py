@@ -7,12 +7,14 @@ import asyncio
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from goldstream.streams.state import Keys, connect
 from goldstream.streams.topics import Topics
+from redis.asyncio import Redis
 
 from goldstream.services import EmbeddedServices, Endpoints, from_env
 
@@ -86,6 +88,38 @@ async def drop_keys(url: str, prefix: str, cluster: bool = False) -> None:
             await client.delete(key)
     finally:
         await client.aclose()
+
+
+T = TypeVar("T")
+
+
+def on_redis(services: Endpoints, keys: Keys, main: Callable[[Redis], Awaitable[T]]) -> T:
+    """Run `main` with a client of the test's Redis, then drop the test's keys."""
+
+    async def go() -> T:
+        client = Redis.from_url(services.redis_url)
+        try:
+            return await main(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+
+
+def keys_left(url: str, match: str) -> list[bytes]:
+    """Keys of a Redis that match a pattern (what a benchmark must not leave behind)."""
+
+    async def go() -> list[bytes]:
+        client = Redis.from_url(url)
+        try:
+            return [k async for k in client.scan_iter(match=match)]
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
 
 
 @pytest.fixture

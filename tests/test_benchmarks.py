@@ -17,7 +17,7 @@ from benchmarks.qc_bench import evaluate, independent_case, own_case, run_goldst
 from benchmarks.replay_bench import run as replay_bench
 from benchmarks.stream_bench import CpuMeter, latencies, listener_pid, percentiles
 from goldstream.services import Endpoints
-from tests.conftest import drop_keys
+from tests.conftest import drop_keys, keys_left
 
 
 def _score(project: str, ann: str, kind: str, n: int) -> bytes:
@@ -83,14 +83,7 @@ def test_the_replay_benchmark_times_both_ways_on_every_workforce_and_leaves_no_k
         assert r["scores"] == r["scores_batch_1"] > 0  # the same history scored either way
         assert r["annotations_per_s"] > 0 and r["batch_1_annotations_per_s"] > 0
 
-    async def left() -> list:
-        redis = Redis.from_url(services.redis_url)
-        try:
-            return [k async for k in redis.scan_iter(match="bench-replay-*")]
-        finally:
-            await redis.aclose()
-
-    assert asyncio.run(left()) == []
+    assert keys_left(services.redis_url, "bench-replay-*") == []
 
 
 def test_the_timer_benchmark_loads_every_state_through_the_old_index_and_none_through_the_sets(
@@ -102,14 +95,7 @@ def test_the_timer_benchmark_loads_every_state_through_the_old_index_and_none_th
     assert row["whole_index"]["loaded"] == 50 and row["whole_index"]["bytes"] > 50 * 1000
     assert row["per_project_sets"]["loaded"] == 0  # none of the rounds is due for an hour
 
-    async def left() -> list:
-        redis = Redis.from_url(services.redis_url)
-        try:
-            return [k async for k in redis.scan_iter(match="bench-timer-*")]
-        finally:
-            await redis.aclose()
-
-    assert asyncio.run(left()) == []
+    assert keys_left(services.redis_url, "bench-timer-*") == []
 
 
 def test_the_state_benchmark_finds_whole_states_cost_more_per_annotation_as_items_grow(services: Endpoints) -> None:
@@ -122,14 +108,7 @@ def test_the_state_benchmark_finds_whole_states_cost_more_per_annotation_as_item
         assert eight["whole_state"]["input_bytes"] > 2 * two["whole_state"]["input_bytes"]
         assert eight["head_and_annotations"]["input_bytes"] < 2 * two["head_and_annotations"]["input_bytes"]
 
-    async def left() -> list:
-        redis = Redis.from_url(services.redis_url)
-        try:
-            return [k async for k in redis.scan_iter(match="bench-state-*")]
-        finally:
-            await redis.aclose()
-
-    assert asyncio.run(left()) == []
+    assert keys_left(services.redis_url, "bench-state-*") == []
 
 
 def test_the_bridge_benchmark_times_the_bridge_and_the_bare_receiver_on_the_same_deliveries(
@@ -155,14 +134,7 @@ def test_the_ops_benchmark_times_metrics_against_the_engine_and_the_api_and_leav
     assert 0 < figures["metrics_share"] < 1
     assert set(figures["api"]) == {"leaderboard", "labels", "report", "worker"}
 
-    async def left() -> list:
-        redis = Redis.from_url(services.redis_url)
-        try:
-            return [k async for k in redis.scan_iter(match="bench-ops-*")]
-        finally:
-            await redis.aclose()
-
-    assert asyncio.run(left()) == []
+    assert keys_left(services.redis_url, "bench-ops-*") == []
 
 
 _BURN = """

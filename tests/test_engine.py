@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import pytest
@@ -19,10 +19,8 @@ from redis.asyncio import Redis
 
 from goldstream import schemas as s
 from goldstream.services import Endpoints
-from tests.conftest import drop_keys
+from tests.conftest import drop_keys, on_redis
 from tests.scenario import BAD, GOLD_CONTENT, GOOD, T0, annotation, boxes, criteria, gold, record, records, review
-
-T = TypeVar("T")
 
 
 @pytest.fixture
@@ -43,22 +41,6 @@ def run(services: Endpoints, keys: Keys) -> Iterator[Any]:
 
     yield go
     asyncio.run(drop_keys(services.redis_url, keys.prefix))
-
-
-def on_redis(services: Endpoints, keys: Keys, main: Callable[[Redis], Awaitable[T]]) -> T:
-    """Run `main` with a client of the test's Redis, then drop the test's keys."""
-
-    async def go() -> T:
-        client = Redis.from_url(services.redis_url)
-        try:
-            return await main(client)
-        finally:
-            await client.aclose()
-
-    try:
-        return asyncio.run(go())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
 
 
 def gold_scores(anns: Sequence[s.AnnotationSubmitted], c: s.ProjectCriteria) -> list[s.ScoreRecord]:
@@ -862,14 +844,14 @@ def test_the_worker_reuses_an_item_state_it_wrote_and_parses_one_another_worker_
     from goldstream.streams.worker import ParsedItems
 
     mine = ItemState().with_annotation(annotation(1, "i1", "w1", GOOD))
-    raw, spans = mine.encode()
+    raw, _ = mine.encode()
     parsed = ParsedItems(size=2)
-    parsed.keep({"i1": (raw, mine, spans)})
+    parsed.keep({"i1": (raw, mine)})
     assert parsed.parse({"i1": raw})["i1"] is mine  # as this worker wrote it: not parsed again
     theirs = mine.with_annotation(annotation(2, "i1", "w2", GOOD))
     again = parsed.parse({"i1": theirs.model_dump_json().encode()})["i1"]
     assert again is not mine and again == theirs  # another worker wrote it since: parsed afresh
-    parsed.keep({"i2": (b"{}", ItemState(), {}), "i3": (b"{}", ItemState(), {})})
+    parsed.keep({"i2": (b"{}", ItemState()), "i3": (b"{}", ItemState())})
     assert parsed.parse({"i1": raw})["i1"] is not mine  # the oldest was let go: memory stays bounded
 
 
@@ -883,14 +865,14 @@ def test_the_worker_keeps_parsed_item_states_within_a_budget_of_their_json() -> 
     encoded = {k: st.encode() for k, st in states.items()}
     size = len(encoded["i0"][0])
     parsed = ParsedItems(size=10, budget=2 * size + size // 2)
-    for k, (raw, spans) in encoded.items():
-        parsed.keep({k: (raw, states[k], spans)})
+    for k, (raw, _) in encoded.items():
+        parsed.keep({k: (raw, states[k])})
     again = parsed.parse({k: raw for k, (raw, _) in encoded.items()})
     assert [k for k in states if again[k] is states[k]] == ["i2", "i3"]  # two fit the budget
-    parsed.keep({"i3": (encoded["i3"][0], states["i3"], encoded["i3"][1])})  # kept again: counted once
+    parsed.keep({"i3": (encoded["i3"][0], states["i3"])})  # kept again: counted once
     assert parsed._bytes == len(encoded["i2"][0]) + len(encoded["i3"][0])
     whole = ParsedItems(size=10, budget=size // 2)
-    whole.keep({"i0": (encoded["i0"][0], states["i0"], encoded["i0"][1])})
+    whole.keep({"i0": (encoded["i0"][0], states["i0"])})
     assert whole.parse({"i0": encoded["i0"][0]})["i0"] is not states["i0"]  # over the budget alone: not kept
 
 
@@ -1052,9 +1034,10 @@ def test_a_proficiency_batch_with_one_project_only_redelivered_judges_the_other_
 
 def test_a_stored_item_state_splices_in_its_annotations_json_and_parses_back_equal() -> None:
     """The worker stores a state with its annotations' JSON as they arrived (any layout) or as
-    they lie in the state it parsed, not dumped again: what it stores must parse back to the
-    very state, and the next store from the kept spans must give the same bytes."""
+    they lie in the state it loaded, not dumped again: what it stores must parse back to the
+    very state, and the next store from the spans it loaded must give the same bytes."""
     from goldstream.streams.engine import ItemState
+    from goldstream.streams.state import join_state, split_state
     from goldstream.streams.worker import ParsedItems
 
     anns = [annotation(n, "i1", f"w{n}", GOOD if n % 2 else BAD) for n in range(3)]
@@ -1065,11 +1048,12 @@ def test_a_stored_item_state_splices_in_its_annotations_json_and_parses_back_equ
     assert b'\n  "event_id"' in raw  # the arrived layout was spliced in, not dumped again
     assert ItemState.model_validate_json(raw) == st
     assert [orjson.loads(raw[i:j])["event_id"] for i, j in spans.values()] == [a.event_id for a in anns]
-    parsed.keep({"i1": (raw, st, spans)})
-    again, _ = st.encode(parsed.known(["i1"], []))
+    head, parts = split_state(raw, spans)  # as Redis holds it, and loads it back
+    loaded = {"i1": join_state(head, {k.encode(): v for k, v in parts.items()})}
+    again, _ = st.encode(parsed.known(["i1"], [], {"i1": st}, loaded))
     assert again == raw
     grown = st.with_annotation(annotation(3, "i1", "w3", GOOD))
-    more, _ = grown.encode(parsed.known(["i1"], []))
+    more, _ = grown.encode(parsed.known(["i1"], [], {"i1": grown}, loaded))
     assert ItemState.model_validate_json(more) == grown and more.startswith(raw[: spans[anns[0].event_id][0]])
     assert ItemState.model_validate_json(ItemState().encode()[0]) == ItemState()
 

@@ -31,7 +31,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from goldstream.services import Endpoints
-from tests.conftest import drop_keys
+from tests.conftest import on_redis
 
 
 def test_a_worker_with_lag_is_stalled_only_once_nothing_moved_for_the_whole_timeout() -> None:
@@ -204,30 +204,23 @@ def test_an_item_state_is_written_only_over_the_state_it_was_derived_from(servic
     from goldstream.streams.items import ItemState
     from goldstream.streams.state import ItemConflict, ItemStore
 
-    async def main() -> None:
-        client = Redis.from_url(services.redis_url)
-        try:
-            items = ItemStore(RedisState(client, keys))
-            entry = Waiting(datetime.fromtimestamp(10.0, UTC), "p", 2)
-            s1, s2, late = (ItemState(active_at=t).encode() for t in (1.0, 2.0, 3.0))
-            await items.store({"i": s1}, {"i": (0, None, entry)}, {})  # a new item
-            assert await items.load(["i", "j"]) == {"i": s1[0]}
-            held, _ = await items.load_due(["i"], {})
-            await items.store({"i": s2}, {"i": (0, entry, None)}, held)  # the owner moves on
-            await items.store({"i": s2}, {}, held)  # the same write again (a retry) is fine
-            with pytest.raises(ItemConflict):  # a worker still holding s1 must not set it back
-                await items.store({"i": late}, {"i": (0, None, entry)}, held, {"i": (0, 99.0)})
-            assert await items.load(["i"]) == {"i": s2[0]}
-            # nor put it back in the timer's index, nor in retention's
-            assert await items.watched([0], rules, 1e9) == []
-            assert await client.zrange(keys.expiry(0), 0, -1) == []
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> None:
+        items = ItemStore(RedisState(client, keys))
+        entry = Waiting(datetime.fromtimestamp(10.0, UTC), "p", 2)
+        s1, s2, late = (ItemState(active_at=t).encode() for t in (1.0, 2.0, 3.0))
+        await items.store({"i": s1}, {"i": (0, None, entry)}, {})  # a new item
+        assert await items.load(["i", "j"]) == {"i": s1[0]}
+        held, _ = await items.load_due(["i"], {})
+        await items.store({"i": s2}, {"i": (0, entry, None)}, held)  # the owner moves on
+        await items.store({"i": s2}, {}, held)  # the same write again (a retry) is fine
+        with pytest.raises(ItemConflict):  # a worker still holding s1 must not set it back
+            await items.store({"i": late}, {"i": (0, None, entry)}, held, {"i": (0, 99.0)})
+        assert await items.load(["i"]) == {"i": s2[0]}
+        # nor put it back in the timer's index, nor in retention's
+        assert await items.watched([0], rules, 1e9) == []
+        assert await client.zrange(keys.expiry(0), 0, -1) == []
 
-    try:
-        asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    on_redis(services, keys, main)
 
 
 @pytest.mark.services
@@ -247,40 +240,33 @@ def test_an_item_state_is_stored_as_a_head_and_each_annotation_once(services: En
     third = second.model_copy(update={"annotations": [a2, a3], "waiting": []})  # a1 left the item
     old = ItemState(annotations=[a1], active_at=5.0)
 
-    async def main() -> list[Any]:
-        client = Redis.from_url(services.redis_url)
+    async def main(client: Redis) -> list[Any]:
         hash_ = keys.item_annotations("i")
-        try:
-            items = ItemStore(RedisState(client, keys))
-            seen: list[Any] = []
-            await items.store({"i": first.encode()}, {}, {})
-            seen += [await client.hlen(hash_), (await client.get(keys.item("i")))[:1], await items.load(["i"])]
-            await client.hset(hash_, a1.event_id, b"untouched")  # a write that carried a1 again would reset it
-            held, _ = await items.load_due(["i"], {})
-            await items.store({"i": second.encode()}, {}, held)
-            seen += [sorted(await client.hkeys(hash_)), await client.hget(hash_, a1.event_id)]
-            await client.hset(hash_, a1.event_id, a1.model_dump_json())
-            held, _ = await items.load_due(["i"], {})
-            seen.append(held["i"].full == second.encode()[0])
-            await items.store({"i": third.encode()}, {}, held)
-            seen += [sorted(await client.hkeys(hash_)), await items.load(["i"])]
-            await client.delete(hash_)  # an item written before the split: one whole JSON
-            await client.set(keys.item("i"), old.model_dump_json())
-            held, _ = await items.load_due(["i"], {})
-            seen.append(ItemState.model_validate_json(held["i"].full) == old)
-            await items.store({"i": first.encode()}, {}, held)
-            seen += [sorted(await client.hkeys(hash_)), await items.load(["i"])]
-            held, _ = await items.load_due(["i"], {})
-            await items.store({"i": (b"", {})}, {}, held)  # retention deletes the item
-            seen.append(await client.exists(keys.item("i"), hash_))
-            return seen
-        finally:
-            await client.aclose()
+        items = ItemStore(RedisState(client, keys))
+        seen: list[Any] = []
+        await items.store({"i": first.encode()}, {}, {})
+        seen += [await client.hlen(hash_), (await client.get(keys.item("i")))[:1], await items.load(["i"])]
+        await client.hset(hash_, a1.event_id, b"untouched")  # a write that carried a1 again would reset it
+        held, _ = await items.load_due(["i"], {})
+        await items.store({"i": second.encode()}, {}, held)
+        seen += [sorted(await client.hkeys(hash_)), await client.hget(hash_, a1.event_id)]
+        await client.hset(hash_, a1.event_id, a1.model_dump_json())
+        held, _ = await items.load_due(["i"], {})
+        seen.append(held["i"].full == second.encode()[0])
+        await items.store({"i": third.encode()}, {}, held)
+        seen += [sorted(await client.hkeys(hash_)), await items.load(["i"])]
+        await client.delete(hash_)  # an item written before the split: one whole JSON
+        await client.set(keys.item("i"), old.model_dump_json())
+        held, _ = await items.load_due(["i"], {})
+        seen.append(ItemState.model_validate_json(held["i"].full) == old)
+        await items.store({"i": first.encode()}, {}, held)
+        seen += [sorted(await client.hkeys(hash_)), await items.load(["i"])]
+        held, _ = await items.load_due(["i"], {})
+        await items.store({"i": (b"", {})}, {}, held)  # retention deletes the item
+        seen.append(await client.exists(keys.item("i"), hash_))
+        return seen
 
-    try:
-        seen = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    seen = on_redis(services, keys, main)
     ids = [a.event_id.encode() for a in (a1, a2, a3)]
     assert seen[:3] == [2, b"@", {"i": first.encode()[0]}]  # a head; loads byte for byte as encoded
     assert seen[3:6] == [sorted(ids), b"untouched", True]  # a3 added, a1 not written again
@@ -308,26 +294,19 @@ def test_a_state_parsed_afresh_is_stored_again_as_it_loads_whatever_bytes_its_an
     arrived = json.dumps(json.loads(a1.model_dump_json()), sort_keys=True, indent=1).encode()  # not pydantic's
     first = ItemState().with_annotation(a1)
 
-    async def main() -> list[bool]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            items = ItemStore(RedisState(client, keys))
-            await items.store({"i": first.encode(ParsedItems().known(["i"], [(a1, arrived)]))}, {}, {})
-            held, _ = await items.load_due(["i"], {})
-            cold = ParsedItems()  # another worker: nothing kept
-            parsed = cold.parse({"i": held["i"].full})
-            second = {"i": parsed["i"].with_annotation(a2)}
-            encoded = second["i"].encode(cold.known(["i"], [], second, held))
-            await items.store({"i": encoded}, {}, held)
-            again, _ = await items.load_due(["i"], {})
-            return [arrived in held["i"].full, again["i"].full == encoded[0]]
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> list[bool]:
+        items = ItemStore(RedisState(client, keys))
+        await items.store({"i": first.encode(ParsedItems().known(["i"], [(a1, arrived)]))}, {}, {})
+        held, _ = await items.load_due(["i"], {})
+        cold = ParsedItems()  # another worker: nothing kept
+        parsed = cold.parse({"i": held["i"].full})
+        second = {"i": parsed["i"].with_annotation(a2)}
+        encoded = second["i"].encode(cold.known(["i"], [], second, held))
+        await items.store({"i": encoded}, {}, held)
+        again, _ = await items.load_due(["i"], {})
+        return [arrived in held["i"].full, again["i"].full == encoded[0]]
 
-    try:
-        assert asyncio.run(main()) == [True, True]
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    assert on_redis(services, keys, main) == [True, True]
 
 
 @pytest.mark.services
@@ -342,21 +321,14 @@ def test_an_annotation_missing_from_its_hash_is_left_out_of_the_state_not_fatal(
     a1, a2 = annotation(1, "i", "w1", GOOD), annotation(2, "i", "w2", GOOD)
     both = ItemState(annotations=[a1, a2])
 
-    async def main() -> bytes:
-        client = Redis.from_url(services.redis_url)
-        try:
-            items = ItemStore(RedisState(client, keys))
-            await items.store({"i": both.encode()}, {}, {})
-            await client.hdel(keys.item_annotations("i"), a1.event_id)  # evicted, or deleted by hand
-            return (await items.load(["i"]))["i"]
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> bytes:
+        items = ItemStore(RedisState(client, keys))
+        await items.store({"i": both.encode()}, {}, {})
+        await client.hdel(keys.item_annotations("i"), a1.event_id)  # evicted, or deleted by hand
+        return (await items.load(["i"]))["i"]
 
-    try:
-        with caplog.at_level(logging.ERROR):
-            loaded = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    with caplog.at_level(logging.ERROR):
+        loaded = on_redis(services, keys, main)
     assert ItemState.model_validate_json(loaded).annotations == [a2]
     assert a1.event_id in caplog.text
 
@@ -381,9 +353,8 @@ def test_the_timer_moves_entries_its_states_do_not_name_and_drains_the_old_index
     async def rules_p1(projects: set[str]) -> dict[str, tuple[float, int] | None]:
         return {p: (60.0, 2) for p in projects}
 
-    async def main() -> list[Any]:
+    async def main(client: Redis) -> list[Any]:
         worker = Worker(Settings.load(redis_url=services.redis_url, key_prefix=keys.prefix))
-        client = worker.redis
         try:
             await client.set(keys.epoch(), "e1")
             await worker.items.store({"x": x.encode(), "solo": solo.encode()}, {}, {})  # no entries written
@@ -397,12 +368,9 @@ def test_the_timer_moves_entries_its_states_do_not_name_and_drains_the_old_index
             after = await worker.items.watched([0], rules_p1, since + 1e6)
             return [len(found), len(misplaced), [(c.item_id, c.found_in) for c in after]]
         finally:
-            await client.aclose()
+            await worker.redis.aclose()
 
-    try:
-        seen = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    seen = on_redis(services, keys, main)
     # all four entries were misplaced; x now waits in its two-worker set alone; solo (one worker)
     # and gone (no state) are not watched
     assert seen[:2] == [4, 4]
@@ -419,21 +387,14 @@ def test_an_entry_the_state_keeps_is_written_again_with_it(services: Endpoints, 
 
     entry = Waiting(datetime.fromtimestamp(100.0, UTC), "p", 2)
 
-    async def main() -> list[Any]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            items = ItemStore(RedisState(client, keys))
-            await client.zadd(keys.waiting(0), {"i": 100.0})  # indexed by an earlier version
-            await items.store({"i": ItemState(active_at=2.0).encode()}, {"i": (0, entry, entry)}, {})
-            found = await items.watched([0], rules, 1000.0)
-            return [(c.item_id, c.found_in) for c in found]
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> list[Any]:
+        items = ItemStore(RedisState(client, keys))
+        await client.zadd(keys.waiting(0), {"i": 100.0})  # indexed by an earlier version
+        await items.store({"i": ItemState(active_at=2.0).encode()}, {"i": (0, entry, entry)}, {})
+        found = await items.watched([0], rules, 1000.0)
+        return [(c.item_id, c.found_in) for c in found]
 
-    try:
-        assert asyncio.run(main()) == [("i", keys.watched(0, 2, "p"))]
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    assert on_redis(services, keys, main) == [("i", keys.watched(0, 2, "p"))]
 
 
 async def rules(projects: set[str]) -> dict[str, tuple[float, int] | None]:
@@ -453,36 +414,29 @@ def test_the_timer_reads_only_items_whose_round_can_be_due_and_the_old_index_who
     def at(t: float, project: str = "p", workers: int = 2) -> Waiting:
         return Waiting(datetime.fromtimestamp(t, UTC), project, workers)
 
-    async def main() -> list[Any]:
-        client = Redis.from_url(services.redis_url)
-        try:
-            items = ItemStore(RedisState(client, keys))
-            await client.zadd(keys.waiting(0), {"old": 5.0})  # written by an earlier version
-            await items.store(
-                {k: ItemState().encode() for k in "abcde"},
-                {"a": (0, None, at(100)), "b": (0, None, at(950)), "c": (0, None, at(100, "q", 2)),
-                 "d": (0, None, at(100, "r", 5)), "e": (1, None, at(100))},
-                {},
-            )  # fmt: skip
-            brief = lambda found: [(c.item_id, c.since) for c in found]  # noqa: E731
-            seen = [brief(await items.watched([0], rules, 1000.0))]
-            # c's third worker makes its round closable; a's round closed; the old entry's item moved on
-            later = ItemState(active_at=1.0).encode()
-            await items.store({"c": later, "a": later, "old": later},
-                              {"c": (0, at(100, "q", 2), at(100, "q", 3)), "a": (0, at(100), None),
-                               "old": (0, None, None)},
-                              (await items.load_due(["a", "c"], {}))[0])  # fmt: skip
-            seen += [brief(await items.watched([0], rules, 1000.0)), brief(await items.watched([0, 1], rules, 2000.0))]
-            seen.append(sorted(m.decode() for m in await client.smembers(keys.watch_sets(0))))
-            seen.append(sorted(items.legacy_empty))
-            return seen
-        finally:
-            await client.aclose()
+    async def main(client: Redis) -> list[Any]:
+        items = ItemStore(RedisState(client, keys))
+        await client.zadd(keys.waiting(0), {"old": 5.0})  # written by an earlier version
+        await items.store(
+            {k: ItemState().encode() for k in "abcde"},
+            {"a": (0, None, at(100)), "b": (0, None, at(950)), "c": (0, None, at(100, "q", 2)),
+             "d": (0, None, at(100, "r", 5)), "e": (1, None, at(100))},
+            {},
+        )  # fmt: skip
+        brief = lambda found: [(c.item_id, c.since) for c in found]  # noqa: E731
+        seen = [brief(await items.watched([0], rules, 1000.0))]
+        # c's third worker makes its round closable; a's round closed; the old entry's item moved on
+        later = ItemState(active_at=1.0).encode()
+        await items.store({"c": later, "a": later, "old": later},
+                          {"c": (0, at(100, "q", 2), at(100, "q", 3)), "a": (0, at(100), None),
+                           "old": (0, None, None)},
+                          (await items.load_due(["a", "c"], {}))[0])  # fmt: skip
+        seen += [brief(await items.watched([0], rules, 1000.0)), brief(await items.watched([0, 1], rules, 2000.0))]
+        seen.append(sorted(m.decode() for m in await client.smembers(keys.watch_sets(0))))
+        seen.append(sorted(items.legacy_empty))
+        return seen
 
-    try:
-        seen = asyncio.run(main())
-    finally:
-        asyncio.run(drop_keys(services.redis_url, keys.prefix))
+    seen = on_redis(services, keys, main)
     # at 1000: a is due (and b's since is not old enough; c and d cannot close), with the old entry;
     # then c is due, a and the old entry are gone; at 2000 b is due too, and e in partition 1
     assert seen[0] == [("a", 100.0), ("old", 5.0)]
