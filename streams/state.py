@@ -453,7 +453,7 @@ class RedisState:
 
 
 def _ints(raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
-    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+    return {_text(k): int(v) for k, v in raw.items()}
 
 
 def buckets_of(fields: Mapping[str, int], what: str = "s", count: str = "n") -> dict[int, tuple[int, int]]:
@@ -832,7 +832,7 @@ class ProficiencyStore:
         for members in await self.state.read(build, "evidence"):
             seq = []
             for m in members:
-                kind, value, _ = (m.decode() if isinstance(m, bytes) else m).split(":", 2)
+                kind, value, _ = _text(m).split(":", 2)
                 seq.append((kind, int(value) / 1_000_000))
             out.append(seq)
         return out
