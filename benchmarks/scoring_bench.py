@@ -15,8 +15,9 @@ import gc
 import json
 import math
 import platform
+import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -164,12 +165,29 @@ def worker_gc() -> Iterator[None]:
 
 def rate(fn: Callable[[], object], n_items: int, repeats: int) -> float:
     """Best items-per-second over `repeats` runs (the least disturbed by the rest of the machine)."""
-    best = math.inf
+    return rates([fn], n_items, repeats)[0][0]
+
+
+def rates(fns: Sequence[Callable[[], object]], n_items: int, repeats: int) -> tuple[list[float], list[list[float]]]:
+    """Items per second of each of `fns`, run in turn `repeats` times: (the best of each, each
+    round's rates). Why in turn: this machine's speed drifts by half within a minute, and a
+    ratio of two rates measured one after the other then moved with whichever side the slow
+    spell fell on (the 10-box batched rate 8,557 to 16,289 items/s in four runs of the same
+    code); runs a fraction of a second apart share the spell."""
+    rounds = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return n_items / best
+        row = []
+        for fn in fns:
+            t0 = time.perf_counter()
+            fn()
+            row.append(n_items / (time.perf_counter() - t0))
+        rounds.append(row)
+    return [max(r[i] for r in rounds) for i in range(len(fns))], rounds
+
+
+def median_ratio(rounds: Sequence[Sequence[float]], top: int, bottom: int) -> float:
+    """The median over rounds of one round's rate `top` over its rate `bottom`."""
+    return statistics.median(r[top] / r[bottom] for r in rounds)
 
 
 def main() -> None:
@@ -178,7 +196,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scoring.json")
     args = ap.parse_args()
     rng = np.random.default_rng(2026)
-    repeats = 2 if args.quick else 5
+    repeats = 2 if args.quick else 7
     workloads = {
         "10 boxes": (_boxes, 10, 60 if args.quick else 300),
         "100 boxes": (_boxes, 100, 5 if args.quick else 30),
@@ -192,22 +210,21 @@ def main() -> None:
             ours = score_item(ann, gold, CRITERIA)
             m, pq = naive_score(ann, gold)
             assert ours.objects.matches == m and abs((ours.components.objects or 0) - pq) < 1e-9, name
-        ours_rate = rate(lambda pairs=pairs: [score_item(a, g, CRITERIA) for a, g in pairs], items, repeats)
-        # a stream agent scores what one stream.take() hands it: batches of up to BATCH items
-        batch_rate = rate(
-            lambda pairs=pairs: [score_items(pairs[i : i + BATCH], CRITERIA) for i in range(0, len(pairs), BATCH)],
-            items,
-            repeats,
-        )
         assert score_items(pairs, CRITERIA) == [score_item(a, g, CRITERIA) for a, g in pairs]
-        naive_rate = rate(lambda pairs=pairs: [naive_score(a, g) for a, g in pairs], items, repeats)
+
+        def per_item(pairs: list = pairs) -> object:
+            return [score_item(a, g, CRITERIA) for a, g in pairs]
+
+        def batched(pairs: list = pairs) -> object:
+            # a worker scores what one batch of records hands it: batches of up to BATCH items
+            return [score_items(pairs[i : i + BATCH], CRITERIA) for i in range(0, len(pairs), BATCH)]
+
+        def naive(pairs: list = pairs) -> object:
+            return [naive_score(a, g) for a, g in pairs]
+
+        (ours_rate, batch_rate, naive_rate), rounds = rates([per_item, batched, naive], items, repeats)
         with worker_gc():
-            tuned_batch = rate(
-                lambda pairs=pairs: [score_items(pairs[i : i + BATCH], CRITERIA) for i in range(0, len(pairs), BATCH)],
-                items,
-                repeats,
-            )
-            tuned_naive = rate(lambda pairs=pairs: [naive_score(a, g) for a, g in pairs], items, repeats)
+            (tuned_batch, tuned_naive), tuned_rounds = rates([batched, naive], items, repeats)
         rows.append(
             {
                 "workload": name,
@@ -220,6 +237,8 @@ def main() -> None:
                 "worker_gc_batch_items_per_s": tuned_batch,
                 "worker_gc_naive_items_per_s": tuned_naive,
                 "worker_gc_batch_ratio_vs_naive": tuned_batch / tuned_naive,
+                "batch_ratio_vs_naive_median_of_rounds": median_ratio(rounds, 1, 2),
+                "worker_gc_batch_ratio_vs_naive_median_of_rounds": median_ratio(tuned_rounds, 0, 1),
             }
         )
 
@@ -250,7 +269,8 @@ def main() -> None:
         f"repeats {repeats} (best of)"
     )
     print(f"items/s: one score_item call per item, score_items on batches of {BATCH}, the naive scorer")
-    print("and both batched and naive again under the worker's GC settings (last column)")
+    print("and both batched and naive again under the worker's GC settings (last column); the sides of")
+    print("each ratio run in turn, and the median of the rounds' batched / naive ratios is printed after it")
     print(
         f"{'workload':<18}{'items':>7}{'per item':>10}{'batched':>10}{'naive':>9}{'per item':>10}{'batched':>9}"
         f"{'worker GC':>11}"
@@ -260,6 +280,8 @@ def main() -> None:
             f"{r['workload']:<18}{r['items']:>7}{r['goldstream_items_per_s']:>10.0f}"
             f"{r['goldstream_batch_items_per_s']:>10.0f}{r['naive_items_per_s']:>9.0f}"
             f"{r['ratio_vs_naive']:>9.1f}x{r['batch_ratio_vs_naive']:>8.1f}x{r['worker_gc_batch_ratio_vs_naive']:>10.1f}x"
+            f"   median {r['batch_ratio_vs_naive_median_of_rounds']:.1f}x"
+            f" / {r['worker_gc_batch_ratio_vs_naive_median_of_rounds']:.1f}x"
         )
     print(f"\n{'IoU matrix':<14}{'goldstream/s':>14}{'pycoco lists/s':>16}{'pycoco arrays/s':>17}{'ratio':>9}")
     for r in iou_rows:

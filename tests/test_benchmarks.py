@@ -214,3 +214,14 @@ def test_the_summary_shows_where_each_runs_cpu_went_and_the_bound_it_leaves_two_
     for row in older["stream"]["throughput"]:
         del row["cpu"]
     assert "cores busy" not in markdown(older)
+
+
+def test_the_scoring_benchmark_runs_the_sides_of_a_ratio_in_turn_and_keeps_each_rounds_rates() -> None:
+    from benchmarks.scoring_bench import median_ratio, rates
+
+    calls: list[str] = []
+    best, rounds = rates([lambda: calls.append("a"), lambda: calls.append("b")], 10, 3)
+    assert calls == ["a", "b"] * 3
+    assert len(rounds) == 3 and all(len(r) == 2 for r in rounds)
+    assert best == [max(r[0] for r in rounds), max(r[1] for r in rounds)]
+    assert median_ratio([[4.0, 2.0], [9.0, 3.0], [10.0, 1.0]], 0, 1) == 3.0
