@@ -248,7 +248,7 @@ def _cpu_lines(st: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small workloads (a smoke run, about 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="small workloads (a smoke run, about 5 minutes)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", choices=BENCHMARKS, action="append", help="run only these; the others' last JSON is kept")
     args = ap.parse_args()
